@@ -1,0 +1,77 @@
+//! Wires a validated config into a running bridge: token manager, upstream pool, local
+//! authentication, TLS and the SMTP listener. Used by `serve`, `demo` and the tests.
+
+use crate::config::{Config, ListenTls};
+use crate::oauth::manager::TokenManager;
+use crate::relay::pool::Pool;
+use crate::relay::upstream::UpstreamTarget;
+use crate::smtp::auth::LocalAuth;
+use crate::smtp::session::{SessionContext, COMMAND_TIMEOUT};
+use crate::smtp::{server, tls};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A running bridge.
+#[derive(Debug)]
+pub struct Bridge {
+    pub local_addr: SocketAddr,
+    pub tokens: TokenManager,
+    pub pool: Pool,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Bridge {
+    /// Starts serving on `listener` (already bound by the caller).
+    pub async fn start(config: &Config, listener: TcpListener) -> Result<Bridge, String> {
+        let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let tokens = TokenManager::new(config).map_err(|e| e.to_string())?;
+        let target = UpstreamTarget::new(&config.upstream)?;
+        let pool = Pool::new(config, target, tokens.clone());
+        let acceptor = match config.listen.tls {
+            ListenTls::Off => None,
+            ListenTls::StartTls => Some(tls::acceptor(&config.listen.tls_cert, &config.listen.tls_key)?),
+        };
+        let shutdown = CancellationToken::new();
+        let ctx = Arc::new(SessionContext {
+            hostname: local_hostname(),
+            auth: LocalAuth::new(config),
+            pool: pool.clone(),
+            max_message_bytes: config.listen.max_message_bytes,
+            max_recipients: config.listen.max_recipients,
+            require_tls_for_auth: config.listen.require_tls_for_auth,
+            starttls_available: acceptor.is_some(),
+            shutdown: shutdown.clone(),
+            command_timeout: COMMAND_TIMEOUT,
+        });
+        let task = tokio::spawn(server::serve(listener, ctx, acceptor, config.listen.max_connections));
+        tracing::info!(listen = %local_addr, accounts = config.accounts.len(), "SMTP listener ready");
+        Ok(Bridge {
+            local_addr,
+            tokens,
+            pool,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Stops accepting and ends idle sessions; `wait` returns when sessions are done.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && h.is_ascii() && !h.contains(char::is_whitespace))
+        .unwrap_or_else(|| "localhost".to_string())
+}

@@ -1,0 +1,105 @@
+//! `check [ACCOUNT]`: for each account, get a valid access token, connect to the upstream,
+//! STARTTLS, AUTH XOAUTH2, QUIT; one line per account, `ok` or the failure and a hint.
+
+use super::CliError;
+use smtp_oauth_bridge::config::Config;
+use smtp_oauth_bridge::oauth::manager::{TokenError, TokenManager};
+use smtp_oauth_bridge::relay::upstream::{UpReply, UpstreamError, UpstreamSession, UpstreamTarget};
+use std::path::Path;
+
+pub async fn run(config_path: &Path, only: Option<&str>) -> Result<(), CliError> {
+    let config = Config::load(config_path)?;
+    if let Some(name) = only {
+        if !config.accounts.iter().any(|a| a.username == name) {
+            return Err(CliError::Usage(format!(
+                "{}: no [[account]] with username {name:?}",
+                config.source
+            )));
+        }
+    }
+    let tokens = TokenManager::new(&config).map_err(|e| CliError::Runtime(e.to_string()))?;
+    let target = UpstreamTarget::new(&config.upstream).map_err(CliError::Usage)?;
+    let mut failed = 0;
+    let mut checked = 0;
+    for a in config.accounts.iter().filter(|a| only.is_none_or(|n| n == a.username)) {
+        checked += 1;
+        let line = match check_account(&tokens, &target, &a.username, &a.mailbox).await {
+            Ok(()) => format!(
+                "{}: ok (mailbox {}, {} STARTTLS + XOAUTH2 accepted)",
+                a.username,
+                a.mailbox,
+                target.addr()
+            ),
+            Err((what, hint)) => {
+                failed += 1;
+                format!("{}: FAILED {what}\n  hint: {hint}", a.username)
+            }
+        };
+        println!("{line}");
+    }
+    if failed > 0 {
+        return Err(CliError::Runtime(format!("{failed} of {checked} accounts failed the check")));
+    }
+    Ok(())
+}
+
+async fn check_account(
+    tokens: &TokenManager,
+    target: &UpstreamTarget,
+    account: &str,
+    mailbox: &str,
+) -> Result<(), (String, String)> {
+    let token = tokens.token(account).await.map_err(|e| {
+        let hint = match &e {
+            TokenError::NeedsLogin { .. } => format!("run: smtp-oauth-bridge login {account}"),
+            TokenError::Provider { reason, .. } => token_hint(reason),
+            TokenError::UnknownAccount(_) => "check the configuration".into(),
+        };
+        (format!("token: {e}"), hint)
+    })?;
+    let mut session = UpstreamSession::connect(target).await.map_err(|e| {
+        (
+            e.to_string(),
+            "check upstream.host/port, the network path to it, and upstream.ca_file for private CAs".into(),
+        )
+    })?;
+    let r = session.auth_xoauth2(mailbox, &token.secret).await;
+    session.close().await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(UpstreamError::Reply(rep)) => Err((format!("AUTH XOAUTH2: {rep}"), smtp_hint(&rep))),
+        Err(e) => Err((format!("AUTH XOAUTH2: {e}"), "the upstream dropped the session; try again".into())),
+    }
+}
+
+/// What to do about an error from the token endpoint.
+pub fn token_hint(reason: &str) -> String {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("invalid_client") || r.contains("aadsts7000215") || r.contains("aadsts7000222") {
+        "the client secret is wrong or expired: create a new one under Certificates & secrets in the app registration".into()
+    } else if r.contains("aadsts700016") || r.contains("unauthorized_client") {
+        "client_id is not an application in this tenant: check client_id and tenant".into()
+    } else if r.contains("aadsts90002") || r.contains("aadsts900023") {
+        "the tenant was not found: check tenant (e.g. contoso.onmicrosoft.com or its ID)".into()
+    } else if r.contains("invalid_scope") || r.contains("aadsts70011") {
+        "the scope is not valid for this flow: client_credentials uses https://outlook.office365.com/.default".into()
+    } else if r.contains("unreachable") {
+        "the token endpoint could not be reached: check DNS, proxy and firewall".into()
+    } else {
+        "see the provider's error above".into()
+    }
+}
+
+/// What to do about an upstream AUTH failure.
+pub fn smtp_hint(r: &UpReply) -> String {
+    let t = &r.text;
+    if t.contains("5.7.139") {
+        "SMTP AUTH is disabled for the tenant or mailbox: enable Authenticated SMTP for the mailbox (Set-CASMailbox -SmtpClientAuthenticationDisabled $false)".into()
+    } else if t.contains("5.7.3") {
+        "the token was refused: check that mailbox matches the signed-in user (or the mailbox the app may send as) and the scopes".into()
+    } else if r.code == 430 || t.contains("4.2.0") || t.contains("5.7.57") {
+        "client credentials: register the Exchange service principal (New-ServicePrincipal) and grant it FullAccess on the mailbox (Add-MailboxPermission)".into()
+    } else {
+        "see the upstream's reply above".into()
+    }
+}

@@ -1,0 +1,164 @@
+//! `demo`: the real pipeline end to end on loopback, with no config and no network.
+//!
+//! Starts testkit's token endpoint and STARTTLS + XOAUTH2 upstream (with a throwaway CA),
+//! builds a config for them through the normal config loader, starts the bridge on
+//! 127.0.0.1:2525 (or a free port if that is taken), sends one sample message with AUTH
+//! PLAIN, and prints the relay log line and where the delivered copy is.
+
+use super::CliError;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::AsyncSmtpConnection;
+use lettre::transport::smtp::extension::ClientId;
+use smtp_oauth_bridge::bridge::Bridge;
+use smtp_oauth_bridge::config::Config;
+use smtp_oauth_bridge::oauth::secret::Secret;
+use smtp_oauth_bridge::smtp::auth::hash_password;
+use smtp_oauth_bridge::telemetry::LogFormat;
+use smtp_oauth_bridge::testkit::{FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+const DEMO_USER: &str = "scanner";
+const DEMO_MAILBOX: &str = "scanner@contoso.example";
+
+fn rt(what: &str) -> impl Fn(std::io::Error) -> CliError + '_ {
+    move |e| CliError::Runtime(format!("{what}: {e}"))
+}
+
+pub async fn run(format: LogFormat) -> Result<(), CliError> {
+    let dir = std::env::temp_dir().join(format!("smtp-oauth-bridge-demo-{}", std::process::id()));
+    let delivered = dir.join("delivered");
+    std::fs::create_dir_all(&delivered).map_err(rt("cannot create the demo directory"))?;
+
+    // The remote ends: a token endpoint and a Microsoft-365-like upstream, both on loopback.
+    let ca = TestCa::new();
+    let ca_path = dir.join("upstream-ca.pem");
+    ca.write_ca_pem(&ca_path).map_err(rt("cannot write the demo CA"))?;
+    let token_listener = TcpListener::bind("127.0.0.1:0").await.map_err(rt("bind"))?;
+    let tokens = FakeTokenEndpoint::start(token_listener, TokenOptions::default()).await;
+    let (cert, key) = ca.issue_server_cert();
+    let mut opts = FakeUpstreamOptions::new(cert, key);
+    opts.tokens = Some(tokens.clone());
+    opts.mailbox_ok = Some(vec![DEMO_MAILBOX.to_string()]);
+    opts.save_dir = Some(delivered.clone());
+    let up_listener = TcpListener::bind("127.0.0.1:0").await.map_err(rt("bind"))?;
+    let upstream = FakeUpstream::start(up_listener, opts).await;
+
+    // A real config, through the real loader.
+    let secret_path = dir.join("client-secret");
+    write_private(&secret_path, TokenOptions::default().client_secret.unwrap_or_default().as_bytes())?;
+    let password = Secret::new("demo-password");
+    let hash = hash_password(&password).map_err(|e| CliError::Runtime(e.to_string()))?;
+    let toml = format!(
+        r#"
+[listen]
+smtp = "127.0.0.1:2525"
+[upstream]
+host = "localhost"
+port = {port}
+ca_file = "upstream-ca.pem"
+timeout_secs = 10
+[state]
+dir = "state"
+[[account]]
+username = "{DEMO_USER}"
+password_hash = "{hash}"
+mailbox = "{DEMO_MAILBOX}"
+[account.oauth]
+flow = "client_credentials"
+tenant = "contoso.example"
+client_id = "{client_id}"
+client_secret_file = "client-secret"
+token_url = "{token_url}"
+"#,
+        port = upstream.addr().port(),
+        client_id = TokenOptions::default().client_id,
+        token_url = tokens.token_url(),
+    );
+    let config_path = dir.join("bridge.toml");
+    std::fs::write(&config_path, &toml).map_err(rt("cannot write the demo config"))?;
+    let config = Config::load(&config_path)?;
+
+    let listener = match TcpListener::bind(config.listen.smtp).await {
+        Ok(l) => l,
+        Err(e) => {
+            println!("127.0.0.1:2525 is busy ({e}); the demo uses a free port instead");
+            TcpListener::bind("127.0.0.1:0").await.map_err(rt("bind"))?
+        }
+    };
+    let bridge = Bridge::start(&config, listener).await.map_err(CliError::Runtime)?;
+    let addr = bridge.local_addr;
+
+    // The legacy application: plain SMTP with AUTH PLAIN to the bridge.
+    let message = format!(
+        "From: Scanner <{DEMO_MAILBOX}>\r\nTo: Someone <someone@fabrikam.example>\r\nSubject: Scan from the 3rd floor\r\nMessage-ID: <demo-{pid}@contoso.example>\r\n\r\nYour scan is attached (not really: this is the smtp-oauth-bridge demo).\r\n.leading dot line survives\r\n",
+        pid = std::process::id()
+    );
+    // lettre's client appends CRLF.CRLF to what it is given, so it gets the message
+    // without its final CRLF (the bridge itself keeps every byte: see relay::upstream).
+    let wire = message.strip_suffix("\r\n").unwrap_or(&message);
+    let result = send(addr, &password, wire.as_bytes()).await;
+    let received = upstream.wait_received(1, Duration::from_secs(10)).await;
+    bridge.shutdown();
+    bridge.wait().await;
+    let reply = result?;
+
+    let Some(msg) = received.first() else {
+        return Err(CliError::Runtime("the upstream received nothing".into()));
+    };
+    if !msg.tls || msg.auth_user != DEMO_MAILBOX {
+        return Err(CliError::Runtime("the upstream did not receive the message over TLS with XOAUTH2".into()));
+    }
+    if msg.data != message.as_bytes() {
+        return Err(CliError::Runtime("the delivered copy differs from what was sent".into()));
+    }
+    if format == LogFormat::Pretty {
+        println!();
+        println!("demo: the application got: {reply}");
+        println!(
+            "demo: upstream saw STARTTLS, then AUTH XOAUTH2 as {} with a token from {}",
+            msg.auth_user,
+            tokens.token_url()
+        );
+        match &msg.path {
+            Some(p) => println!("demo: delivered copy (byte-identical): {}", p.display()),
+            None => println!("demo: delivered copy kept in memory"),
+        }
+        println!("demo: config used: {}", config_path.display());
+    } else {
+        let path = msg.path.as_ref().map(|p| p.display().to_string());
+        println!(
+            "{}",
+            serde_json::json!({"demo": "ok", "reply": reply, "delivered_copy": path, "config": config_path.display().to_string()})
+        );
+    }
+    Ok(())
+}
+
+async fn send(addr: std::net::SocketAddr, password: &Secret, message: &[u8]) -> Result<String, CliError> {
+    let fail = |e: lettre::transport::smtp::Error| CliError::Runtime(format!("sending the sample message failed: {e}"));
+    let mut c = AsyncSmtpConnection::connect_tokio1(addr, Some(Duration::from_secs(10)), &ClientId::Domain("demo-app".into()), None, None)
+        .await
+        .map_err(fail)?;
+    let creds = Credentials::new(DEMO_USER.to_string(), password.expose().to_string());
+    c.auth(&[Mechanism::Plain], &creds).await.map_err(fail)?;
+    let envelope = lettre::address::Envelope::new(
+        Some(DEMO_MAILBOX.parse().map_err(|e| CliError::Runtime(format!("{e}")))?),
+        vec!["someone@fabrikam.example".parse().map_err(|e| CliError::Runtime(format!("{e}")))?],
+    )
+    .map_err(|e| CliError::Runtime(format!("{e}")))?;
+    let r = c.send(&envelope, message).await.map_err(fail)?;
+    let _ = c.quit().await;
+    Ok(format!("{} {}", r.code(), r.message().collect::<Vec<_>>().join(" ")))
+}
+
+fn write_private(path: &std::path::Path, body: &[u8]) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path)
+        .and_then(|mut f| f.write_all(body))
+        .map_err(rt("cannot write the demo client secret"))
+}

@@ -1,0 +1,83 @@
+//! The `smtp-oauth-bridge` binary: command line, logging setup, dispatch, exit codes.
+
+mod cli;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use cli::CliError;
+use smtp_oauth_bridge::telemetry::{self, LogFormat};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "smtp-oauth-bridge", version, about = "Local SMTP (AUTH PLAIN/LOGIN) to Microsoft 365 (STARTTLS + XOAUTH2) relay")]
+struct Cli {
+    /// Configuration file [default: $SMTP_OAUTH_BRIDGE_CONFIG, else ./bridge.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Log format [default: pretty on a terminal, json otherwise]
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<Format>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the SMTP listener and relay until SIGINT/SIGTERM
+    Serve,
+    /// Validate the config and test token + upstream STARTTLS + AUTH XOAUTH2 for each account
+    Check {
+        /// Only this account (its local username)
+        account: Option<String>,
+    },
+    /// Read a password and print an argon2id hash for `password_hash`
+    HashPassword,
+    /// Run the whole pipeline on loopback with an embedded upstream and token endpoint
+    Demo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let format = match cli.log_format {
+        Some(Format::Pretty) => LogFormat::Pretty,
+        Some(Format::Json) => LogFormat::Json,
+        None if std::io::stdout().is_terminal() => LogFormat::Pretty,
+        None => LogFormat::Json,
+    };
+    let config = cli.config.unwrap_or_else(smtp_oauth_bridge::config::default_path);
+    let result = match cli.command {
+        Command::HashPassword => cli::hash_password::run(),
+        command => {
+            // `check` prints its own report; its log shows only problems unless RUST_LOG says otherwise.
+            let default_level = if matches!(command, Command::Check { .. }) { "warn" } else { "info" };
+            telemetry::init(format, default_level);
+            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(run(command, &config, format)),
+                Err(e) => Err(CliError::Runtime(format!("cannot start the runtime: {e}"))),
+            }
+        }
+    };
+    if let Err(e) = result {
+        exit(e);
+    }
+}
+
+async fn run(command: Command, config: &std::path::Path, format: LogFormat) -> Result<(), CliError> {
+    match command {
+        Command::Serve => cli::serve::run(config).await,
+        Command::Check { account } => cli::check::run(config, account.as_deref()).await,
+        Command::Demo => cli::demo::run(format).await,
+        Command::HashPassword => cli::hash_password::run(),
+    }
+}
+
+fn exit(e: CliError) -> ! {
+    eprintln!("smtp-oauth-bridge: {e}");
+    std::process::exit(e.exit_code());
+}

@@ -1,0 +1,137 @@
+//! Endpoint presets per provider and the default scopes per flow.
+//!
+//! A preset fills the token, authorize and device-authorization URLs from the tenant and
+//! names the provider's SMTP host. Every URL can be overridden in the account's config.
+
+/// Which OAuth 2.0 grant obtains the account's tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    AuthorizationCode,
+    DeviceCode,
+    ClientCredentials,
+}
+
+impl Flow {
+    pub fn parse(s: &str) -> Option<Flow> {
+        match s {
+            "authorization_code" => Some(Flow::AuthorizationCode),
+            "device_code" => Some(Flow::DeviceCode),
+            "client_credentials" => Some(Flow::ClientCredentials),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flow::AuthorizationCode => "authorization_code",
+            Flow::DeviceCode => "device_code",
+            Flow::ClientCredentials => "client_credentials",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    Microsoft,
+    MicrosoftUsGov,
+    MicrosoftChina,
+    Google,
+}
+
+impl Provider {
+    pub fn parse(s: &str) -> Option<Provider> {
+        match s {
+            "microsoft" => Some(Provider::Microsoft),
+            "microsoft-us-gov" => Some(Provider::MicrosoftUsGov),
+            "microsoft-china" => Some(Provider::MicrosoftChina),
+            "google" => Some(Provider::Google),
+            _ => None,
+        }
+    }
+
+    pub fn is_microsoft(self) -> bool {
+        !matches!(self, Provider::Google)
+    }
+
+    fn login_host(self) -> &'static str {
+        match self {
+            Provider::Microsoft => "https://login.microsoftonline.com",
+            Provider::MicrosoftUsGov => "https://login.microsoftonline.us",
+            Provider::MicrosoftChina => "https://login.chinacloudapi.cn",
+            Provider::Google => "https://accounts.google.com",
+        }
+    }
+
+    /// The SMTP submission host of the provider (upstream.host's default).
+    pub fn smtp_host(self) -> &'static str {
+        match self {
+            Provider::Microsoft => "smtp.office365.com",
+            Provider::MicrosoftUsGov => "smtp.office365.us",
+            Provider::MicrosoftChina => "smtp.partner.outlook.cn",
+            Provider::Google => "smtp.gmail.com",
+        }
+    }
+
+    pub fn token_url(self, tenant: &str) -> String {
+        match self {
+            Provider::Google => "https://oauth2.googleapis.com/token".into(),
+            _ => format!("{}/{tenant}/oauth2/v2.0/token", self.login_host()),
+        }
+    }
+
+    pub fn authorize_url(self, tenant: &str) -> String {
+        match self {
+            Provider::Google => "https://accounts.google.com/o/oauth2/v2/auth".into(),
+            _ => format!("{}/{tenant}/oauth2/v2.0/authorize", self.login_host()),
+        }
+    }
+
+    pub fn device_authorization_url(self, tenant: &str) -> String {
+        match self {
+            Provider::Google => "https://oauth2.googleapis.com/device/code".into(),
+            _ => format!("{}/{tenant}/oauth2/v2.0/devicecode", self.login_host()),
+        }
+    }
+
+    /// Scopes used when the account does not list its own.
+    pub fn default_scopes(self, flow: Flow) -> &'static [&'static str] {
+        match (self, flow) {
+            (Provider::Google, _) => &["https://mail.google.com/"],
+            (Provider::Microsoft, Flow::ClientCredentials) => {
+                &["https://outlook.office365.com/.default"]
+            }
+            (Provider::MicrosoftUsGov, Flow::ClientCredentials) => {
+                &["https://outlook.office365.us/.default"]
+            }
+            (Provider::MicrosoftChina, Flow::ClientCredentials) => {
+                &["https://partner.outlook.cn/.default"]
+            }
+            (Provider::Microsoft, _) => &["https://outlook.office.com/SMTP.Send", "offline_access"],
+            (Provider::MicrosoftUsGov, _) => {
+                &["https://outlook.office365.us/SMTP.Send", "offline_access"]
+            }
+            (Provider::MicrosoftChina, _) => &["https://partner.outlook.cn/SMTP.Send", "offline_access"],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn microsoft_preset_fills_tenant() {
+        let p = Provider::parse("microsoft").unwrap();
+        assert_eq!(
+            p.authorize_url("contoso.onmicrosoft.com"),
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/authorize"
+        );
+        assert_eq!(
+            p.default_scopes(Flow::AuthorizationCode),
+            ["https://outlook.office.com/SMTP.Send", "offline_access"]
+        );
+        assert_eq!(p.smtp_host(), "smtp.office365.com");
+        assert_eq!(Provider::parse("google").unwrap().smtp_host(), "smtp.gmail.com");
+        assert!(Provider::parse("yahoo").is_none());
+    }
+}

@@ -1,0 +1,6 @@
+//! The upstream side: sessions to the provider, the per-mailbox pool, and the one mapping
+//! from upstream results to local replies.
+
+pub mod outcome;
+pub mod pool;
+pub mod upstream;

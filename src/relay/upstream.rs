@@ -1,0 +1,291 @@
+//! One upstream SMTP session: connect, STARTTLS (required, verified), AUTH XOAUTH2, and the
+//! transaction commands, on lettre's `AsyncSmtpConnection`.
+//!
+//! Every operation is bounded by `upstream.timeout_secs`. A session whose command failed on
+//! the network or timed out is marked broken and must not be reused. Pooling, token choice
+//! and reply mapping live in `pool` and `outcome`.
+
+use crate::config::{Upstream, UpstreamSecurity};
+use crate::oauth::secret::Secret;
+use base64::Engine as _;
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, Certificate, TlsParameters, TlsParametersBuilder,
+};
+use lettre::transport::smtp::extension::{ClientId, Extension};
+use lettre::transport::smtp::response::Response;
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+/// Chunk size when streaming message content to lettre (keeps its dot-stuffing copy small).
+const DATA_CHUNK: usize = 64 * 1024;
+/// Slowest upload we wait for when sending a large message (bytes per second).
+const MIN_UPLOAD_RATE: u64 = 256 * 1024;
+/// How long a polite QUIT may take when we close an idle session.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where and how to reach the upstream; built once (TLS roots are loaded here).
+#[derive(Clone)]
+pub struct UpstreamTarget {
+    pub host: String,
+    pub port: u16,
+    pub security: UpstreamSecurity,
+    pub timeout: Duration,
+    tls: TlsParameters,
+    hello: ClientId,
+}
+
+impl fmt::Debug for UpstreamTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTarget")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("security", &self.security)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamTarget {
+    /// Builds the TLS parameters: system roots plus `ca_file`, certificate always verified.
+    pub fn new(cfg: &Upstream) -> Result<UpstreamTarget, String> {
+        let mut b = TlsParametersBuilder::new(cfg.host.clone());
+        if let Some(p) = &cfg.ca_file {
+            let pem = std::fs::read(p).map_err(|e| format!("upstream.ca_file {}: {e}", p.display()))?;
+            let cert = Certificate::from_pem(&pem)
+                .map_err(|e| format!("upstream.ca_file {}: {e}", p.display()))?;
+            b = b.add_root_certificate(cert);
+        }
+        let tls = b
+            .build_rustls()
+            .map_err(|e| format!("upstream TLS setup: {e}"))?;
+        Ok(UpstreamTarget {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            security: cfg.security,
+            timeout: cfg.timeout,
+            tls,
+            hello: ClientId::Domain(local_hostname()),
+        })
+    }
+
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty() && h.is_ascii() && !h.contains(char::is_whitespace))
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// A reply from the upstream, code and text (the enhanced status code is part of the text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpReply {
+    pub code: u16,
+    pub text: String,
+}
+
+impl UpReply {
+    pub fn is_positive(&self) -> bool {
+        self.code < 400
+    }
+}
+
+impl fmt::Display for UpReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code, self.text)
+    }
+}
+
+/// Why an upstream operation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// No usable session could be set up (connect, greeting, TLS, STARTTLS missing).
+    Connect(String),
+    /// The session broke mid-way (network error, timeout, protocol garbage).
+    Lost(String),
+    /// The upstream answered with a negative reply.
+    Reply(UpReply),
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::Connect(m) => write!(f, "cannot connect to upstream: {m}"),
+            UpstreamError::Lost(m) => write!(f, "lost connection to upstream: {m}"),
+            UpstreamError::Reply(r) => write!(f, "upstream replied {r}"),
+        }
+    }
+}
+
+/// Converts a lettre error: negative replies keep code and text, the rest is `other`.
+fn classify(e: lettre::transport::smtp::Error, other: fn(String) -> UpstreamError) -> UpstreamError {
+    if let Some(code) = e.status() {
+        let code: u16 = code.to_string().parse().unwrap_or(451);
+        let text = std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        return UpstreamError::Reply(UpReply { code, text });
+    }
+    other(e.to_string())
+}
+
+fn positive(r: &Response) -> UpReply {
+    UpReply {
+        code: r.code().to_string().parse().unwrap_or(250),
+        text: r.message().collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// Runs one lettre operation with a time limit; a timeout is a lost session.
+async fn bounded<T>(
+    what: &str,
+    limit: Duration,
+    fut: impl Future<Output = Result<T, lettre::transport::smtp::Error>>,
+) -> Result<T, UpstreamError> {
+    match tokio::time::timeout(limit, fut).await {
+        Err(_) => Err(UpstreamError::Lost(format!(
+            "no answer to {what} within {}s",
+            limit.as_secs()
+        ))),
+        Ok(r) => r.map_err(|e| classify(e, UpstreamError::Lost)),
+    }
+}
+
+/// `Display` of a raw command line (lettre sends `to_string()` of what it is given).
+struct Line<'a>(&'a str);
+
+impl fmt::Display for Line<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)?;
+        f.write_str("\r\n")
+    }
+}
+
+/// An authenticated (or about to be) upstream session.
+pub struct UpstreamSession {
+    conn: AsyncSmtpConnection,
+    timeout: Duration,
+    broken: bool,
+    /// The upstream accepts SMTPUTF8 / 8BITMIME (we only forward those parameters then).
+    pub smtputf8: bool,
+    pub eightbitmime: bool,
+}
+
+impl fmt::Debug for UpstreamSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamSession")
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamSession {
+    /// Connects, reads the greeting, EHLO, and secures the session (STARTTLS or implicit TLS).
+    pub async fn connect(t: &UpstreamTarget) -> Result<UpstreamSession, UpstreamError> {
+        let implicit = t.security == UpstreamSecurity::Tls;
+        let connect = AsyncSmtpConnection::connect_tokio1(
+            (t.host.as_str(), t.port),
+            Some(t.timeout),
+            &t.hello,
+            implicit.then(|| t.tls.clone()),
+            None,
+        );
+        let mut conn = match tokio::time::timeout(t.timeout, connect).await {
+            Err(_) => return Err(UpstreamError::Connect(format!("{} timed out", t.addr()))),
+            Ok(Err(e)) => {
+                return Err(match classify(e, UpstreamError::Connect) {
+                    UpstreamError::Reply(r) => UpstreamError::Connect(format!("{} said {r}", t.addr())),
+                    UpstreamError::Connect(m) => UpstreamError::Connect(format!("{}: {m}", t.addr())),
+                    other => other,
+                })
+            }
+            Ok(Ok(c)) => c,
+        };
+        if !implicit {
+            if !conn.server_info().supports_feature(Extension::StartTls) {
+                conn.abort().await;
+                return Err(UpstreamError::Connect(format!(
+                    "{} does not offer STARTTLS; refusing to authenticate in plaintext",
+                    t.addr()
+                )));
+            }
+            match tokio::time::timeout(t.timeout, conn.starttls(t.tls.clone(), &t.hello)).await {
+                Err(_) => return Err(UpstreamError::Connect(format!("{}: STARTTLS timed out", t.addr()))),
+                Ok(Err(e)) => {
+                    return Err(UpstreamError::Connect(format!("{}: STARTTLS failed: {e}", t.addr())))
+                }
+                Ok(Ok(())) => {}
+            }
+        }
+        if !conn.is_encrypted() {
+            return Err(UpstreamError::Connect(format!("{}: session is not encrypted", t.addr())));
+        }
+        let info = conn.server_info();
+        Ok(UpstreamSession {
+            smtputf8: info.supports_feature(Extension::SmtpUtfEight),
+            eightbitmime: info.supports_feature(Extension::EightBitMime),
+            conn,
+            timeout: t.timeout,
+            broken: false,
+        })
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken || self.conn.has_broken()
+    }
+
+    /// Marks the session broken after a network failure, a timeout or a 421.
+    fn note<T>(&mut self, r: Result<T, UpstreamError>) -> Result<T, UpstreamError> {
+        match &r {
+            Err(UpstreamError::Lost(_)) => self.broken = true,
+            Err(UpstreamError::Reply(rep)) if rep.code == 421 => self.broken = true,
+            _ => {}
+        }
+        r
+    }
+
+    /// AUTH XOAUTH2 with base64("user=" mailbox "\x01auth=Bearer " token "\x01\x01").
+    pub async fn auth_xoauth2(&mut self, mailbox: &str, token: &Secret) -> Result<UpReply, UpstreamError> {
+        let payload = Secret::new(format!("user={mailbox}\x01auth=Bearer {}\x01\x01", token.expose()));
+        let cmd = Secret::new(format!(
+            "AUTH XOAUTH2 {}",
+            base64::engine::general_purpose::STANDARD.encode(payload.expose())
+        ));
+        let r = match bounded("AUTH", self.timeout, self.conn.command(Line(cmd.expose()))).await {
+            // 334 + base64 JSON error: the server wants an empty line, then sends the 535.
+            Ok(resp) if resp.has_code(334) => {
+                bounded("AUTH", self.timeout, self.conn.command(Line(""))).await
+            }
+            r => r,
+        };
+        self.note(r).map(|resp| positive(&resp))
+    }
+
+    /// Sends one command line (without CRLF); a positive reply is `Ok`.
+    pub async fn command(&mut self, line: &str) -> Result<UpReply, UpstreamError> {
+        let name = line.split(' ').next().unwrap_or("command").to_string();
+        let r = bounded(&name, self.timeout, self.conn.command(Line(line))).await;
+        self.note(r).map(|resp| positive(&resp))
+    }
+
+    /// DATA, the content (unstuffed, as the client sent it), and the final reply.
+    pub async fn data(&mut self, content: &[u8]) -> Result<UpReply, UpstreamError> {
+        self.command("DATA").await?;
+        // lettre dot-stuffs and appends CRLF.CRLF itself; the CRLF that ends the content
+        // is the first half of that terminator, so it is not sent twice.
+        let body = content.strip_suffix(b"\r\n").unwrap_or(content);
+        // The timeout grows with the message: at least MIN_UPLOAD_RATE bytes per second.
+        let limit = self.timeout + Duration::from_secs(body.len() as u64 / MIN_UPLOAD_RATE);
+        let r = bounded("DATA", limit, self.conn.message_iter(body.chunks(DATA_CHUNK))).await;
+        self.note(r).map(|resp| positive(&resp))
+    }
+
+    /// Closes politely (QUIT), bounded.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(QUIT_TIMEOUT, self.conn.quit()).await;
+    }
+}

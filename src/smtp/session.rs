@@ -1,0 +1,680 @@
+//! One local SMTP connection: the command state machine, generic over AsyncRead+AsyncWrite.
+//!
+//! Owns line framing (with a length limit), PIPELINING (replies are buffered and flushed
+//! only before the session would wait for input), AUTH PLAIN/LOGIN, MAIL/RCPT/DATA with
+//! the limits, and the synchronous relay: MAIL takes an upstream session from the pool,
+//! each RCPT is forwarded live, DATA is answered only after the upstream answered it.
+//! smtp-proto parses commands and unstuffs DATA; `relay::outcome` decides every reply that
+//! depends on the upstream. Accepting connections and the TLS upgrade are `server`'s.
+
+use crate::config::Account;
+use crate::oauth::manager::AccountStatus;
+use crate::oauth::secret::Secret;
+use crate::relay::outcome;
+use crate::relay::pool::{Lease, Pool};
+use crate::smtp::auth::LocalAuth;
+use crate::smtp::reply::{self, Reply};
+use crate::telemetry::{self, RelayEvent};
+use base64::Engine as _;
+use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
+use smtp_proto::{Request, AUTH_LOGIN, AUTH_PLAIN, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Longest command or AUTH line we accept (RFC 5321 needs 512; AUTH responses are longer).
+pub const MAX_LINE: usize = 4096;
+/// How long we wait for the next command (RFC 5321 4.5.3.2: at least 5 minutes).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long we wait for the next chunk of message data (RFC 5321: 3 minutes per block).
+pub const DATA_TIMEOUT: Duration = Duration::from_secs(180);
+/// Bytes read from the socket at once.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Everything a session needs that outlives it.
+#[derive(Debug, Clone)]
+pub struct SessionContext {
+    pub hostname: String,
+    pub auth: LocalAuth,
+    pub pool: Pool,
+    pub max_message_bytes: usize,
+    pub max_recipients: usize,
+    pub require_tls_for_auth: bool,
+    pub starttls_available: bool,
+    pub shutdown: CancellationToken,
+    pub command_timeout: Duration,
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum End<S> {
+    Closed,
+    /// The client asked for STARTTLS and got 220: upgrade `S` and start a new session.
+    StartTls(S),
+}
+
+struct Txn {
+    id: String,
+    lease: Lease,
+    from: String,
+    rcpts: Vec<String>,
+    started: Instant,
+}
+
+enum Line {
+    Ok(Vec<u8>),
+    TooLong,
+}
+
+/// The per-connection state machine.
+pub struct Session<'a, S> {
+    ctx: &'a SessionContext,
+    io: S,
+    peer: SocketAddr,
+    tls: bool,
+    inbuf: Vec<u8>,
+    pos: usize,
+    out: Vec<u8>,
+    helo: Option<String>,
+    user: Option<Arc<Account>>,
+    txn: Option<Txn>,
+}
+
+impl<S> std::fmt::Debug for Session<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("peer", &self.peer)
+            .field("tls", &self.tls)
+            .field("user", &self.user.as_ref().map(|a| &a.username))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
+    pub fn new(ctx: &'a SessionContext, io: S, peer: SocketAddr, tls: bool) -> Self {
+        Session {
+            ctx,
+            io,
+            peer,
+            tls,
+            inbuf: Vec::with_capacity(1024),
+            pos: 0,
+            out: Vec::with_capacity(512),
+            helo: None,
+            user: None,
+            txn: None,
+        }
+    }
+
+    fn reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.out);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.io.write_all(&self.out).await?;
+            self.io.flush().await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Reads more input; `Ok(false)` on EOF. Flushes pending replies first.
+    async fn fill(&mut self, timeout: Duration) -> std::io::Result<bool> {
+        self.flush().await?;
+        if self.pos > 0 {
+            self.inbuf.drain(..self.pos);
+            self.pos = 0;
+        }
+        let len = self.inbuf.len();
+        self.inbuf.resize(len + READ_CHUNK, 0);
+        let r = tokio::time::timeout(timeout, self.io.read(&mut self.inbuf[len..])).await;
+        let n = match r {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                self.inbuf.truncate(len);
+                return Err(e);
+            }
+            Err(_) => {
+                self.inbuf.truncate(len);
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "read timeout"));
+            }
+        };
+        self.inbuf.truncate(len + n);
+        Ok(n > 0)
+    }
+
+    /// The next line (with its LF), reading as needed; `None` on EOF.
+    async fn next_line(&mut self, idle: bool) -> std::io::Result<Option<Line>> {
+        loop {
+            let avail = &self.inbuf[self.pos..];
+            if let Some(i) = memchr::memchr(b'\n', avail) {
+                let line = avail[..=i].to_vec();
+                self.pos += i + 1;
+                if line.len() > MAX_LINE {
+                    return Ok(Some(Line::TooLong));
+                }
+                return Ok(Some(Line::Ok(line)));
+            }
+            if avail.len() > MAX_LINE {
+                // Drop what we have and the rest of this line.
+                self.pos = self.inbuf.len();
+                loop {
+                    if !self.fill(self.ctx.command_timeout).await? {
+                        return Ok(None);
+                    }
+                    if let Some(i) = memchr::memchr(b'\n', &self.inbuf) {
+                        self.pos = i + 1;
+                        return Ok(Some(Line::TooLong));
+                    }
+                    self.pos = self.inbuf.len();
+                }
+            }
+            let more = if idle && self.txn.is_none() {
+                // Between transactions a shutdown ends the session politely.
+                let shutdown = self.ctx.shutdown.clone();
+                tokio::select! {
+                    r = self.fill(self.ctx.command_timeout) => r?,
+                    _ = shutdown.cancelled() => {
+                        self.reply(&reply::SHUTTING_DOWN);
+                        self.flush().await?;
+                        return Ok(None);
+                    }
+                }
+            } else {
+                self.fill(self.ctx.command_timeout).await?
+            };
+            if !more {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Runs the session until QUIT, EOF, an I/O error, or STARTTLS.
+    pub async fn run(mut self, greet: bool) -> End<S> {
+        if greet {
+            let greeting = format!("220 {} ESMTP smtp-oauth-bridge ready\r\n", self.ctx.hostname);
+            self.out.extend_from_slice(greeting.as_bytes());
+        }
+        let end = self.serve().await;
+        if let Some(txn) = self.txn.take() {
+            abort_txn(txn).await;
+        }
+        match end {
+            Ok(true) => {
+                let _ = self.flush().await;
+                End::StartTls(self.io)
+            }
+            Ok(false) => {
+                let _ = self.flush().await;
+                let _ = self.io.shutdown().await;
+                End::Closed
+            }
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    self.reply(&reply::IDLE_TIMEOUT);
+                    let _ = self.flush().await;
+                }
+                tracing::debug!(peer = %self.peer, error = %e, "session ended");
+                End::Closed
+            }
+        }
+    }
+
+    /// `Ok(true)` means: upgrade to TLS now.
+    async fn serve(&mut self) -> std::io::Result<bool> {
+        loop {
+            let line = match self.next_line(true).await? {
+                None => return Ok(false),
+                Some(Line::TooLong) => {
+                    self.reply(&reply::LINE_TOO_LONG);
+                    continue;
+                }
+                Some(Line::Ok(l)) => l,
+            };
+            let parsed = Request::parse(&mut line.iter()).map(Request::into_owned);
+            match parsed {
+                Ok(req) => match self.command(req).await? {
+                    Flow::Continue => {}
+                    Flow::Quit => return Ok(false),
+                    Flow::StartTls => return Ok(true),
+                },
+                Err(e) => {
+                    let r = parse_error_reply(&e, &line);
+                    self.reply(&r);
+                }
+            }
+        }
+    }
+
+    async fn command(&mut self, req: Request<String>) -> std::io::Result<Flow> {
+        match req {
+            Request::Ehlo { host } => {
+                self.reset().await;
+                self.ehlo(&host);
+            }
+            Request::Helo { host } => {
+                self.reset().await;
+                let text = format!("250 {} Hello {}\r\n", self.ctx.hostname, sanitize(&host));
+                self.out.extend_from_slice(text.as_bytes());
+                self.helo = Some(host);
+            }
+            Request::Lhlo { .. } => self.reply(&reply::UNKNOWN_COMMAND),
+            Request::StartTls => {
+                if self.tls {
+                    self.reply(&reply::TLS_ALREADY);
+                } else if !self.ctx.starttls_available {
+                    self.reply(&reply::TLS_UNAVAILABLE);
+                } else {
+                    self.reset().await;
+                    self.reply(&reply::READY_TLS);
+                    // Anything pipelined after STARTTLS is discarded (no command injection).
+                    self.inbuf.clear();
+                    self.pos = 0;
+                    return Ok(Flow::StartTls);
+                }
+            }
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response).await?,
+            Request::Mail { from } => self.mail(from).await,
+            Request::Rcpt { to } => self.rcpt(to).await,
+            Request::Data => self.data().await?,
+            Request::Bdat { .. } => self.reply(&reply::NOT_IMPLEMENTED),
+            Request::Rset => {
+                self.reset().await;
+                self.reply(&reply::RESET_OK);
+            }
+            Request::Noop { .. } => self.reply(&reply::OK),
+            Request::Vrfy { .. } => self.reply(&reply::VRFY),
+            Request::Help { .. } => self.reply(&reply::HELP),
+            Request::Quit => {
+                self.reset().await;
+                self.reply(&reply::BYE);
+                return Ok(Flow::Quit);
+            }
+            Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => self.reply(&reply::NOT_IMPLEMENTED),
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn auth_offered(&self) -> bool {
+        self.tls || !self.ctx.require_tls_for_auth
+    }
+
+    fn ehlo(&mut self, host: &str) {
+        let mut lines = vec![
+            format!("{} Hello {}", self.ctx.hostname, sanitize(host)),
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.ctx.max_message_bytes),
+            "8BITMIME".to_string(),
+            "SMTPUTF8".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+        ];
+        if self.auth_offered() && self.user.is_none() {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
+        if self.ctx.starttls_available && !self.tls {
+            lines.push("STARTTLS".to_string());
+        }
+        lines.push("HELP".to_string());
+        let last = lines.len() - 1;
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            self.out.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
+        }
+        self.helo = Some(host.to_string());
+    }
+
+    /// Ends the current transaction, if any, and returns its upstream session to the pool.
+    async fn reset(&mut self) {
+        if let Some(txn) = self.txn.take() {
+            abort_txn(txn).await;
+        }
+    }
+
+    async fn auth_line(&mut self, prompt: &str) -> std::io::Result<Option<Vec<u8>>> {
+        self.out.extend_from_slice(format!("334 {prompt}\r\n").as_bytes());
+        match self.next_line(false).await? {
+            None => Ok(None),
+            Some(Line::TooLong) => Ok(Some(Vec::new())),
+            Some(Line::Ok(l)) => Ok(Some(l)),
+        }
+    }
+
+    async fn auth(&mut self, mechanism: u64, initial: String) -> std::io::Result<()> {
+        if self.helo.is_none() {
+            return Ok(self.reply(&reply::BAD_SEQUENCE_HELO));
+        }
+        if self.user.is_some() {
+            return Ok(self.reply(&reply::AUTH_ALREADY));
+        }
+        if !self.auth_offered() {
+            return Ok(self.reply(&reply::TLS_REQUIRED));
+        }
+        if self.txn.is_some() {
+            return Ok(self.reply(&reply::BAD_SEQUENCE_NESTED_MAIL));
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        // Returns None when the client cancelled with "*" or the connection ended.
+        let (user, pass) = if mechanism == AUTH_PLAIN {
+            let resp = if initial.is_empty() {
+                match self.auth_line("").await? {
+                    None => return Ok(()),
+                    Some(l) => Secret::new(String::from_utf8_lossy(trim_crlf(&l)).into_owned()),
+                }
+            } else {
+                Secret::new(initial)
+            };
+            if resp.expose() == "*" {
+                return Ok(self.reply(&reply::AUTH_CANCELLED));
+            }
+            let decoded = match decode(&b64, resp.expose()) {
+                Some(d) => d,
+                None => return Ok(self.reply(&reply::AUTH_BAD_BASE64)),
+            };
+            // authzid NUL authcid NUL passwd
+            let mut parts = decoded.expose().splitn(3, '\0');
+            let (_authz, authc, pw) = (parts.next(), parts.next(), parts.next());
+            match (authc, pw) {
+                (Some(u), Some(p)) => (u.to_string(), Secret::new(p)),
+                _ => return Ok(self.reply(&reply::AUTH_BAD_BASE64)),
+            }
+        } else if mechanism == AUTH_LOGIN {
+            let user_b64 = if initial.is_empty() || initial == "=" {
+                match self.auth_line("VXNlcm5hbWU6").await? {
+                    None => return Ok(()),
+                    Some(l) => String::from_utf8_lossy(trim_crlf(&l)).into_owned(),
+                }
+            } else {
+                initial
+            };
+            if user_b64 == "*" {
+                return Ok(self.reply(&reply::AUTH_CANCELLED));
+            }
+            let Some(user) = decode(&b64, &user_b64) else {
+                return Ok(self.reply(&reply::AUTH_BAD_BASE64));
+            };
+            let pw_line = match self.auth_line("UGFzc3dvcmQ6").await? {
+                None => return Ok(()),
+                Some(l) => Secret::new(String::from_utf8_lossy(trim_crlf(&l)).into_owned()),
+            };
+            if pw_line.expose() == "*" {
+                return Ok(self.reply(&reply::AUTH_CANCELLED));
+            }
+            let Some(pw) = decode(&b64, pw_line.expose()) else {
+                return Ok(self.reply(&reply::AUTH_BAD_BASE64));
+            };
+            (user.expose().to_string(), pw)
+        } else {
+            return Ok(self.reply(&reply::AUTH_MECH));
+        };
+        match self.ctx.auth.verify(&user, pass).await {
+            Some(account) => {
+                if let Some(AccountStatus::NeedsLogin(_)) =
+                    self.ctx.pool.tokens().status(&account.username)
+                {
+                    let name = &account.username;
+                    tracing::warn!(peer = %self.peer, account = %name, "authenticated, but the account needs login");
+                    return Ok(self.reply(&Reply::new(
+                        454,
+                        "4.7.0",
+                        format!("Account {name} needs login; run: smtp-oauth-bridge login {name}"),
+                    )));
+                }
+                tracing::debug!(peer = %self.peer, account = %account.username, "local client authenticated");
+                self.user = Some(account);
+                self.reply(&reply::AUTH_OK);
+            }
+            None => {
+                tracing::warn!(peer = %self.peer, user = %sanitize(&user), "local authentication failed");
+                self.reply(&reply::AUTH_FAILED);
+            }
+        }
+        Ok(())
+    }
+
+    async fn mail(&mut self, from: smtp_proto::MailFrom<String>) {
+        let Some(account) = self.user.clone() else {
+            return self.reply(&reply::AUTH_REQUIRED);
+        };
+        if self.txn.is_some() {
+            return self.reply(&reply::BAD_SEQUENCE_NESTED_MAIL);
+        }
+        if from.size > self.ctx.max_message_bytes {
+            return self.reply(&reply::TOO_BIG);
+        }
+        if !from.address.is_empty() && !sender_allowed(&account.allowed_from, &from.address) {
+            tracing::warn!(peer = %self.peer, account = %account.username, from = %sanitize(&from.address), "sender not in allowed_from");
+            return self.reply(&reply::NOT_ALLOWED_FROM);
+        }
+        let mut cmd = format!("MAIL FROM:<{}>", from.address);
+        if from.size > 0 {
+            cmd.push_str(&format!(" SIZE={}", from.size));
+        }
+        if from.flags & MAIL_BODY_8BITMIME != 0 {
+            cmd.push_str(" BODY=8BITMIME");
+        }
+        if from.flags & MAIL_SMTPUTF8 != 0 {
+            cmd.push_str(" SMTPUTF8");
+        }
+        let result = self.ctx.pool.begin(&account.username, &cmd).await;
+        let r = outcome::mail_reply(&result.as_ref().map(|(_, r)| r.clone()).map_err(Clone::clone));
+        if let Ok((lease, _)) = result {
+            if r.is_positive() {
+                self.txn = Some(Txn {
+                    id: telemetry::new_message_id(),
+                    lease,
+                    from: from.address,
+                    rcpts: Vec::new(),
+                    started: Instant::now(),
+                });
+            }
+        } else {
+            tracing::warn!(peer = %self.peer, account = %account.username, reply = %r, "could not start an upstream transaction");
+        }
+        self.reply(&r);
+    }
+
+    async fn rcpt(&mut self, to: smtp_proto::RcptTo<String>) {
+        let max = self.ctx.max_recipients;
+        let Some(txn) = self.txn.as_mut() else {
+            return self.reply(&reply::BAD_SEQUENCE_MAIL);
+        };
+        if txn.rcpts.len() >= max {
+            return self.reply(&reply::TOO_MANY_RECIPIENTS);
+        }
+        // smtp-proto reads <postmaster> as the empty address.
+        let addr = if to.address.is_empty() {
+            "postmaster".to_string()
+        } else {
+            to.address
+        };
+        let r = txn.lease.session().command(&format!("RCPT TO:<{addr}>")).await;
+        let reply = outcome::rcpt_reply(&r);
+        if reply.is_positive() {
+            txn.rcpts.push(addr);
+        }
+        if txn.lease.session().is_broken() {
+            // The upstream session is gone; so is the transaction.
+            self.txn = None;
+        }
+        self.reply(&reply);
+    }
+
+    async fn data(&mut self) -> std::io::Result<()> {
+        let Some(txn) = self.txn.as_ref() else {
+            self.reply(&reply::BAD_SEQUENCE_MAIL);
+            return Ok(());
+        };
+        if txn.rcpts.is_empty() {
+            self.reply(&reply::NO_VALID_RECIPIENTS);
+            return Ok(());
+        }
+        self.reply(&reply::START_DATA);
+        let Some(content) = self.receive_data().await? else {
+            // Too big: the data was read and discarded.
+            self.reset().await;
+            self.reply(&reply::TOO_BIG);
+            return Ok(());
+        };
+        let Some(mut txn) = self.txn.take() else {
+            return Ok(());
+        };
+        let body = &content[DATA_PREFIX.len()..];
+        let result = txn.lease.session().data(body).await;
+        let (reply, outcome) = outcome::data_reply(&result, &txn.id);
+        let account = self.user.as_ref().map(|a| a.username.as_str()).unwrap_or("");
+        let (code, text) = match &result {
+            Ok(r) => (r.code, Cow::Borrowed(r.text.as_str())),
+            Err(crate::relay::upstream::UpstreamError::Reply(r)) => (r.code, Cow::Borrowed(r.text.as_str())),
+            Err(e) => (0, Cow::Owned(e.to_string())),
+        };
+        telemetry::relay_event(&RelayEvent {
+            id: &txn.id,
+            account,
+            from: &txn.from,
+            rcpts: &txn.rcpts,
+            bytes: body.len(),
+            outcome: outcome.as_str(),
+            upstream_code: code,
+            upstream_reply: &text,
+            ms: txn.started.elapsed().as_millis() as u64,
+        });
+        // After any final DATA reply the upstream session is idle again, unless it broke.
+        txn.lease.release(true);
+        self.reply(&reply);
+        Ok(())
+    }
+
+    /// Reads message data up to CRLF.CRLF. Returns the unstuffed content prefixed with
+    /// [`DATA_PREFIX`], or `None` when it exceeded the size limit (then it was discarded).
+    async fn receive_data(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        let mut rx = DataReceiver::new();
+        let mut buf = Vec::with_capacity(16 * 1024);
+        // smtp-proto only recognises a terminator or a stuffed dot after a line break; seed
+        // one so that the very first line is handled too.
+        rx.ingest(&mut DATA_PREFIX.iter(), &mut buf);
+        let limit = self.ctx.max_message_bytes + DATA_PREFIX.len();
+        loop {
+            let avail = &self.inbuf[self.pos..];
+            let mut it = avail.iter();
+            let done = rx.ingest(&mut it, &mut buf);
+            self.pos += avail.len() - it.as_slice().len();
+            if buf.len() > limit {
+                let mut dummy = DummyDataReceiver::new_data(&rx);
+                drop(buf);
+                return self.discard_data(&mut dummy).await.map(|_| None);
+            }
+            if done {
+                return Ok(Some(buf));
+            }
+            if !self.fill(DATA_TIMEOUT).await? {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    async fn discard_data(&mut self, rx: &mut DummyDataReceiver) -> std::io::Result<()> {
+        loop {
+            let avail = &self.inbuf[self.pos..];
+            let mut it = avail.iter();
+            let done = rx.ingest(&mut it);
+            self.pos += avail.len() - it.as_slice().len();
+            if done {
+                return Ok(());
+            }
+            if !self.fill(DATA_TIMEOUT).await? {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+}
+
+const DATA_PREFIX: &[u8] = b"\r\n";
+
+enum Flow {
+    Continue,
+    Quit,
+    StartTls,
+}
+
+/// Ends an open upstream transaction: RSET, and back to the pool if that worked.
+async fn abort_txn(mut txn: Txn) {
+    let ok = txn.lease.session().command("RSET").await.is_ok();
+    txn.lease.release(ok);
+}
+
+fn decode(b64: &base64::engine::GeneralPurpose, s: &str) -> Option<Secret> {
+    let s = s.trim();
+    if s == "=" {
+        return Some(Secret::new(""));
+    }
+    let bytes = b64.decode(s).ok()?;
+    String::from_utf8(bytes).ok().map(Secret::new)
+}
+
+fn trim_crlf(l: &[u8]) -> &[u8] {
+    let l = l.strip_suffix(b"\n").unwrap_or(l);
+    l.strip_suffix(b"\r").unwrap_or(l)
+}
+
+/// Client-supplied text made safe for replies and logs (bounded, no control characters).
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .take(255)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// Whether `from` matches an `allowed_from` entry (exact address or `*@domain`), ignoring case.
+pub fn sender_allowed(allowed: &[String], from: &str) -> bool {
+    allowed.iter().any(|a| match a.strip_prefix("*@") {
+        Some(domain) => from
+            .rsplit_once('@')
+            .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain)),
+        None => a.eq_ignore_ascii_case(from) || a.to_lowercase() == from.to_lowercase(),
+    })
+}
+
+fn parse_error_reply(e: &smtp_proto::Error, line: &[u8]) -> Reply {
+    use smtp_proto::Error as E;
+    let verb: String = line
+        .iter()
+        .take_while(|b| b.is_ascii_alphabetic())
+        .map(|b| b.to_ascii_uppercase() as char)
+        .collect();
+    match e {
+        E::UnknownCommand => reply::UNKNOWN_COMMAND,
+        E::InvalidSenderAddress => reply::SYNTAX_SENDER,
+        E::InvalidRecipientAddress => reply::SYNTAX_RECIPIENT,
+        E::SyntaxError { syntax } => reply::syntax(syntax),
+        E::InvalidParameter { param } => reply::parameter(param),
+        E::UnsupportedParameter { param } => reply::parameter(&sanitize(param)),
+        E::ResponseTooLong => reply::LINE_TOO_LONG,
+        E::NeedsMoreData { .. } | E::InvalidResponse { .. } => reply::syntax(if verb.is_empty() { "command" } else { &verb }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_from_matching() {
+        let allowed = vec!["scanner@contoso.com".to_string(), "*@fabrikam.com".to_string()];
+        assert!(sender_allowed(&allowed, "scanner@contoso.com"));
+        assert!(sender_allowed(&allowed, "Scanner@Contoso.com"));
+        assert!(sender_allowed(&allowed, "anyone@FABRIKAM.com"));
+        assert!(!sender_allowed(&allowed, "ceo@contoso.com"));
+        assert!(!sender_allowed(&allowed, "x@sub.fabrikam.com"));
+    }
+}

@@ -1,0 +1,15 @@
+//! Test doubles for the remote ends only: Microsoft's token endpoint and Microsoft 365's
+//! SMTP submission server, plus the throwaway CA their TLS needs. Real sockets, real TLS,
+//! real HTTP and SMTP, so the `demo` command, integration tests and benchmarks exercise the
+//! bridge exactly as in production. Nothing here is used by the bridge's own code paths.
+//!
+//! Callers bind the listeners (e.g. `127.0.0.1:0`) and pass them in; each fake runs in
+//! spawned tasks until the tokio runtime shuts down.
+
+pub mod ca;
+pub mod token;
+pub mod upstream;
+
+pub use ca::TestCa;
+pub use token::{FakeTokenEndpoint, TokenOptions};
+pub use upstream::{FakeUpstream, FakeUpstreamOptions, Received, Reply};

@@ -1,0 +1,382 @@
+//! Fake OAuth 2.0 token endpoint (Microsoft identity platform v2.0 shaped), served over real
+//! HTTP/1.1 on a listener the caller bound.
+//!
+//! Owns the public handle [`FakeTokenEndpoint`]: start, URLs, counters, the issued tokens and
+//! the knobs tests turn (lifetime, canned failures, revocation). Grant logic is in `grant.rs`,
+//! HTTP framing in `http.rs`. Any request path ending in `/token` is the token endpoint;
+//! everything else is 404. Time is `tokio::time::Instant`, so `tokio::time::pause` applies.
+
+mod grant;
+mod http;
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use grant::{Client, State};
+use http::{Request, Response};
+
+/// Default access token lifetime, as Microsoft issues them (about an hour).
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// How the fake endpoint is set up.
+#[derive(Clone)]
+pub struct TokenOptions {
+    /// Lifetime of issued access tokens (`expires_in`), default 3600 s.
+    pub lifetime: Duration,
+    /// The one application the endpoint knows, default `"test-client"`.
+    pub client_id: String,
+    /// Its secret, default `Some("test-secret")`; `None` makes it a public client (which
+    /// cannot use `client_credentials` and must not present a secret).
+    pub client_secret: Option<String>,
+}
+
+impl Default for TokenOptions {
+    fn default() -> Self {
+        TokenOptions {
+            lifetime: DEFAULT_LIFETIME,
+            client_id: "test-client".to_string(),
+            client_secret: Some("test-secret".to_string()),
+        }
+    }
+}
+
+impl fmt::Debug for TokenOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenOptions")
+            .field("lifetime", &self.lifetime)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Handle to a running fake token endpoint. Clones share the same server and state.
+/// The server runs until the tokio runtime it was started on shuts down.
+#[derive(Clone)]
+pub struct FakeTokenEndpoint {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addr: SocketAddr,
+    client: Client,
+    state: Mutex<State>,
+    requests: AtomicUsize,
+}
+
+impl fmt::Debug for FakeTokenEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FakeTokenEndpoint")
+            .field("addr", &self.inner.addr)
+            .field("requests", &self.requests())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FakeTokenEndpoint {
+    /// Starts serving on `listener` (already bound, e.g. to `127.0.0.1:0`) in a spawned task.
+    pub async fn start(listener: TcpListener, opts: TokenOptions) -> FakeTokenEndpoint {
+        let addr = listener
+            .local_addr()
+            .expect("a bound TcpListener has a local address");
+        let inner = Arc::new(Inner {
+            addr: reachable(addr),
+            client: Client {
+                id: opts.client_id,
+                secret: opts.client_secret,
+            },
+            state: Mutex::new(State::new(opts.lifetime)),
+            requests: AtomicUsize::new(0),
+        });
+        tokio::spawn(accept_loop(listener, inner.clone()));
+        FakeTokenEndpoint { inner }
+    }
+
+    /// The token URL, `http://127.0.0.1:PORT/tenant/oauth2/v2.0/token`.
+    pub fn token_url(&self) -> String {
+        format!("{}/tenant/oauth2/v2.0/token", self.base_url())
+    }
+
+    /// `http://127.0.0.1:PORT` (or `http://[::1]:PORT` on an IPv6 listener).
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.inner.addr)
+    }
+
+    /// Requests to the token path answered so far, whatever the outcome.
+    pub fn requests(&self) -> usize {
+        self.inner.requests.load(Ordering::SeqCst)
+    }
+
+    /// Lifetime of access tokens issued from now on.
+    pub fn set_lifetime(&self, d: Duration) {
+        self.inner.state().lifetime = d;
+    }
+
+    /// True if this endpoint issued `token`, it has not expired and was not revoked.
+    pub fn is_valid(&self, token: &str) -> bool {
+        self.inner.state().is_valid(token, Instant::now())
+    }
+
+    /// Every access token issued so far, oldest first (revoked and expired ones included).
+    pub fn issued(&self) -> Vec<String> {
+        self.inner.state().issued.clone()
+    }
+
+    /// The next `n` token requests are answered with `status` and the JSON `body` instead
+    /// of being processed. Calls queue up: `fail_next(1, 503, ..)` then
+    /// `fail_next(1, 400, ..)` fails the next request with 503 and the one after with 400.
+    pub fn fail_next(&self, n: usize, status: u16, body: &str) {
+        let mut st = self.inner.state();
+        for _ in 0..n {
+            st.failures.push_back(Response::json(status, body));
+        }
+    }
+
+    /// Every access token issued so far becomes invalid (tokens issued later are valid).
+    /// Refresh tokens stay valid: see [`FakeTokenEndpoint::revoke_refresh_tokens`].
+    pub fn revoke_all(&self) {
+        self.inner.state().access.clear();
+    }
+
+    /// Every refresh token issued so far is refused from now on (`invalid_grant`), as after
+    /// a password reset or an admin revoking sessions.
+    pub fn revoke_refresh_tokens(&self) {
+        self.inner.state().refresh.clear();
+    }
+
+    /// Mints a refresh token as a completed interactive login would have, for seeding a
+    /// token store in tests of the `refresh_token` grant.
+    pub fn issue_refresh_token(&self) -> String {
+        self.inner.state().new_refresh_token()
+    }
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State half-updated in a way that
+        // matters to a test double, so recover from poisoning instead of cascading panics.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handle(&self, req: &Request) -> Response {
+        if !req.path.ends_with("/token") {
+            let body = serde_json::json!({"error": "not_found", "path": req.path});
+            return Response::json(404, body.to_string());
+        }
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let mut st = self.state();
+        grant::token_request(&mut st, &self.client, req, Instant::now())
+    }
+}
+
+/// A listener bound to the unspecified address is reached over loopback.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    let served = http::serve_connection(stream, |req| inner.handle(req)).await;
+                    if let Err(e) = served {
+                        tracing::debug!(error = %e, "fake token endpoint: connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fake token endpoint: accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn endpoint(opts: TokenOptions) -> FakeTokenEndpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        FakeTokenEndpoint::start(listener, opts).await
+    }
+
+    /// Reads one response (head + Content-Length body) from `s`; returns (status, body).
+    async fn read_response(s: &mut TcpStream) -> (u16, serde_json::Value) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .expect("content-length")
+                    .parse()
+                    .expect("number");
+                if buf.len() >= end + 4 + len {
+                    let status = head[9..12].parse().expect("status");
+                    let body = serde_json::from_slice(&buf[end + 4..end + 4 + len]).expect("json");
+                    return (status, body);
+                }
+            }
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "connection closed mid-response");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn form_post(path: &str, body: &str) -> String {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    const CC: &str = "grant_type=client_credentials&client_id=test-client&client_secret=test-secret&scope=https%3A%2F%2Foutlook.office365.com%2F.default";
+
+    #[tokio::test]
+    async fn keep_alive_fail_next_and_invalid_client() {
+        let ep = endpoint(TokenOptions::default()).await;
+        assert!(ep.token_url().starts_with("http://127.0.0.1:"));
+        assert!(ep.token_url().ends_with("/tenant/oauth2/v2.0/token"));
+        let mut s = TcpStream::connect(ep.inner.addr).await.expect("connect");
+
+        // Success, then a canned 503 and a canned invalid_grant, then success: all on one
+        // keep-alive connection, with the request split awkwardly across writes.
+        let req = form_post("/tenant/oauth2/v2.0/token", CC);
+        let (a, b) = req.split_at(17);
+        s.write_all(a.as_bytes()).await.expect("write");
+        s.flush().await.expect("flush");
+        s.write_all(b.as_bytes()).await.expect("write");
+        let (status, v) = read_response(&mut s).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["expires_in"], 3600);
+        let first = v["access_token"].as_str().expect("token").to_string();
+        assert!(ep.is_valid(&first));
+
+        ep.fail_next(1, 503, r#"{"error":"temporarily_unavailable"}"#);
+        ep.fail_next(1, 400, r#"{"error":"invalid_grant"}"#);
+        s.write_all(req.as_bytes()).await.expect("write");
+        assert_eq!(read_response(&mut s).await.0, 503);
+        s.write_all(req.as_bytes()).await.expect("write");
+        let (status, v) = read_response(&mut s).await;
+        assert_eq!((status, v["error"].as_str()), (400, Some("invalid_grant")));
+        s.write_all(req.as_bytes()).await.expect("write");
+        assert_eq!(read_response(&mut s).await.0, 200);
+
+        // Wrong secret.
+        let bad = CC.replace("test-secret", "wrong");
+        s.write_all(form_post("/x/token", &bad).as_bytes())
+            .await
+            .expect("write");
+        let (status, v) = read_response(&mut s).await;
+        assert_eq!(status, 401);
+        assert_eq!(v["error"], "invalid_client");
+        assert!(v["error_description"]
+            .as_str()
+            .expect("description")
+            .starts_with("AADSTS7000215: Invalid client secret provided."));
+
+        assert_eq!(ep.requests(), 5);
+        assert_eq!(ep.issued().len(), 2);
+        assert_eq!(ep.issued()[0], first);
+
+        // Not the token path: 404 and not counted.
+        s.write_all(b"GET /tenant/v2.0/.well-known/openid-configuration HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        assert_eq!(read_response(&mut s).await.0, 404);
+        assert_eq!(ep.requests(), 5);
+
+        ep.revoke_all();
+        assert!(!ep.is_valid(&first));
+        assert!(!ep.is_valid("eyJ0notissued"));
+    }
+
+    #[tokio::test]
+    async fn lifetime_expiry_and_refresh() {
+        let ep = endpoint(TokenOptions {
+            client_secret: None,
+            ..TokenOptions::default()
+        })
+        .await;
+        ep.set_lifetime(Duration::from_millis(150));
+        let rt = ep.issue_refresh_token();
+        let mut s = TcpStream::connect(ep.inner.addr).await.expect("connect");
+        let body = format!("grant_type=refresh_token&client_id=test-client&refresh_token={rt}");
+        s.write_all(form_post("/t/oauth2/v2.0/token", &body).as_bytes())
+            .await
+            .expect("write");
+        let (status, v) = read_response(&mut s).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["expires_in"], 0);
+        let at = v["access_token"].as_str().expect("token").to_string();
+        let rt2 = v["refresh_token"].as_str().expect("refresh").to_string();
+        assert!(ep.is_valid(&at));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!ep.is_valid(&at), "expired after its lifetime");
+
+        // The rotated refresh token works; after revocation neither does.
+        let body2 = format!("grant_type=refresh_token&client_id=test-client&refresh_token={rt2}");
+        s.write_all(form_post("/t/oauth2/v2.0/token", &body2).as_bytes())
+            .await
+            .expect("write");
+        assert_eq!(read_response(&mut s).await.0, 200);
+        ep.revoke_refresh_tokens();
+        s.write_all(form_post("/t/oauth2/v2.0/token", &body2).as_bytes())
+            .await
+            .expect("write");
+        let (status, v) = read_response(&mut s).await;
+        assert_eq!((status, v["error"].as_str()), (400, Some("invalid_grant")));
+
+        // A public client cannot use client_credentials.
+        s.write_all(form_post("/t/oauth2/v2.0/token", CC).as_bytes())
+            .await
+            .expect("write");
+        assert_eq!(read_response(&mut s).await.0, 401);
+    }
+
+    #[tokio::test]
+    async fn connection_close_and_expect_continue() {
+        let ep = endpoint(TokenOptions::default()).await;
+        let mut s = TcpStream::connect(ep.inner.addr).await.expect("connect");
+        let head = format!(
+            "POST /t/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: 100-continue\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+            CC.len()
+        );
+        s.write_all(head.as_bytes()).await.expect("write");
+        let mut cont = [0u8; 25];
+        s.read_exact(&mut cont).await.expect("100 continue");
+        assert_eq!(&cont, b"HTTP/1.1 100 Continue\r\n\r\n");
+        s.write_all(CC.as_bytes()).await.expect("write");
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.expect("server closes");
+        let text = String::from_utf8_lossy(&all);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("Connection: close\r\n"), "{text}");
+    }
+}

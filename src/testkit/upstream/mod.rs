@@ -1,0 +1,428 @@
+//! Fake Microsoft 365 SMTP submission server (smtp.office365.com:587 lookalike) on a
+//! listener the caller bound: real sockets, real STARTTLS (or implicit TLS), XOAUTH2 checked
+//! against a [`FakeTokenEndpoint`], scripted replies, and a record of what it received.
+//!
+//! Owns the public handle [`FakeUpstream`] and its options, the accept loop, pause/resume,
+//! and the shared state sessions report into. The per-connection protocol is `session.rs`,
+//! buffered I/O `conn.rs`, DATA decoding `dot.rs`.
+
+mod conn;
+mod dot;
+mod session;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use super::token::FakeTokenEndpoint;
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// One SMTP reply. `text` carries the enhanced status code, e.g.
+/// `Reply::new(550, "5.1.10 RESOLVER.ADR.RecipientNotFound; not found")`. A `\n` in `text`
+/// makes a multi-line reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn new(code: u16, text: &str) -> Reply {
+        Reply {
+            code,
+            text: text.to_string(),
+        }
+    }
+
+    /// 2xx (or 3xx) reply: the command was accepted.
+    fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    /// The reply as sent: `code-line` CRLF for every line but the last, `code line` CRLF.
+    fn to_wire(&self) -> String {
+        let lines: Vec<&str> = self.text.split('\n').map(|l| l.trim_end_matches('\r')).collect();
+        let mut out = String::new();
+        for (i, line) in lines.iter().enumerate() {
+            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+            out.push_str(&format!("{}{sep}{line}\r\n", self.code));
+        }
+        out
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code, self.text)
+    }
+}
+
+/// How the fake upstream behaves. Build with [`FakeUpstreamOptions::new`], then adjust.
+#[derive(Clone, Debug)]
+pub struct FakeUpstreamOptions {
+    /// Server certificate chain (PEM), e.g. from `TestCa::issue_server_cert`.
+    pub cert_pem: String,
+    /// Its PKCS#8 private key (PEM).
+    pub key_pem: String,
+    /// Validate bearer tokens against this endpoint; `None` accepts any non-empty token.
+    pub tokens: Option<FakeTokenEndpoint>,
+    /// If set, the XOAUTH2 `user=` must be one of these (ASCII case-insensitive).
+    pub mailbox_ok: Option<Vec<String>>,
+    /// Advertise and accept STARTTLS (default true).
+    pub offer_starttls: bool,
+    /// TLS from the first byte, like port 465 (default false).
+    pub implicit_tls: bool,
+    /// Delay before every reply, greeting included (default zero).
+    pub delay: Duration,
+    /// If set, every accepted message is also written there as `<n>.eml` (n from 1).
+    pub save_dir: Option<PathBuf>,
+}
+
+impl FakeUpstreamOptions {
+    pub fn new(cert_pem: String, key_pem: String) -> Self {
+        FakeUpstreamOptions {
+            cert_pem,
+            key_pem,
+            tokens: None,
+            mailbox_ok: None,
+            offer_starttls: true,
+            implicit_tls: false,
+            delay: Duration::ZERO,
+            save_dir: None,
+        }
+    }
+}
+
+/// One message the fake upstream accepted (its DATA/BDAT got a 2xx reply).
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// The reverse path between `<>` exactly as sent (`""` for the null sender).
+    pub mail_from: String,
+    /// Everything after the closing `>` of MAIL FROM, trimmed (`"SIZE=123 BODY=8BITMIME"`).
+    pub mail_params: String,
+    /// Accepted recipients, exactly as sent between `<>`, in order.
+    pub rcpts: Vec<String>,
+    /// Message bytes after dot-unstuffing, without the terminating `.` line: exactly what
+    /// the client submitted (normally ending in CRLF).
+    pub data: Vec<u8>,
+    /// The XOAUTH2 `user=`.
+    pub auth_user: String,
+    /// The bearer token the session authenticated with.
+    pub auth_token: String,
+    /// The session was under TLS.
+    pub tls: bool,
+    /// Connection number (1-based) the message came on.
+    pub session: u64,
+    /// Where it was saved, when `save_dir` is set.
+    pub path: Option<PathBuf>,
+}
+
+/// Handle to a running fake upstream. Clones share the same server and state. The server
+/// runs until the tokio runtime it was started on shuts down.
+#[derive(Clone)]
+pub struct FakeUpstream {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for FakeUpstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FakeUpstream")
+            .field("addr", &self.inner.addr)
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Replies and timing tests can change while the server runs.
+#[derive(Debug, Default)]
+struct Script {
+    greeting: Option<Reply>,
+    mail: Option<Reply>,
+    /// Keyed by lower-cased address.
+    rcpt: HashMap<String, Reply>,
+    data: Option<Reply>,
+    auth: Option<Reply>,
+    delay: Duration,
+}
+
+pub(super) struct Inner {
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    tokens: Option<FakeTokenEndpoint>,
+    mailbox_ok: Option<Vec<String>>,
+    offer_starttls: bool,
+    implicit_tls: bool,
+    save_dir: Option<PathBuf>,
+    script: Mutex<Script>,
+    received: Mutex<Vec<Received>>,
+    log: Mutex<Vec<String>>,
+    received_notify: Notify,
+    connections: AtomicU64,
+    auth_attempts: AtomicU64,
+    /// Numbers messages (for `<n>.eml` and queue ids).
+    messages: AtomicU64,
+    open_sessions: AtomicU64,
+    peak_sessions: AtomicU64,
+    paused: AtomicBool,
+    /// Bumped by `pause`: every session ends.
+    kill: watch::Sender<u64>,
+    /// Bumped by `close_idle_sessions`: sessions waiting for a command end.
+    idle: watch::Sender<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A test double's state stays usable after a panic elsewhere; don't cascade panics.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// rustls server config from PEM, with the ring provider (never a process default).
+fn tls_acceptor(cert_pem: &str, key_pem: &str) -> Result<TlsAcceptor, String> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cert_pem: {e}"))?;
+    if certs.is_empty() {
+        return Err("cert_pem holds no certificate".to_string());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("key_pem: {e}"))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| e.to_string())?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+impl FakeUpstream {
+    /// Starts serving on `listener` (already bound, e.g. to `127.0.0.1:0`) in a spawned task.
+    ///
+    /// # Panics
+    /// If `cert_pem`/`key_pem` are not a PEM certificate chain and its private key (a
+    /// caller bug: use `TestCa::issue_server_cert`).
+    pub async fn start(listener: TcpListener, opts: FakeUpstreamOptions) -> FakeUpstream {
+        let addr = listener
+            .local_addr()
+            .expect("a bound TcpListener has a local address");
+        let acceptor = tls_acceptor(&opts.cert_pem, &opts.key_pem)
+            .unwrap_or_else(|e| panic!("FakeUpstreamOptions: invalid certificate or key: {e}"));
+        let inner = Arc::new(Inner {
+            addr,
+            acceptor,
+            tokens: opts.tokens,
+            mailbox_ok: opts.mailbox_ok,
+            offer_starttls: opts.offer_starttls,
+            implicit_tls: opts.implicit_tls,
+            save_dir: opts.save_dir,
+            script: Mutex::new(Script {
+                delay: opts.delay,
+                ..Script::default()
+            }),
+            received: Mutex::new(Vec::new()),
+            log: Mutex::new(Vec::new()),
+            received_notify: Notify::new(),
+            connections: AtomicU64::new(0),
+            auth_attempts: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            open_sessions: AtomicU64::new(0),
+            peak_sessions: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
+            kill: watch::Sender::new(0),
+            idle: watch::Sender::new(0),
+        });
+        tokio::spawn(accept_loop(listener, inner.clone()));
+        FakeUpstream { inner }
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Messages accepted so far, in the order their final reply was decided.
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.inner.received).clone()
+    }
+
+    /// Waits until at least `n` messages were received or `timeout` passed; returns what
+    /// is there either way.
+    pub async fn wait_received(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.inner.received_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = self.received();
+            if now.len() >= n {
+                return now;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.received();
+            }
+        }
+    }
+
+    /// TCP connections accepted so far (including those closed at once while paused).
+    pub fn connections(&self) -> u64 {
+        self.inner.connections.load(Ordering::SeqCst)
+    }
+
+    /// AUTH commands seen (any mechanism, any outcome, before or after TLS).
+    pub fn auth_attempts(&self) -> u64 {
+        self.inner.auth_attempts.load(Ordering::SeqCst)
+    }
+
+    /// Sessions currently open.
+    pub fn open_sessions(&self) -> u64 {
+        self.inner.open_sessions.load(Ordering::SeqCst)
+    }
+
+    /// Most sessions ever open at once (to check a client's concurrency cap).
+    pub fn peak_sessions(&self) -> u64 {
+        self.inner.peak_sessions.load(Ordering::SeqCst)
+    }
+
+    /// Every command line received, in order, as `"S<n> <line>"` (DATA content excluded;
+    /// AUTH continuation lines included).
+    pub fn log(&self) -> Vec<String> {
+        lock(&self.inner.log).clone()
+    }
+
+    /// Scripted reply to `RCPT TO:<addr>` (address compared ASCII case-insensitively);
+    /// `None` restores the default `250 2.1.5 Recipient OK`. Non-2xx: not accepted.
+    pub fn set_rcpt_reply(&self, addr: &str, reply: Option<Reply>) {
+        let key = addr.to_ascii_lowercase();
+        let mut s = lock(&self.inner.script);
+        match reply {
+            Some(r) => s.rcpt.insert(key, r),
+            None => s.rcpt.remove(&key),
+        };
+    }
+
+    /// Scripted final reply after DATA content (or BDAT LAST). The message is stored only if
+    /// it is 2xx. `None`: `250 2.6.0 <id> [InternalId=...] Queued mail for delivery`.
+    pub fn set_data_reply(&self, reply: Option<Reply>) {
+        lock(&self.inner.script).data = reply;
+    }
+
+    /// Scripted reply to MAIL FROM; non-2xx starts no transaction.
+    pub fn set_mail_reply(&self, reply: Option<Reply>) {
+        lock(&self.inner.script).mail = reply;
+    }
+
+    /// Forces the result of every later AUTH (after TLS and EHLO), whatever the token;
+    /// 2xx authenticates. E.g. `535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.`
+    pub fn set_auth_reply(&self, reply: Option<Reply>) {
+        lock(&self.inner.script).auth = reply;
+    }
+
+    /// Replaces the greeting. A non-220 greeting (e.g. `421 4.3.2 Service not available`)
+    /// is sent and the connection closed.
+    pub fn set_greeting(&self, reply: Option<Reply>) {
+        lock(&self.inner.script).greeting = reply;
+    }
+
+    /// Delay before every reply from now on.
+    pub fn set_delay(&self, d: Duration) {
+        lock(&self.inner.script).delay = d;
+    }
+
+    /// Simulates the upstream going down: open sessions are closed at once, and new
+    /// connections are accepted and closed immediately (the client sees EOF or a reset
+    /// before any greeting) until [`FakeUpstream::resume`].
+    pub fn pause(&self) {
+        self.inner.paused.store(true, Ordering::SeqCst);
+        self.inner.kill.send_modify(|g| *g += 1);
+    }
+
+    /// Serves new connections again, on the same address.
+    pub fn resume(&self) {
+        self.inner.paused.store(false, Ordering::SeqCst);
+    }
+
+    /// Drops every connection that is waiting for its next command (as a server idle
+    /// timeout would), without a reply. Sessions busy with a command are not affected.
+    pub fn close_idle_sessions(&self) {
+        self.inner.idle.send_modify(|g| *g += 1);
+    }
+}
+
+impl Inner {
+    fn script(&self) -> MutexGuard<'_, Script> {
+        lock(&self.script)
+    }
+
+    fn record_line(&self, session: u64, line: &str) {
+        lock(&self.log).push(format!("S{session} {line}"));
+    }
+
+    fn store(&self, msg: Received) {
+        lock(&self.received).push(msg);
+        self.received_notify.notify_waiters();
+    }
+}
+
+/// Decrements the open-session count when a session ends, however it ends.
+struct OpenGuard(Arc<Inner>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open_sessions.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "fake upstream: accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        let id = inner.connections.fetch_add(1, Ordering::SeqCst) + 1;
+        // Subscribe before checking `paused`, so a concurrent `pause` either is seen here
+        // or bumps `kill` after we subscribed.
+        let mut kill = inner.kill.subscribe();
+        let idle = inner.idle.subscribe();
+        if inner.paused.load(Ordering::SeqCst) {
+            drop(tcp);
+            continue;
+        }
+        let open = inner.open_sessions.fetch_add(1, Ordering::SeqCst) + 1;
+        inner.peak_sessions.fetch_max(open, Ordering::SeqCst);
+        let guard = OpenGuard(inner.clone());
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            tokio::select! {
+                biased;
+                _ = kill.changed() => {}
+                done = session::run(&inner, tcp, peer, id, idle) => {
+                    if let Err(e) = done {
+                        tracing::debug!(session = id, error = %e, "fake upstream: session ended");
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;
