@@ -33,7 +33,10 @@ impl Bridge {
         let pool = Pool::new(config, target, tokens.clone());
         let acceptor = match config.listen.tls {
             ListenTls::Off => None,
-            ListenTls::StartTls => Some(tls::acceptor(&config.listen.tls_cert, &config.listen.tls_key)?),
+            ListenTls::StartTls => Some(tls::acceptor(
+                &config.listen.tls_cert,
+                &config.listen.tls_key,
+            )?),
         };
         let shutdown = CancellationToken::new();
         let ctx = Arc::new(SessionContext {
@@ -47,7 +50,12 @@ impl Bridge {
             shutdown: shutdown.clone(),
             command_timeout: COMMAND_TIMEOUT,
         });
-        let task = tokio::spawn(server::serve(listener, ctx, acceptor, config.listen.max_connections));
+        let task = tokio::spawn(server::serve(
+            listener,
+            ctx,
+            acceptor,
+            config.listen.max_connections,
+        ));
         tracing::info!(listen = %local_addr, accounts = config.accounts.len(), "SMTP listener ready");
         Ok(Bridge {
             local_addr,

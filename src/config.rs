@@ -301,7 +301,10 @@ impl Validator<'_> {
         }
         let listen = self.listen(raw.listen)?;
         if raw.account.is_empty() {
-            return Err(self.err("account", "no [[account]] is configured; at least one is needed"));
+            return Err(self.err(
+                "account",
+                "no [[account]] is configured; at least one is needed",
+            ));
         }
         let mut accounts: Vec<Account> = Vec::with_capacity(raw.account.len());
         for (i, a) in raw.account.into_iter().enumerate() {
@@ -338,7 +341,10 @@ impl Validator<'_> {
     fn listen(&self, l: RawListen) -> Result<Listen, ConfigError> {
         let smtp_text = l.smtp.unwrap_or_else(|| "127.0.0.1:2525".into());
         let smtp: SocketAddr = smtp_text.parse().map_err(|_| {
-            self.err("listen.smtp", format!("{smtp_text:?} is not an IP:port address"))
+            self.err(
+                "listen.smtp",
+                format!("{smtp_text:?} is not an IP:port address"),
+            )
         })?;
         let admin = match l.admin {
             None => None,
@@ -364,27 +370,30 @@ impl Validator<'_> {
                 (true, false) => {
                     return Err(self.err(
                         "listen.tls_key",
-                        format!("{} is missing while listen.tls_cert exists", tls_key.display()),
+                        format!(
+                            "{} is missing while listen.tls_cert exists",
+                            tls_key.display()
+                        ),
                     ))
                 }
                 (false, true) => {
                     return Err(self.err(
                         "listen.tls_cert",
-                        format!("{} is missing while listen.tls_key exists", tls_cert.display()),
+                        format!(
+                            "{} is missing while listen.tls_key exists",
+                            tls_cert.display()
+                        ),
                     ))
                 }
             }
             for (key, p) in [("listen.tls_cert", &tls_cert), ("listen.tls_key", &tls_key)] {
                 if p.exists() {
-                    std::fs::read(p).map_err(|e| {
-                        self.err(key, format!("cannot read {}: {e}", p.display()))
-                    })?;
+                    std::fs::read(p)
+                        .map_err(|e| self.err(key, format!("cannot read {}: {e}", p.display())))?;
                 }
             }
         }
-        let require_tls_for_auth = l
-            .require_tls_for_auth
-            .unwrap_or(!smtp.ip().is_loopback());
+        let require_tls_for_auth = l.require_tls_for_auth.unwrap_or(!smtp.ip().is_loopback());
         if require_tls_for_auth && tls == ListenTls::Off {
             return Err(self.err(
                 "listen.require_tls_for_auth",
@@ -445,12 +454,18 @@ impl Validator<'_> {
             Some(p) => {
                 let p = self.path(&p);
                 let pem = std::fs::read(&p).map_err(|e| {
-                    self.err("upstream.ca_file", format!("cannot read {}: {e}", p.display()))
+                    self.err(
+                        "upstream.ca_file",
+                        format!("cannot read {}: {e}", p.display()),
+                    )
                 })?;
                 let certs = rustls_pemfile::certs(&mut pem.as_slice())
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| {
-                        self.err("upstream.ca_file", format!("{} is not PEM: {e}", p.display()))
+                        self.err(
+                            "upstream.ca_file",
+                            format!("{} is not PEM: {e}", p.display()),
+                        )
                     })?;
                 if certs.is_empty() {
                     return Err(self.err(
@@ -488,7 +503,9 @@ impl Validator<'_> {
             .username
             .filter(|u| !u.is_empty())
             .ok_or_else(|| self.err(k("username"), "is missing"))?;
-        if username.chars().any(|c| c.is_whitespace() || c.is_control())
+        if username
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
             || username.contains(['/', '\\'])
         {
             return Err(self.err(
@@ -525,9 +542,12 @@ impl Validator<'_> {
                 }
             },
         };
-        let mailbox = a
-            .mailbox
-            .ok_or_else(|| self.err(k("mailbox"), "is missing (the Microsoft 365 mailbox to send as)"))?;
+        let mailbox = a.mailbox.ok_or_else(|| {
+            self.err(
+                k("mailbox"),
+                "is missing (the Microsoft 365 mailbox to send as)",
+            )
+        })?;
         if !is_address(&mailbox) {
             return Err(self.err(k("mailbox"), format!("{mailbox:?} is not an email address")));
         }
@@ -570,10 +590,12 @@ impl Validator<'_> {
                 format!("unknown flow {flow_name:?}; expected authorization_code, device_code or client_credentials"),
             )
         })?;
-        let client_id = o
-            .client_id
-            .filter(|c| !c.is_empty())
-            .ok_or_else(|| self.err(k("client_id"), "is missing (the application (client) ID of the app registration)"))?;
+        let client_id = o.client_id.filter(|c| !c.is_empty()).ok_or_else(|| {
+            self.err(
+                k("client_id"),
+                "is missing (the application (client) ID of the app registration)",
+            )
+        })?;
         let tenant = match o.tenant {
             Some(t) if !t.is_empty() => t,
             _ if flow == Flow::ClientCredentials
@@ -606,11 +628,16 @@ impl Validator<'_> {
             (None, Some(p)) => {
                 let p = self.path(&p);
                 let text = std::fs::read_to_string(&p).map_err(|e| {
-                    self.err(k("client_secret_file"), format!("cannot read {}: {e}", p.display()))
+                    self.err(
+                        k("client_secret_file"),
+                        format!("cannot read {}: {e}", p.display()),
+                    )
                 })?;
                 let v = text.trim();
                 if v.is_empty() {
-                    return Err(self.err(k("client_secret_file"), format!("{} is empty", p.display())));
+                    return Err(
+                        self.err(k("client_secret_file"), format!("{} is empty", p.display()))
+                    );
                 }
                 Some(Secret::new(v))
             }
@@ -622,9 +649,13 @@ impl Validator<'_> {
                 "is missing: client_credentials needs a client secret (client_secret_env or client_secret_file)",
             ));
         }
-        let scopes = o
-            .scopes
-            .unwrap_or_else(|| provider.default_scopes(flow).iter().map(|s| s.to_string()).collect());
+        let scopes = o.scopes.unwrap_or_else(|| {
+            provider
+                .default_scopes(flow)
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        });
         if scopes.is_empty() {
             return Err(self.err(k("scopes"), "must name at least one scope"));
         }
@@ -635,7 +666,11 @@ impl Validator<'_> {
         };
         Ok(OAuth {
             token_url: url("token_url", o.token_url, provider.token_url(&tenant))?,
-            authorize_url: url("authorize_url", o.authorize_url, provider.authorize_url(&tenant))?,
+            authorize_url: url(
+                "authorize_url",
+                o.authorize_url,
+                provider.authorize_url(&tenant),
+            )?,
             device_authorization_url: url(
                 "device_authorization_url",
                 o.device_authorization_url,
@@ -678,7 +713,10 @@ pub fn check_endpoint_url(u: &str) -> Result<(), String> {
 
 fn is_loopback_host(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+        || host
+            .parse::<IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
 }
 
 /// A plain `local@domain` check: one '@', both sides non-empty, no spaces or angle brackets.
@@ -688,7 +726,8 @@ pub fn is_address(s: &str) -> bool {
             !local.is_empty()
                 && !domain.is_empty()
                 && !domain.contains('@')
-                && !s.contains(|c: char| c.is_whitespace() || c.is_control() || c == '<' || c == '>')
+                && !s
+                    .contains(|c: char| c.is_whitespace() || c.is_control() || c == '<' || c == '>')
         }
         None => false,
     }
@@ -731,8 +770,14 @@ mod tests {
             a.oauth.token_url,
             "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
         );
-        assert_eq!(a.oauth.scopes, vec!["https://outlook.office365.com/.default".to_string()]);
-        assert_eq!(a.oauth.client_secret.as_ref().map(Secret::expose), Some("client-secret"));
+        assert_eq!(
+            a.oauth.scopes,
+            vec!["https://outlook.office365.com/.default".to_string()]
+        );
+        assert_eq!(
+            a.oauth.client_secret.as_ref().map(Secret::expose),
+            Some("client-secret")
+        );
     }
 
     #[test]
@@ -745,21 +790,84 @@ mod tests {
     #[test]
     fn semantic_errors_name_the_key() {
         let cases: Vec<(String, &str, &str)> = vec![
-            (account("").replace("mailbox = \"scanner@contoso.com\"\n", ""), "account[0].mailbox", "missing"),
-            (account("").replace("scanner@contoso.com", "not-an-address"), "account[0].mailbox", "not an email address"),
-            (account("").replace(&format!("password_hash = \"{HASH}\"\n"), ""), "account[0].password_hash", "missing"),
-            (account("").replace(HASH, "plain"), "account[0].password_hash", "PHC"),
-            (format!("{}{}", account(""), account("")), "account[1].username", "duplicate"),
-            (format!("[listen]\nsmtp = \"localhost\"\n{}", account("")), "listen.smtp", "not an IP:port"),
-            (format!("[listen]\nsmtp = \"0.0.0.0:25\"\n{}", account("")), "listen.require_tls_for_auth", "no client could authenticate"),
-            (format!("[upstream]\nca_file = \"/nonexistent/ca.pem\"\n{}", account("")), "upstream.ca_file", "cannot read /nonexistent/ca.pem"),
-            (format!("[upstream]\nsecurity = \"none\"\n{}", account("")), "upstream.security", "plaintext is never allowed"),
-            (account("password_env = \"UNSET\"").replace(&format!("password_hash = \"{HASH}\"\n"), ""), "account[0].password_env", "UNSET is not set"),
-            (account("allowed_from = [\"*@\"]"), "account[0].allowed_from[0]", "not an address"),
-            (account("").replace("client_secret_env = \"SECRET\"\n", ""), "account[0].oauth.client_secret_env", "needs a client secret"),
-            (format!("{}token_url = \"http://login.example.com/token\"\n", account("")), "account[0].oauth.token_url", "must use https"),
+            (
+                account("").replace("mailbox = \"scanner@contoso.com\"\n", ""),
+                "account[0].mailbox",
+                "missing",
+            ),
+            (
+                account("").replace("scanner@contoso.com", "not-an-address"),
+                "account[0].mailbox",
+                "not an email address",
+            ),
+            (
+                account("").replace(&format!("password_hash = \"{HASH}\"\n"), ""),
+                "account[0].password_hash",
+                "missing",
+            ),
+            (
+                account("").replace(HASH, "plain"),
+                "account[0].password_hash",
+                "PHC",
+            ),
+            (
+                format!("{}{}", account(""), account("")),
+                "account[1].username",
+                "duplicate",
+            ),
+            (
+                format!("[listen]\nsmtp = \"localhost\"\n{}", account("")),
+                "listen.smtp",
+                "not an IP:port",
+            ),
+            (
+                format!("[listen]\nsmtp = \"0.0.0.0:25\"\n{}", account("")),
+                "listen.require_tls_for_auth",
+                "no client could authenticate",
+            ),
+            (
+                format!(
+                    "[upstream]\nca_file = \"/nonexistent/ca.pem\"\n{}",
+                    account("")
+                ),
+                "upstream.ca_file",
+                "cannot read /nonexistent/ca.pem",
+            ),
+            (
+                format!("[upstream]\nsecurity = \"none\"\n{}", account("")),
+                "upstream.security",
+                "plaintext is never allowed",
+            ),
+            (
+                account("password_env = \"UNSET\"")
+                    .replace(&format!("password_hash = \"{HASH}\"\n"), ""),
+                "account[0].password_env",
+                "UNSET is not set",
+            ),
+            (
+                account("allowed_from = [\"*@\"]"),
+                "account[0].allowed_from[0]",
+                "not an address",
+            ),
+            (
+                account("").replace("client_secret_env = \"SECRET\"\n", ""),
+                "account[0].oauth.client_secret_env",
+                "needs a client secret",
+            ),
+            (
+                format!(
+                    "{}token_url = \"http://login.example.com/token\"\n",
+                    account("")
+                ),
+                "account[0].oauth.token_url",
+                "must use https",
+            ),
             (String::new(), "account", "no [[account]]"),
-            (format!("[queue]\nmode = \"spool\"\n{}", account("")), "queue.mode", "not available"),
+            (
+                format!("[queue]\nmode = \"spool\"\n{}", account("")),
+                "queue.mode",
+                "not available",
+            ),
         ];
         for (text, key, reason) in cases {
             let e = load(&text).expect_err(key);
@@ -771,13 +879,20 @@ mod tests {
 
     #[test]
     fn loopback_http_token_url_is_allowed() {
-        let c = load(&format!("{}token_url = \"http://127.0.0.1:9/t/token\"\n", account(""))).expect("valid");
+        let c = load(&format!(
+            "{}token_url = \"http://127.0.0.1:9/t/token\"\n",
+            account("")
+        ))
+        .expect("valid");
         assert_eq!(c.accounts[0].oauth.token_url, "http://127.0.0.1:9/t/token");
     }
 
     #[test]
     fn debug_output_redacts_secrets() {
-        let c = load(&account("password_env = \"PW\"").replace(&format!("password_hash = \"{HASH}\"\n"), "")).expect("valid");
+        let c = load(
+            &account("password_env = \"PW\"").replace(&format!("password_hash = \"{HASH}\"\n"), ""),
+        )
+        .expect("valid");
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("local-pw"), "{dbg}");
         assert!(!dbg.contains("client-secret"), "{dbg}");

@@ -12,10 +12,10 @@
 //! - [`testkit`]: fake Microsoft 365 SMTP server and token endpoint (demo, tests, benches)
 #![forbid(unsafe_code)]
 
+pub mod bridge;
 pub mod config;
 pub mod oauth;
-pub mod testkit;
-pub mod bridge;
 pub mod relay;
 pub mod smtp;
 pub mod telemetry;
+pub mod testkit;

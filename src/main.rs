@@ -9,7 +9,11 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "smtp-oauth-bridge", version, about = "Local SMTP (AUTH PLAIN/LOGIN) to Microsoft 365 (STARTTLS + XOAUTH2) relay")]
+#[command(
+    name = "smtp-oauth-bridge",
+    version,
+    about = "Local SMTP (AUTH PLAIN/LOGIN) to Microsoft 365 (STARTTLS + XOAUTH2) relay"
+)]
 struct Cli {
     /// Configuration file [default: $SMTP_OAUTH_BRIDGE_CONFIG, else ./bridge.toml]
     #[arg(long, global = true, value_name = "PATH")]
@@ -50,14 +54,23 @@ fn main() {
         None if std::io::stdout().is_terminal() => LogFormat::Pretty,
         None => LogFormat::Json,
     };
-    let config = cli.config.unwrap_or_else(smtp_oauth_bridge::config::default_path);
+    let config = cli
+        .config
+        .unwrap_or_else(smtp_oauth_bridge::config::default_path);
     let result = match cli.command {
         Command::HashPassword => cli::hash_password::run(),
         command => {
             // `check` prints its own report; its log shows only problems unless RUST_LOG says otherwise.
-            let default_level = if matches!(command, Command::Check { .. }) { "warn" } else { "info" };
+            let default_level = if matches!(command, Command::Check { .. }) {
+                "warn"
+            } else {
+                "info"
+            };
             telemetry::init(format, default_level);
-            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt.block_on(run(command, &config, format)),
                 Err(e) => Err(CliError::Runtime(format!("cannot start the runtime: {e}"))),
             }
@@ -68,7 +81,11 @@ fn main() {
     }
 }
 
-async fn run(command: Command, config: &std::path::Path, format: LogFormat) -> Result<(), CliError> {
+async fn run(
+    command: Command,
+    config: &std::path::Path,
+    format: LogFormat,
+) -> Result<(), CliError> {
     match command {
         Command::Serve => cli::serve::run(config).await,
         Command::Check { account } => cli::check::run(config, account.as_deref()).await,

@@ -18,7 +18,16 @@ pub enum LogFormat {
 }
 
 /// Crates whose debug/trace output may contain protocol data; capped at INFO.
-const NOISY: &[&str] = &["lettre", "hyper", "hyper_util", "reqwest", "h2", "rustls", "tokio_rustls", "oauth2"];
+const NOISY: &[&str] = &[
+    "lettre",
+    "hyper",
+    "hyper_util",
+    "reqwest",
+    "h2",
+    "rustls",
+    "tokio_rustls",
+    "oauth2",
+];
 
 /// The filter every subscriber of ours uses: RUST_LOG (else `default`), with [`NOISY`] capped.
 pub fn filters(default: &str) -> (EnvFilter, Targets) {
@@ -91,7 +100,11 @@ pub fn new_message_id() -> String {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{:09X}{:07X}", secs & 0xF_FFFF_FFFF, (n ^ u64::from(std::process::id()) << 12) & 0xFFF_FFFF)
+    format!(
+        "{:09X}{:07X}",
+        secs & 0xF_FFFF_FFFF,
+        (n ^ u64::from(std::process::id()) << 12) & 0xFFF_FFFF
+    )
 }
 
 #[cfg(test)]

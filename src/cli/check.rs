@@ -21,7 +21,11 @@ pub async fn run(config_path: &Path, only: Option<&str>) -> Result<(), CliError>
     let target = UpstreamTarget::new(&config.upstream).map_err(CliError::Usage)?;
     let mut failed = 0;
     let mut checked = 0;
-    for a in config.accounts.iter().filter(|a| only.is_none_or(|n| n == a.username)) {
+    for a in config
+        .accounts
+        .iter()
+        .filter(|a| only.is_none_or(|n| n == a.username))
+    {
         checked += 1;
         let line = match check_account(&tokens, &target, &a.username, &a.mailbox).await {
             Ok(()) => format!(
@@ -38,7 +42,9 @@ pub async fn run(config_path: &Path, only: Option<&str>) -> Result<(), CliError>
         println!("{line}");
     }
     if failed > 0 {
-        return Err(CliError::Runtime(format!("{failed} of {checked} accounts failed the check")));
+        return Err(CliError::Runtime(format!(
+            "{failed} of {checked} accounts failed the check"
+        )));
     }
     Ok(())
 }
@@ -68,7 +74,10 @@ async fn check_account(
     match r {
         Ok(_) => Ok(()),
         Err(UpstreamError::Reply(rep)) => Err((format!("AUTH XOAUTH2: {rep}"), smtp_hint(&rep))),
-        Err(e) => Err((format!("AUTH XOAUTH2: {e}"), "the upstream dropped the session; try again".into())),
+        Err(e) => Err((
+            format!("AUTH XOAUTH2: {e}"),
+            "the upstream dropped the session; try again".into(),
+        )),
     }
 }
 

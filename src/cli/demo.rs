@@ -14,7 +14,9 @@ use smtp_oauth_bridge::config::Config;
 use smtp_oauth_bridge::oauth::secret::Secret;
 use smtp_oauth_bridge::smtp::auth::hash_password;
 use smtp_oauth_bridge::telemetry::LogFormat;
-use smtp_oauth_bridge::testkit::{FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions};
+use smtp_oauth_bridge::testkit::{
+    FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions,
+};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -33,7 +35,8 @@ pub async fn run(format: LogFormat) -> Result<(), CliError> {
     // The remote ends: a token endpoint and a Microsoft-365-like upstream, both on loopback.
     let ca = TestCa::new();
     let ca_path = dir.join("upstream-ca.pem");
-    ca.write_ca_pem(&ca_path).map_err(rt("cannot write the demo CA"))?;
+    ca.write_ca_pem(&ca_path)
+        .map_err(rt("cannot write the demo CA"))?;
     let token_listener = TcpListener::bind("127.0.0.1:0").await.map_err(rt("bind"))?;
     let tokens = FakeTokenEndpoint::start(token_listener, TokenOptions::default()).await;
     let (cert, key) = ca.issue_server_cert();
@@ -46,7 +49,13 @@ pub async fn run(format: LogFormat) -> Result<(), CliError> {
 
     // A real config, through the real loader.
     let secret_path = dir.join("client-secret");
-    write_private(&secret_path, TokenOptions::default().client_secret.unwrap_or_default().as_bytes())?;
+    write_private(
+        &secret_path,
+        TokenOptions::default()
+            .client_secret
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     let password = Secret::new("demo-password");
     let hash = hash_password(&password).map_err(|e| CliError::Runtime(e.to_string()))?;
     let toml = format!(
@@ -86,7 +95,9 @@ token_url = "{token_url}"
             TcpListener::bind("127.0.0.1:0").await.map_err(rt("bind"))?
         }
     };
-    let bridge = Bridge::start(&config, listener).await.map_err(CliError::Runtime)?;
+    let bridge = Bridge::start(&config, listener)
+        .await
+        .map_err(CliError::Runtime)?;
     let addr = bridge.local_addr;
 
     // The legacy application: plain SMTP with AUTH PLAIN to the bridge.
@@ -107,10 +118,14 @@ token_url = "{token_url}"
         return Err(CliError::Runtime("the upstream received nothing".into()));
     };
     if !msg.tls || msg.auth_user != DEMO_MAILBOX {
-        return Err(CliError::Runtime("the upstream did not receive the message over TLS with XOAUTH2".into()));
+        return Err(CliError::Runtime(
+            "the upstream did not receive the message over TLS with XOAUTH2".into(),
+        ));
     }
     if msg.data != message.as_bytes() {
-        return Err(CliError::Runtime("the delivered copy differs from what was sent".into()));
+        return Err(CliError::Runtime(
+            "the delivered copy differs from what was sent".into(),
+        ));
     }
     if format == LogFormat::Pretty {
         println!();
@@ -135,21 +150,43 @@ token_url = "{token_url}"
     Ok(())
 }
 
-async fn send(addr: std::net::SocketAddr, password: &Secret, message: &[u8]) -> Result<String, CliError> {
-    let fail = |e: lettre::transport::smtp::Error| CliError::Runtime(format!("sending the sample message failed: {e}"));
-    let mut c = AsyncSmtpConnection::connect_tokio1(addr, Some(Duration::from_secs(10)), &ClientId::Domain("demo-app".into()), None, None)
-        .await
-        .map_err(fail)?;
+async fn send(
+    addr: std::net::SocketAddr,
+    password: &Secret,
+    message: &[u8],
+) -> Result<String, CliError> {
+    let fail = |e: lettre::transport::smtp::Error| {
+        CliError::Runtime(format!("sending the sample message failed: {e}"))
+    };
+    let mut c = AsyncSmtpConnection::connect_tokio1(
+        addr,
+        Some(Duration::from_secs(10)),
+        &ClientId::Domain("demo-app".into()),
+        None,
+        None,
+    )
+    .await
+    .map_err(fail)?;
     let creds = Credentials::new(DEMO_USER.to_string(), password.expose().to_string());
     c.auth(&[Mechanism::Plain], &creds).await.map_err(fail)?;
     let envelope = lettre::address::Envelope::new(
-        Some(DEMO_MAILBOX.parse().map_err(|e| CliError::Runtime(format!("{e}")))?),
-        vec!["someone@fabrikam.example".parse().map_err(|e| CliError::Runtime(format!("{e}")))?],
+        Some(
+            DEMO_MAILBOX
+                .parse()
+                .map_err(|e| CliError::Runtime(format!("{e}")))?,
+        ),
+        vec!["someone@fabrikam.example"
+            .parse()
+            .map_err(|e| CliError::Runtime(format!("{e}")))?],
     )
     .map_err(|e| CliError::Runtime(format!("{e}")))?;
     let r = c.send(&envelope, message).await.map_err(fail)?;
     let _ = c.quit().await;
-    Ok(format!("{} {}", r.code(), r.message().collect::<Vec<_>>().join(" ")))
+    Ok(format!(
+        "{} {}",
+        r.code(),
+        r.message().collect::<Vec<_>>().join(" ")
+    ))
 }
 
 fn write_private(path: &std::path::Path, body: &[u8]) -> Result<(), CliError> {

@@ -27,7 +27,8 @@ pub fn run() -> Result<(), CliError> {
     if password.is_empty() {
         return Err(CliError::Usage("the password is empty".into()));
     }
-    let phc = hash_password(&password).map_err(|e| CliError::Runtime(format!("hashing failed: {e}")))?;
+    let phc =
+        hash_password(&password).map_err(|e| CliError::Runtime(format!("hashing failed: {e}")))?;
     println!("{phc}");
     Ok(())
 }

@@ -10,10 +10,21 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     let config = Config::load(config_path)?;
     let listener = tokio::net::TcpListener::bind(config.listen.smtp)
         .await
-        .map_err(|e| CliError::Runtime(format!("cannot listen on {} (listen.smtp): {e}", config.listen.smtp)))?;
-    let bridge = Bridge::start(&config, listener).await.map_err(CliError::Runtime)?;
+        .map_err(|e| {
+            CliError::Runtime(format!(
+                "cannot listen on {} (listen.smtp): {e}",
+                config.listen.smtp
+            ))
+        })?;
+    let bridge = Bridge::start(&config, listener)
+        .await
+        .map_err(CliError::Runtime)?;
     // App-only accounts can fetch a token right away; the first message need not wait.
-    for a in config.accounts.iter().filter(|a| a.oauth.flow == Flow::ClientCredentials) {
+    for a in config
+        .accounts
+        .iter()
+        .filter(|a| a.oauth.flow == Flow::ClientCredentials)
+    {
         let tokens = bridge.tokens.clone();
         let name = a.username.clone();
         tokio::spawn(async move {

@@ -115,7 +115,9 @@ pub async fn request_token(
         }
         Err(RequestTokenError::Request(e)) => {
             // reqwest's Display includes the URL but never the request body.
-            Err(FlowError::Transport(format!("token endpoint unreachable: {e}")))
+            Err(FlowError::Transport(format!(
+                "token endpoint unreachable: {e}"
+            )))
         }
         // Deliberately not the body: a half-parsed success response may contain tokens.
         Err(RequestTokenError::Parse(e, _body)) => Err(FlowError::Transport(format!(

@@ -116,7 +116,8 @@ impl TokenManager {
                     secret: Arc::new(secret),
                     expires_at: now + left,
                     // The original lifetime is unknown here; assume about an hour.
-                    refresh_at: now + left.saturating_sub(margin(Duration::from_secs(3600)).min(left / 2)),
+                    refresh_at: now
+                        + left.saturating_sub(margin(Duration::from_secs(3600)).min(left / 2)),
                     generation: 1,
                 })
             });
@@ -156,23 +157,34 @@ impl TokenManager {
 
     /// The account's status (for readiness and `check`).
     pub fn status(&self, account: &str) -> Option<AccountStatus> {
-        self.inner.accounts.get(account).map(|a| lock(&a.status).clone())
+        self.inner
+            .accounts
+            .get(account)
+            .map(|a| lock(&a.status).clone())
     }
 
     /// Token requests sent to providers by this manager so far.
     pub fn provider_requests(&self) -> u64 {
-        self.inner.requests.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A fresh access token for `account`, refreshing first if needed.
     pub async fn token(&self, account: &str) -> Result<AccessToken, TokenError> {
         let acc = self.get(account)?;
-        if let Some(t) = lock(&acc.current).clone().filter(|t| t.is_fresh(Instant::now())) {
+        if let Some(t) = lock(&acc.current)
+            .clone()
+            .filter(|t| t.is_fresh(Instant::now()))
+        {
             return Ok(t);
         }
         let _guard = acc.refresh_lock.lock().await;
         // Someone else may have refreshed while we waited for the lock.
-        if let Some(t) = lock(&acc.current).clone().filter(|t| t.is_fresh(Instant::now())) {
+        if let Some(t) = lock(&acc.current)
+            .clone()
+            .filter(|t| t.is_fresh(Instant::now()))
+        {
             return Ok(t);
         }
         match self.refresh_locked(acc).await {
@@ -210,9 +222,8 @@ impl TokenManager {
             Flow::AuthorizationCode | Flow::DeviceCode => match lock(&acc.refresh_token).clone() {
                 Some(rt) => TokenGrant::RefreshToken(rt),
                 None => {
-                    let reason = format!(
-                        "no refresh token is stored; run: smtp-oauth-bridge login {name}"
-                    );
+                    let reason =
+                        format!("no refresh token is stored; run: smtp-oauth-bridge login {name}");
                     *lock(&acc.status) = AccountStatus::NeedsLogin(reason.clone());
                     return Err(TokenError::NeedsLogin {
                         account: name.clone(),
@@ -241,7 +252,9 @@ impl TokenManager {
                     generation,
                 };
                 // Persist first (a rotated refresh token must survive a crash), then publish.
-                let refresh_token = resp.refresh_token.or_else(|| lock(&acc.refresh_token).clone());
+                let refresh_token = resp
+                    .refresh_token
+                    .or_else(|| lock(&acc.refresh_token).clone());
                 let stored = StoredTokens {
                     access_token: Some((*token.secret).clone()),
                     expires_at: unix_now() + lifetime.as_secs(),

@@ -110,7 +110,9 @@ impl Provider {
             (Provider::MicrosoftUsGov, _) => {
                 &["https://outlook.office365.us/SMTP.Send", "offline_access"]
             }
-            (Provider::MicrosoftChina, _) => &["https://partner.outlook.cn/SMTP.Send", "offline_access"],
+            (Provider::MicrosoftChina, _) => {
+                &["https://partner.outlook.cn/SMTP.Send", "offline_access"]
+            }
         }
     }
 }
@@ -131,7 +133,10 @@ mod tests {
             ["https://outlook.office.com/SMTP.Send", "offline_access"]
         );
         assert_eq!(p.smtp_host(), "smtp.office365.com");
-        assert_eq!(Provider::parse("google").unwrap().smtp_host(), "smtp.gmail.com");
+        assert_eq!(
+            Provider::parse("google").unwrap().smtp_host(),
+            "smtp.gmail.com"
+        );
         assert!(Provider::parse("yahoo").is_none());
     }
 }

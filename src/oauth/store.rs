@@ -88,7 +88,11 @@ impl TokenStore {
         let file: FileIn = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
             path: path.clone(),
             account: account.to_string(),
-            reason: format!("not valid token JSON at line {} column {}", e.line(), e.column()),
+            reason: format!(
+                "not valid token JSON at line {} column {}",
+                e.line(),
+                e.column()
+            ),
         })?;
         if file.version > STORE_VERSION {
             return Err(StoreError::FutureVersion {
@@ -193,7 +197,10 @@ mod tests {
         assert!(e.to_string().contains("login a"), "{e}");
         fs::write(store.path("b"), br#"{"version":7}"#).unwrap();
         let e = store.load("b").unwrap_err();
-        assert!(matches!(e, StoreError::FutureVersion { found: 7, .. }), "{e}");
+        assert!(
+            matches!(e, StoreError::FutureVersion { found: 7, .. }),
+            "{e}"
+        );
         assert_eq!(fs::read(store.path("a")).unwrap(), b"{not json");
     }
 }

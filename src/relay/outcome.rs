@@ -78,12 +78,18 @@ fn pass_through(r: &UpReply, stage: Stage) -> Reply {
 fn upstream_failure(e: &UpstreamError, stage: Stage) -> Reply {
     match e {
         UpstreamError::Connect(m) => Reply::new(451, "4.4.1", format!("Upstream unavailable: {m}")),
-        UpstreamError::Lost(m) => Reply::new(451, "4.4.2", format!("Lost connection to upstream: {m}")),
+        UpstreamError::Lost(m) => {
+            Reply::new(451, "4.4.2", format!("Lost connection to upstream: {m}"))
+        }
         UpstreamError::Reply(r) if r.code >= 500 || r.code < 400 => pass_through(r, stage),
         UpstreamError::Reply(r) if stage == Stage::Data => {
             let (status, text) = split_enhanced(r.code, &r.text);
             let status = status.unwrap_or("4.4.0");
-            Reply::new(451, status.to_string(), format!("Upstream deferred: {} {text}", r.code))
+            Reply::new(
+                451,
+                status.to_string(),
+                format!("Upstream deferred: {} {text}", r.code),
+            )
         }
         // A transient MAIL or RCPT answer (452 4.5.3, 450 4.2.1...) is precise as it is.
         UpstreamError::Reply(r) => pass_through(r, stage),
@@ -97,9 +103,11 @@ fn token_failure(e: &TokenError) -> Reply {
             "4.7.0",
             format!("Account {account} needs login; run: smtp-oauth-bridge login {account}"),
         ),
-        TokenError::Provider { reason, .. } => {
-            Reply::new(451, "4.7.0", format!("Cannot obtain an access token: {reason}"))
-        }
+        TokenError::Provider { reason, .. } => Reply::new(
+            451,
+            "4.7.0",
+            format!("Cannot obtain an access token: {reason}"),
+        ),
         TokenError::UnknownAccount(a) => Reply::new(451, "4.3.0", format!("Unknown account {a}")),
     }
 }
@@ -136,7 +144,10 @@ pub fn data_reply(r: &Result<UpReply, UpstreamError>, id: &str) -> (Reply, Outco
     match r {
         Ok(up) => {
             let (_, text) = split_enhanced(up.code, &up.text);
-            (Reply::new(250, "2.0.0", format!("{id} {text}")), Outcome::Delivered)
+            (
+                Reply::new(250, "2.0.0", format!("{id} {text}")),
+                Outcome::Delivered,
+            )
         }
         Err(e) => {
             let reply = upstream_failure(e, Stage::Data);
@@ -163,21 +174,39 @@ mod tests {
 
     #[test]
     fn enhanced_codes_are_recognised_only_when_they_match_the_class() {
-        assert_eq!(split_enhanced(550, "5.1.10 not found"), (Some("5.1.10"), "not found"));
+        assert_eq!(
+            split_enhanced(550, "5.1.10 not found"),
+            (Some("5.1.10"), "not found")
+        );
         assert_eq!(split_enhanced(550, "4.1.10 odd"), (None, "4.1.10 odd"));
         assert_eq!(split_enhanced(250, "OK"), (None, "OK"));
-        assert_eq!(split_enhanced(451, "4.7.500 Server busy"), (Some("4.7.500"), "Server busy"));
+        assert_eq!(
+            split_enhanced(451, "4.7.500 Server busy"),
+            (Some("4.7.500"), "Server busy")
+        );
     }
 
     #[test]
     fn data_stage_mapping() {
         let (r, o) = data_reply(&Ok(up(250, "2.6.0 <x@y> Queued mail for delivery")), "ID1");
-        assert_eq!(r.to_string(), "250 2.0.0 ID1 <x@y> Queued mail for delivery");
+        assert_eq!(
+            r.to_string(),
+            "250 2.0.0 ID1 <x@y> Queued mail for delivery"
+        );
         assert_eq!(o, Outcome::Delivered);
-        let (r, o) = data_reply(&Err(UpstreamError::Reply(up(554, "5.6.0 bad content"))), "ID1");
+        let (r, o) = data_reply(
+            &Err(UpstreamError::Reply(up(554, "5.6.0 bad content"))),
+            "ID1",
+        );
         assert_eq!(r.to_string(), "554 5.6.0 bad content");
         assert_eq!(o, Outcome::Rejected);
-        let (r, o) = data_reply(&Err(UpstreamError::Reply(up(432, "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"))), "ID1");
+        let (r, o) = data_reply(
+            &Err(UpstreamError::Reply(up(
+                432,
+                "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
+            ))),
+            "ID1",
+        );
         assert_eq!(r.code, 451);
         assert_eq!(r.status, "4.3.2");
         assert!(r.text.contains("432"), "{r}");
@@ -207,9 +236,18 @@ mod tests {
 
     #[test]
     fn rcpt_replies_are_handed_back() {
-        let r = rcpt_reply(&Err(UpstreamError::Reply(up(550, "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found"))));
-        assert_eq!(r.to_string(), "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found");
-        assert_eq!(rcpt_reply(&Ok(up(250, "2.1.5 Recipient OK"))).to_string(), "250 2.1.5 Recipient OK");
+        let r = rcpt_reply(&Err(UpstreamError::Reply(up(
+            550,
+            "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found",
+        ))));
+        assert_eq!(
+            r.to_string(),
+            "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found"
+        );
+        assert_eq!(
+            rcpt_reply(&Ok(up(250, "2.1.5 Recipient OK"))).to_string(),
+            "250 2.1.5 Recipient OK"
+        );
         assert_eq!(rcpt_reply(&Ok(up(250, "OK"))).to_string(), "250 2.1.5 OK");
     }
 }

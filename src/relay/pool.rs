@@ -65,7 +65,9 @@ struct PoolInner {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("target", &self.inner.target).finish_non_exhaustive()
+        f.debug_struct("Pool")
+            .field("target", &self.inner.target)
+            .finish_non_exhaustive()
     }
 }
 
@@ -79,7 +81,9 @@ pub struct Lease {
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("account", &self.mailbox.account).finish_non_exhaustive()
+        f.debug_struct("Lease")
+            .field("account", &self.mailbox.account)
+            .finish_non_exhaustive()
     }
 }
 
@@ -119,7 +123,9 @@ impl Pool {
                     Arc::new(Mailbox {
                         account: a.username.clone(),
                         mailbox: a.mailbox.clone(),
-                        sessions: Arc::new(Semaphore::new(config.upstream.max_sessions_per_mailbox)),
+                        sessions: Arc::new(Semaphore::new(
+                            config.upstream.max_sessions_per_mailbox,
+                        )),
                         idle: Mutex::new(Vec::new()),
                     }),
                 )
@@ -145,22 +151,32 @@ impl Pool {
 
     /// Sessions currently idle for `account` (for tests and metrics).
     pub fn idle_sessions(&self, account: &str) -> usize {
-        self.inner.mailboxes.get(account).map_or(0, |m| m.idle().len())
+        self.inner
+            .mailboxes
+            .get(account)
+            .map_or(0, |m| m.idle().len())
     }
 
     /// Takes a session for `account` and sends `MAIL FROM` on it. A reused session that
     /// fails before answering MAIL (closed by the server while idle) is replaced by a new one.
-    pub async fn begin(&self, account: &str, mail_command: &str) -> Result<(Lease, UpReply), BeginError> {
+    pub async fn begin(
+        &self,
+        account: &str,
+        mail_command: &str,
+    ) -> Result<(Lease, UpReply), BeginError> {
         let mb = self
             .inner
             .mailboxes
             .get(account)
             .ok_or_else(|| BeginError::Token(TokenError::UnknownAccount(account.into())))?
             .clone();
-        let permit = tokio::time::timeout(self.inner.target.timeout, mb.sessions.clone().acquire_owned())
-            .await
-            .map_err(|_| BeginError::Busy)?
-            .map_err(|_| BeginError::Busy)?;
+        let permit = tokio::time::timeout(
+            self.inner.target.timeout,
+            mb.sessions.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| BeginError::Busy)?
+        .map_err(|_| BeginError::Busy)?;
         let mut permit = Some(permit);
         // Try idle sessions first (newest first), then one new session.
         loop {
@@ -174,11 +190,14 @@ impl Pool {
                 session: Some(session),
                 token,
                 mailbox: mb.clone(),
-                _permit: permit.take().expect("permit is put back before every retry"),
+                _permit: permit
+                    .take()
+                    .expect("permit is put back before every retry"),
             };
             match lease.session().command(mail_command).await {
                 Ok(r) => return Ok((lease, r)),
-                Err(UpstreamError::Lost(_)) | Err(UpstreamError::Reply(UpReply { code: 421, .. }))
+                Err(UpstreamError::Lost(_))
+                | Err(UpstreamError::Reply(UpReply { code: 421, .. }))
                     if reused =>
                 {
                     tracing::debug!(account = %mb.account, "pooled upstream session was closed while idle; replacing it");
@@ -219,7 +238,9 @@ impl Pool {
                 .map_err(BeginError::Upstream)?;
             match s.auth_xoauth2(&mb.mailbox, &token.secret).await {
                 Ok(_) => return Ok((s, token)),
-                Err(UpstreamError::Reply(r)) if r.code == 535 && !retried && r.text.starts_with("5.7.3") => {
+                Err(UpstreamError::Reply(r))
+                    if r.code == 535 && !retried && r.text.starts_with("5.7.3") =>
+                {
                     tracing::info!(account = %mb.account, "upstream rejected the access token; refreshing once");
                     retried = true;
                     tokio::spawn(s.close());
@@ -249,9 +270,9 @@ async fn reap(pool: Weak<PoolInner>, every: Duration) {
         for mb in p.mailboxes.values() {
             let expired: Vec<Idle> = {
                 let mut idle = mb.idle();
-                let (keep, gone) = std::mem::take(&mut *idle)
-                    .into_iter()
-                    .partition(|i| now.duration_since(i.since) < p.idle_limit && i.token.is_fresh(now));
+                let (keep, gone) = std::mem::take(&mut *idle).into_iter().partition(|i| {
+                    now.duration_since(i.since) < p.idle_limit && i.token.is_fresh(now)
+                });
                 *idle = keep;
                 gone
             };

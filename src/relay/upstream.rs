@@ -50,7 +50,8 @@ impl UpstreamTarget {
     pub fn new(cfg: &Upstream) -> Result<UpstreamTarget, String> {
         let mut b = TlsParametersBuilder::new(cfg.host.clone());
         if let Some(p) = &cfg.ca_file {
-            let pem = std::fs::read(p).map_err(|e| format!("upstream.ca_file {}: {e}", p.display()))?;
+            let pem =
+                std::fs::read(p).map_err(|e| format!("upstream.ca_file {}: {e}", p.display()))?;
             let cert = Certificate::from_pem(&pem)
                 .map_err(|e| format!("upstream.ca_file {}: {e}", p.display()))?;
             b = b.add_root_certificate(cert);
@@ -122,7 +123,10 @@ impl fmt::Display for UpstreamError {
 }
 
 /// Converts a lettre error: negative replies keep code and text, the rest is `other`.
-fn classify(e: lettre::transport::smtp::Error, other: fn(String) -> UpstreamError) -> UpstreamError {
+fn classify(
+    e: lettre::transport::smtp::Error,
+    other: fn(String) -> UpstreamError,
+) -> UpstreamError {
     if let Some(code) = e.status() {
         let code: u16 = code.to_string().parse().unwrap_or(451);
         let text = std::error::Error::source(&e)
@@ -198,8 +202,12 @@ impl UpstreamSession {
             Err(_) => return Err(UpstreamError::Connect(format!("{} timed out", t.addr()))),
             Ok(Err(e)) => {
                 return Err(match classify(e, UpstreamError::Connect) {
-                    UpstreamError::Reply(r) => UpstreamError::Connect(format!("{} said {r}", t.addr())),
-                    UpstreamError::Connect(m) => UpstreamError::Connect(format!("{}: {m}", t.addr())),
+                    UpstreamError::Reply(r) => {
+                        UpstreamError::Connect(format!("{} said {r}", t.addr()))
+                    }
+                    UpstreamError::Connect(m) => {
+                        UpstreamError::Connect(format!("{}: {m}", t.addr()))
+                    }
                     other => other,
                 })
             }
@@ -214,15 +222,26 @@ impl UpstreamSession {
                 )));
             }
             match tokio::time::timeout(t.timeout, conn.starttls(t.tls.clone(), &t.hello)).await {
-                Err(_) => return Err(UpstreamError::Connect(format!("{}: STARTTLS timed out", t.addr()))),
+                Err(_) => {
+                    return Err(UpstreamError::Connect(format!(
+                        "{}: STARTTLS timed out",
+                        t.addr()
+                    )))
+                }
                 Ok(Err(e)) => {
-                    return Err(UpstreamError::Connect(format!("{}: STARTTLS failed: {e}", t.addr())))
+                    return Err(UpstreamError::Connect(format!(
+                        "{}: STARTTLS failed: {e}",
+                        t.addr()
+                    )))
                 }
                 Ok(Ok(())) => {}
             }
         }
         if !conn.is_encrypted() {
-            return Err(UpstreamError::Connect(format!("{}: session is not encrypted", t.addr())));
+            return Err(UpstreamError::Connect(format!(
+                "{}: session is not encrypted",
+                t.addr()
+            )));
         }
         let info = conn.server_info();
         Ok(UpstreamSession {
@@ -249,8 +268,15 @@ impl UpstreamSession {
     }
 
     /// AUTH XOAUTH2 with base64("user=" mailbox "\x01auth=Bearer " token "\x01\x01").
-    pub async fn auth_xoauth2(&mut self, mailbox: &str, token: &Secret) -> Result<UpReply, UpstreamError> {
-        let payload = Secret::new(format!("user={mailbox}\x01auth=Bearer {}\x01\x01", token.expose()));
+    pub async fn auth_xoauth2(
+        &mut self,
+        mailbox: &str,
+        token: &Secret,
+    ) -> Result<UpReply, UpstreamError> {
+        let payload = Secret::new(format!(
+            "user={mailbox}\x01auth=Bearer {}\x01\x01",
+            token.expose()
+        ));
         let cmd = Secret::new(format!(
             "AUTH XOAUTH2 {}",
             base64::engine::general_purpose::STANDARD.encode(payload.expose())
@@ -280,7 +306,12 @@ impl UpstreamSession {
         let body = content.strip_suffix(b"\r\n").unwrap_or(content);
         // The timeout grows with the message: at least MIN_UPLOAD_RATE bytes per second.
         let limit = self.timeout + Duration::from_secs(body.len() as u64 / MIN_UPLOAD_RATE);
-        let r = bounded("DATA", limit, self.conn.message_iter(body.chunks(DATA_CHUNK))).await;
+        let r = bounded(
+            "DATA",
+            limit,
+            self.conn.message_iter(body.chunks(DATA_CHUNK)),
+        )
+        .await;
         self.note(r).map(|resp| positive(&resp))
     }
 

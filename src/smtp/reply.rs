@@ -67,8 +67,16 @@ pub const OK: Reply = Reply::fixed(250, "2.0.0", "OK");
 pub const SENDER_OK: Reply = Reply::fixed(250, "2.1.0", "Sender OK");
 pub const RESET_OK: Reply = Reply::fixed(250, "2.0.0", "Reset OK");
 pub const BYE: Reply = Reply::fixed(221, "2.0.0", "Bye");
-pub const VRFY: Reply = Reply::fixed(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery");
-pub const HELP: Reply = Reply::fixed(214, "2.0.0", "Commands: EHLO HELO AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS");
+pub const VRFY: Reply = Reply::fixed(
+    252,
+    "2.5.0",
+    "Cannot VRFY user, but will accept message and attempt delivery",
+);
+pub const HELP: Reply = Reply::fixed(
+    214,
+    "2.0.0",
+    "Commands: EHLO HELO AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
+);
 pub const READY_TLS: Reply = Reply::fixed(220, "2.0.0", "Ready to start TLS");
 pub const START_DATA: Reply = Reply::fixed(354, "", "Start mail input; end with <CRLF>.<CRLF>");
 pub const AUTH_OK: Reply = Reply::fixed(235, "2.7.0", "Authentication successful");
@@ -77,10 +85,19 @@ pub const AUTH_FAILED: Reply = Reply::fixed(535, "5.7.8", "Authentication creden
 pub const AUTH_REQUIRED: Reply = Reply::fixed(530, "5.7.0", "Authentication required");
 pub const AUTH_CANCELLED: Reply = Reply::fixed(501, "5.7.0", "Authentication cancelled");
 pub const AUTH_BAD_BASE64: Reply = Reply::fixed(501, "5.5.2", "Cannot decode base64 response");
-pub const AUTH_MECH: Reply = Reply::fixed(504, "5.5.4", "Unrecognized authentication type; use PLAIN or LOGIN");
+pub const AUTH_MECH: Reply = Reply::fixed(
+    504,
+    "5.5.4",
+    "Unrecognized authentication type; use PLAIN or LOGIN",
+);
 pub const AUTH_ALREADY: Reply = Reply::fixed(503, "5.5.1", "Already authenticated");
-pub const TLS_REQUIRED: Reply = Reply::fixed(538, "5.7.11", "Encryption required for requested authentication mechanism; use STARTTLS first");
-pub const NOT_ALLOWED_FROM: Reply = Reply::fixed(550, "5.7.1", "Sender address not allowed for this account");
+pub const TLS_REQUIRED: Reply = Reply::fixed(
+    538,
+    "5.7.11",
+    "Encryption required for requested authentication mechanism; use STARTTLS first",
+);
+pub const NOT_ALLOWED_FROM: Reply =
+    Reply::fixed(550, "5.7.1", "Sender address not allowed for this account");
 pub const BAD_SEQUENCE_HELO: Reply = Reply::fixed(503, "5.5.1", "Send EHLO or HELO first");
 pub const BAD_SEQUENCE_MAIL: Reply = Reply::fixed(503, "5.5.1", "Send MAIL first");
 pub const BAD_SEQUENCE_NESTED_MAIL: Reply = Reply::fixed(503, "5.5.1", "Nested MAIL command");
@@ -93,12 +110,22 @@ pub const NOT_IMPLEMENTED: Reply = Reply::fixed(502, "5.5.1", "Command not imple
 pub const LINE_TOO_LONG: Reply = Reply::fixed(500, "5.5.2", "Line too long");
 pub const SYNTAX_SENDER: Reply = Reply::fixed(501, "5.1.7", "Bad sender address syntax");
 pub const SYNTAX_RECIPIENT: Reply = Reply::fixed(501, "5.1.3", "Bad recipient address syntax");
-pub const TOO_BIG: Reply = Reply::fixed(552, "5.3.4", "Message size exceeds fixed maximum message size");
+pub const TOO_BIG: Reply = Reply::fixed(
+    552,
+    "5.3.4",
+    "Message size exceeds fixed maximum message size",
+);
 pub const TOO_MANY_RECIPIENTS: Reply = Reply::fixed(452, "4.5.3", "Too many recipients");
-pub const TOO_MANY_CONNECTIONS: Reply = Reply::fixed(421, "4.3.2", "Too many connections, try again later");
-pub const SHUTTING_DOWN: Reply = Reply::fixed(421, "4.3.2", "Service shutting down, try again later");
+pub const TOO_MANY_CONNECTIONS: Reply =
+    Reply::fixed(421, "4.3.2", "Too many connections, try again later");
+pub const SHUTTING_DOWN: Reply =
+    Reply::fixed(421, "4.3.2", "Service shutting down, try again later");
 pub const IDLE_TIMEOUT: Reply = Reply::fixed(421, "4.4.2", "Idle timeout, closing connection");
-pub const SMTPUTF8_UNAVAILABLE: Reply = Reply::fixed(553, "5.6.7", "The upstream does not accept SMTPUTF8 addresses");
+pub const SMTPUTF8_UNAVAILABLE: Reply = Reply::fixed(
+    553,
+    "5.6.7",
+    "The upstream does not accept SMTPUTF8 addresses",
+);
 pub const INTERNAL: Reply = Reply::fixed(451, "4.3.0", "Local error in processing");
 
 pub fn syntax(what: &str) -> Reply {

@@ -61,12 +61,23 @@ pub async fn serve(
     }
     drop(listener);
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
-        tracing::warn!(sessions = tracker.len(), "grace period over; closing remaining sessions");
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            sessions = tracker.len(),
+            "grace period over; closing remaining sessions"
+        );
     }
 }
 
-async fn handle(stream: TcpStream, peer: std::net::SocketAddr, ctx: &SessionContext, tls: Option<TlsAcceptor>) {
+async fn handle(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    ctx: &SessionContext,
+    tls: Option<TlsAcceptor>,
+) {
     tracing::debug!(%peer, "connection");
     let End::StartTls(stream) = Session::new(ctx, stream, peer, false).run(true).await else {
         return;

@@ -141,7 +141,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             }
             Err(_) => {
                 self.inbuf.truncate(len);
-                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "read timeout"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "read timeout",
+                ));
             }
         };
         self.inbuf.truncate(len + n);
@@ -197,7 +200,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// Runs the session until QUIT, EOF, an I/O error, or STARTTLS.
     pub async fn run(mut self, greet: bool) -> End<S> {
         if greet {
-            let greeting = format!("220 {} ESMTP smtp-oauth-bridge ready\r\n", self.ctx.hostname);
+            let greeting = format!(
+                "220 {} ESMTP smtp-oauth-bridge ready\r\n",
+                self.ctx.hostname
+            );
             self.out.extend_from_slice(greeting.as_bytes());
         }
         let end = self.serve().await;
@@ -329,7 +335,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let last = lines.len() - 1;
         for (i, l) in lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
-            self.out.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
+            self.out
+                .extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
         }
         self.helo = Some(host.to_string());
     }
@@ -342,7 +349,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     async fn auth_line(&mut self, prompt: &str) -> std::io::Result<Option<Vec<u8>>> {
-        self.out.extend_from_slice(format!("334 {prompt}\r\n").as_bytes());
+        self.out
+            .extend_from_slice(format!("334 {prompt}\r\n").as_bytes());
         match self.next_line(false).await? {
             None => Ok(None),
             Some(Line::TooLong) => Ok(Some(Vec::new())),
@@ -351,71 +359,83 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     async fn auth(&mut self, mechanism: u64, initial: String) -> std::io::Result<()> {
+        if let Some(r) = self.auth_exchange(mechanism, initial).await? {
+            self.reply(&r);
+        }
+        Ok(())
+    }
+
+    /// The AUTH dialogue; `None` when the connection ended during it.
+    async fn auth_exchange(
+        &mut self,
+        mechanism: u64,
+        initial: String,
+    ) -> std::io::Result<Option<Reply>> {
         if self.helo.is_none() {
-            return Ok(self.reply(&reply::BAD_SEQUENCE_HELO));
+            return Ok(Some(reply::BAD_SEQUENCE_HELO));
         }
         if self.user.is_some() {
-            return Ok(self.reply(&reply::AUTH_ALREADY));
+            return Ok(Some(reply::AUTH_ALREADY));
         }
         if !self.auth_offered() {
-            return Ok(self.reply(&reply::TLS_REQUIRED));
+            return Ok(Some(reply::TLS_REQUIRED));
         }
         if self.txn.is_some() {
-            return Ok(self.reply(&reply::BAD_SEQUENCE_NESTED_MAIL));
+            return Ok(Some(reply::BAD_SEQUENCE_NESTED_MAIL));
         }
         let b64 = base64::engine::general_purpose::STANDARD;
         // Returns None when the client cancelled with "*" or the connection ended.
         let (user, pass) = if mechanism == AUTH_PLAIN {
             let resp = if initial.is_empty() {
                 match self.auth_line("").await? {
-                    None => return Ok(()),
+                    None => return Ok(None),
                     Some(l) => Secret::new(String::from_utf8_lossy(trim_crlf(&l)).into_owned()),
                 }
             } else {
                 Secret::new(initial)
             };
             if resp.expose() == "*" {
-                return Ok(self.reply(&reply::AUTH_CANCELLED));
+                return Ok(Some(reply::AUTH_CANCELLED));
             }
             let decoded = match decode(&b64, resp.expose()) {
                 Some(d) => d,
-                None => return Ok(self.reply(&reply::AUTH_BAD_BASE64)),
+                None => return Ok(Some(reply::AUTH_BAD_BASE64)),
             };
             // authzid NUL authcid NUL passwd
             let mut parts = decoded.expose().splitn(3, '\0');
             let (_authz, authc, pw) = (parts.next(), parts.next(), parts.next());
             match (authc, pw) {
                 (Some(u), Some(p)) => (u.to_string(), Secret::new(p)),
-                _ => return Ok(self.reply(&reply::AUTH_BAD_BASE64)),
+                _ => return Ok(Some(reply::AUTH_BAD_BASE64)),
             }
         } else if mechanism == AUTH_LOGIN {
             let user_b64 = if initial.is_empty() || initial == "=" {
                 match self.auth_line("VXNlcm5hbWU6").await? {
-                    None => return Ok(()),
+                    None => return Ok(None),
                     Some(l) => String::from_utf8_lossy(trim_crlf(&l)).into_owned(),
                 }
             } else {
                 initial
             };
             if user_b64 == "*" {
-                return Ok(self.reply(&reply::AUTH_CANCELLED));
+                return Ok(Some(reply::AUTH_CANCELLED));
             }
             let Some(user) = decode(&b64, &user_b64) else {
-                return Ok(self.reply(&reply::AUTH_BAD_BASE64));
+                return Ok(Some(reply::AUTH_BAD_BASE64));
             };
             let pw_line = match self.auth_line("UGFzc3dvcmQ6").await? {
-                None => return Ok(()),
+                None => return Ok(None),
                 Some(l) => Secret::new(String::from_utf8_lossy(trim_crlf(&l)).into_owned()),
             };
             if pw_line.expose() == "*" {
-                return Ok(self.reply(&reply::AUTH_CANCELLED));
+                return Ok(Some(reply::AUTH_CANCELLED));
             }
             let Some(pw) = decode(&b64, pw_line.expose()) else {
-                return Ok(self.reply(&reply::AUTH_BAD_BASE64));
+                return Ok(Some(reply::AUTH_BAD_BASE64));
             };
             (user.expose().to_string(), pw)
         } else {
-            return Ok(self.reply(&reply::AUTH_MECH));
+            return Ok(Some(reply::AUTH_MECH));
         };
         match self.ctx.auth.verify(&user, pass).await {
             Some(account) => {
@@ -424,7 +444,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 {
                     let name = &account.username;
                     tracing::warn!(peer = %self.peer, account = %name, "authenticated, but the account needs login");
-                    return Ok(self.reply(&Reply::new(
+                    return Ok(Some(Reply::new(
                         454,
                         "4.7.0",
                         format!("Account {name} needs login; run: smtp-oauth-bridge login {name}"),
@@ -432,14 +452,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 }
                 tracing::debug!(peer = %self.peer, account = %account.username, "local client authenticated");
                 self.user = Some(account);
-                self.reply(&reply::AUTH_OK);
+                Ok(Some(reply::AUTH_OK))
             }
             None => {
                 tracing::warn!(peer = %self.peer, user = %sanitize(&user), "local authentication failed");
-                self.reply(&reply::AUTH_FAILED);
+                Ok(Some(reply::AUTH_FAILED))
             }
         }
-        Ok(())
     }
 
     async fn mail(&mut self, from: smtp_proto::MailFrom<String>) {
@@ -467,7 +486,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             cmd.push_str(" SMTPUTF8");
         }
         let result = self.ctx.pool.begin(&account.username, &cmd).await;
-        let r = outcome::mail_reply(&result.as_ref().map(|(_, r)| r.clone()).map_err(Clone::clone));
+        let r = outcome::mail_reply(
+            &result
+                .as_ref()
+                .map(|(_, r)| r.clone())
+                .map_err(Clone::clone),
+        );
         if let Ok((lease, _)) = result {
             if r.is_positive() {
                 self.txn = Some(Txn {
@@ -498,7 +522,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         } else {
             to.address
         };
-        let r = txn.lease.session().command(&format!("RCPT TO:<{addr}>")).await;
+        let r = txn
+            .lease
+            .session()
+            .command(&format!("RCPT TO:<{addr}>"))
+            .await;
         let reply = outcome::rcpt_reply(&r);
         if reply.is_positive() {
             txn.rcpts.push(addr);
@@ -532,10 +560,16 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let body = &content[DATA_PREFIX.len()..];
         let result = txn.lease.session().data(body).await;
         let (reply, outcome) = outcome::data_reply(&result, &txn.id);
-        let account = self.user.as_ref().map(|a| a.username.as_str()).unwrap_or("");
+        let account = self
+            .user
+            .as_ref()
+            .map(|a| a.username.as_str())
+            .unwrap_or("");
         let (code, text) = match &result {
             Ok(r) => (r.code, Cow::Borrowed(r.text.as_str())),
-            Err(crate::relay::upstream::UpstreamError::Reply(r)) => (r.code, Cow::Borrowed(r.text.as_str())),
+            Err(crate::relay::upstream::UpstreamError::Reply(r)) => {
+                (r.code, Cow::Borrowed(r.text.as_str()))
+            }
             Err(e) => (0, Cow::Owned(e.to_string())),
         };
         telemetry::relay_event(&RelayEvent {
@@ -660,7 +694,9 @@ fn parse_error_reply(e: &smtp_proto::Error, line: &[u8]) -> Reply {
         E::InvalidParameter { param } => reply::parameter(param),
         E::UnsupportedParameter { param } => reply::parameter(&sanitize(param)),
         E::ResponseTooLong => reply::LINE_TOO_LONG,
-        E::NeedsMoreData { .. } | E::InvalidResponse { .. } => reply::syntax(if verb.is_empty() { "command" } else { &verb }),
+        E::NeedsMoreData { .. } | E::InvalidResponse { .. } => {
+            reply::syntax(if verb.is_empty() { "command" } else { &verb })
+        }
     }
 }
 
@@ -670,7 +706,10 @@ mod tests {
 
     #[test]
     fn allowed_from_matching() {
-        let allowed = vec!["scanner@contoso.com".to_string(), "*@fabrikam.com".to_string()];
+        let allowed = vec![
+            "scanner@contoso.com".to_string(),
+            "*@fabrikam.com".to_string(),
+        ];
         assert!(sender_allowed(&allowed, "scanner@contoso.com"));
         assert!(sender_allowed(&allowed, "Scanner@Contoso.com"));
         assert!(sender_allowed(&allowed, "anyone@FABRIKAM.com"));

@@ -19,10 +19,17 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
         generate_self_signed(cert, key)?;
         tracing::info!(cert = %cert.display(), "generated a self-signed localhost certificate for STARTTLS");
     }
-    let cert_pem = std::fs::read(cert).map_err(|e| format!("listen.tls_cert {}: {e}", cert.display()))?;
-    let key_pem = std::fs::read(key).map_err(|e| format!("listen.tls_key {}: {e}", key.display()))?;
-    acceptor_from_pem(&cert_pem, &key_pem)
-        .map_err(|e| format!("listen.tls_cert/tls_key {} {}: {e}", cert.display(), key.display()))
+    let cert_pem =
+        std::fs::read(cert).map_err(|e| format!("listen.tls_cert {}: {e}", cert.display()))?;
+    let key_pem =
+        std::fs::read(key).map_err(|e| format!("listen.tls_key {}: {e}", key.display()))?;
+    acceptor_from_pem(&cert_pem, &key_pem).map_err(|e| {
+        format!(
+            "listen.tls_cert/tls_key {} {}: {e}",
+            cert.display(),
+            key.display()
+        )
+    })
 }
 
 pub fn acceptor_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor, String> {
@@ -82,11 +89,18 @@ mod tests {
     #[test]
     fn generates_then_reuses() {
         let tmp = tempfile::tempdir().unwrap();
-        let (c, k) = (tmp.path().join("certs/b.crt"), tmp.path().join("certs/b.key"));
+        let (c, k) = (
+            tmp.path().join("certs/b.crt"),
+            tmp.path().join("certs/b.key"),
+        );
         acceptor(&c, &k).unwrap();
         let first = std::fs::read(&c).unwrap();
         acceptor(&c, &k).unwrap();
-        assert_eq!(std::fs::read(&c).unwrap(), first, "an existing certificate is not replaced");
+        assert_eq!(
+            std::fs::read(&c).unwrap(),
+            first,
+            "an existing certificate is not replaced"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -13,3 +13,6 @@ pub mod upstream;
 pub use ca::TestCa;
 pub use token::{FakeTokenEndpoint, TokenOptions};
 pub use upstream::{FakeUpstream, FakeUpstreamOptions, Received, Reply};
+
+#[cfg(test)]
+mod interop_tests;

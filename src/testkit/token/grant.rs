@@ -130,10 +130,7 @@ pub(super) fn token_request(
     } else {
         Vec::new()
     };
-    let form = Form {
-        req,
-        pairs: &pairs,
-    };
+    let form = Form { req, pairs: &pairs };
     let Some(grant_type) = form.get("grant_type") else {
         return missing("grant_type");
     };
@@ -190,9 +187,7 @@ fn authenticate(client: &Client, form: &Form<'_>, confidential_only: bool) -> Re
             400,
             "unauthorized_client",
             700016,
-            &format!(
-                "Application with identifier '{id}' was not found in the directory 'FAKE'."
-            ),
+            &format!("Application with identifier '{id}' was not found in the directory 'FAKE'."),
         ));
     }
     match (&client.secret, secret) {
@@ -232,7 +227,12 @@ fn authenticate(client: &Client, form: &Form<'_>, confidential_only: bool) -> Re
     }
 }
 
-fn client_credentials(state: &mut State, client: &Client, form: &Form<'_>, now: Instant) -> Response {
+fn client_credentials(
+    state: &mut State,
+    client: &Client,
+    form: &Form<'_>,
+    now: Instant,
+) -> Response {
     if let Err(resp) = authenticate(client, form, true) {
         return resp;
     }
@@ -340,7 +340,12 @@ mod tests {
     fn client_credentials_in_body_and_basic() {
         let mut st = State::new(Duration::from_secs(60));
         let now = Instant::now();
-        let r = token_request(&mut st, &client(), &post(&format!("{CC}&client_secret=s3cret"), None), now);
+        let r = token_request(
+            &mut st,
+            &client(),
+            &post(&format!("{CC}&client_secret=s3cret"), None),
+            now,
+        );
         assert_eq!(r.status, 200, "{}", r.body);
         let v = json_of(&r);
         assert_eq!(v["token_type"], "Bearer");
@@ -352,7 +357,12 @@ mod tests {
         assert!(!st.is_valid(&tok, now + Duration::from_secs(60)));
 
         let basic = base64::engine::general_purpose::STANDARD.encode("app:s3cret");
-        let r = token_request(&mut st, &client(), &post(CC, Some(&format!("Basic {basic}"))), now);
+        let r = token_request(
+            &mut st,
+            &client(),
+            &post(CC, Some(&format!("Basic {basic}"))),
+            now,
+        );
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(st.issued.len(), 2);
     }
@@ -362,7 +372,12 @@ mod tests {
         let mut st = State::new(Duration::from_secs(60));
         let now = Instant::now();
         let cases = [
-            (format!("{CC}&client_secret=nope"), 401, "invalid_client", "AADSTS7000215"),
+            (
+                format!("{CC}&client_secret=nope"),
+                401,
+                "invalid_client",
+                "AADSTS7000215",
+            ),
             (CC.to_string(), 401, "invalid_client", "AADSTS7000218"),
             (
                 "grant_type=client_credentials&client_id=app&client_secret=s3cret".into(),
@@ -377,10 +392,30 @@ mod tests {
                 "invalid_scope",
                 "AADSTS1002012",
             ),
-            (format!("{CC}&client_id=other"), 401, "invalid_client", "AADSTS7000218"),
-            ("client_id=app".into(), 400, "invalid_request", "AADSTS900144"),
-            ("grant_type=password".into(), 400, "unsupported_grant_type", "AADSTS70003"),
-            ("grant_type=authorization_code".into(), 400, "unsupported_grant_type", "AADSTS70003"),
+            (
+                format!("{CC}&client_id=other"),
+                401,
+                "invalid_client",
+                "AADSTS7000218",
+            ),
+            (
+                "client_id=app".into(),
+                400,
+                "invalid_request",
+                "AADSTS900144",
+            ),
+            (
+                "grant_type=password".into(),
+                400,
+                "unsupported_grant_type",
+                "AADSTS70003",
+            ),
+            (
+                "grant_type=authorization_code".into(),
+                400,
+                "unsupported_grant_type",
+                "AADSTS70003",
+            ),
             (
                 "grant_type=client_credentials&client_id=zzz&client_secret=s3cret".into(),
                 400,
@@ -420,7 +455,10 @@ mod tests {
         let r = token_request(
             &mut st,
             &public,
-            &post("grant_type=refresh_token&client_id=app&refresh_token=bogus", None),
+            &post(
+                "grant_type=refresh_token&client_id=app&refresh_token=bogus",
+                None,
+            ),
             now,
         );
         assert_eq!(r.status, 400);
@@ -429,7 +467,12 @@ mod tests {
         assert!(desc.contains("AADSTS70008"), "{desc}");
 
         // A public client must not send a secret.
-        let r = token_request(&mut st, &public, &post(&format!("{body}&client_secret=x"), None), now);
+        let r = token_request(
+            &mut st,
+            &public,
+            &post(&format!("{body}&client_secret=x"), None),
+            now,
+        );
         assert_eq!(r.status, 401);
     }
 

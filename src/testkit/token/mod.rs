@@ -306,9 +306,11 @@ mod tests {
         assert_eq!(ep.issued()[0], first);
 
         // Not the token path: 404 and not counted.
-        s.write_all(b"GET /tenant/v2.0/.well-known/openid-configuration HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
+        s.write_all(
+            b"GET /tenant/v2.0/.well-known/openid-configuration HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await
+        .expect("write");
         assert_eq!(read_response(&mut s).await.0, 404);
         assert_eq!(ep.requests(), 5);
 

@@ -145,7 +145,9 @@ impl Conn {
             let pending = self.pending();
             if let Some(i) = pending[scanned..].iter().position(|&b| b == b'\n') {
                 let end = scanned + i;
-                let line = pending[..end].strip_suffix(b"\r").unwrap_or(&pending[..end]);
+                let line = pending[..end]
+                    .strip_suffix(b"\r")
+                    .unwrap_or(&pending[..end]);
                 let text = String::from_utf8_lossy(line).into_owned();
                 self.consume(end + 1);
                 return Ok(Input::Line(text));
@@ -167,7 +169,11 @@ impl Conn {
     /// DATA content up to and including CRLF.CRLF, unstuffed into `out`. Once `out` would
     /// exceed `max` bytes it stops growing and `Ok(Some(false))` reports the overflow (the
     /// content is still read to its end). `Ok(None)` = the peer closed first.
-    pub(super) async fn read_data(&mut self, out: &mut Vec<u8>, max: usize) -> io::Result<Option<bool>> {
+    pub(super) async fn read_data(
+        &mut self,
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> io::Result<Option<bool>> {
         let mut decoder = DotDecoder::new();
         let mut scratch = Vec::new();
         let mut fits = true;
@@ -197,7 +203,11 @@ impl Conn {
 
     /// Exactly `n` raw bytes (a BDAT chunk), appended to `out` unless `out` is `None`.
     /// False if the peer closed first.
-    pub(super) async fn read_chunk(&mut self, mut n: usize, mut out: Option<&mut Vec<u8>>) -> io::Result<bool> {
+    pub(super) async fn read_chunk(
+        &mut self,
+        mut n: usize,
+        mut out: Option<&mut Vec<u8>>,
+    ) -> io::Result<bool> {
         loop {
             let take = n.min(self.pending().len());
             if let Some(out) = out.as_deref_mut() {

@@ -154,10 +154,7 @@ mod tests {
             (b".\r\n".to_vec(), Some(7))
         );
         // No terminator yet: everything used, nothing decided.
-        assert_eq!(
-            decode_chunks(&[b"a\r\n.\n"]),
-            (b"a\r\n\n".to_vec(), None)
-        );
+        assert_eq!(decode_chunks(&[b"a\r\n.\n"]), (b"a\r\n\n".to_vec(), None));
     }
 
     #[test]

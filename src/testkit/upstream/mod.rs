@@ -54,7 +54,11 @@ impl Reply {
 
     /// The reply as sent: `code-line` CRLF for every line but the last, `code line` CRLF.
     fn to_wire(&self) -> String {
-        let lines: Vec<&str> = self.text.split('\n').map(|l| l.trim_end_matches('\r')).collect();
+        let lines: Vec<&str> = self
+            .text
+            .split('\n')
+            .map(|l| l.trim_end_matches('\r'))
+            .collect();
         let mut out = String::new();
         for (i, line) in lines.iter().enumerate() {
             let sep = if i + 1 == lines.len() { ' ' } else { '-' };
@@ -177,6 +181,7 @@ pub(super) struct Inner {
     open_sessions: AtomicU64,
     peak_sessions: AtomicU64,
     paused: AtomicBool,
+    keep_data: AtomicBool,
     /// Bumped by `pause`: every session ends.
     kill: watch::Sender<u64>,
     /// Bumped by `close_idle_sessions`: sessions waiting for a command end.
@@ -196,8 +201,8 @@ fn tls_acceptor(cert_pem: &str, key_pem: &str) -> Result<TlsAcceptor, String> {
     if certs.is_empty() {
         return Err("cert_pem holds no certificate".to_string());
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| format!("key_pem: {e}"))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("key_pem: {e}"))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -242,6 +247,7 @@ impl FakeUpstream {
             open_sessions: AtomicU64::new(0),
             peak_sessions: AtomicU64::new(0),
             paused: AtomicBool::new(false),
+            keep_data: AtomicBool::new(true),
             kill: watch::Sender::new(0),
             idle: watch::Sender::new(0),
         });
@@ -267,14 +273,25 @@ impl FakeUpstream {
             let notified = self.inner.received_notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let now = self.received();
-            if now.len() >= n {
-                return now;
+            if lock(&self.inner.received).len() >= n {
+                return self.received();
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return self.received();
             }
         }
+    }
+
+    /// How many messages were accepted so far (cheap: clones nothing).
+    pub fn received_count(&self) -> usize {
+        lock(&self.inner.received).len()
+    }
+
+    /// Whether [`Received::data`] keeps the message bytes (default true). Benchmarks that
+    /// push many large messages can turn it off to save memory: `data` is then recorded
+    /// empty (`save_dir` still gets the full message).
+    pub fn set_keep_data(&self, keep: bool) {
+        self.inner.keep_data.store(keep, Ordering::SeqCst);
     }
 
     /// TCP connections accepted so far (including those closed at once while paused).
@@ -371,7 +388,10 @@ impl Inner {
         lock(&self.log).push(format!("S{session} {line}"));
     }
 
-    fn store(&self, msg: Received) {
+    fn store(&self, mut msg: Received) {
+        if !self.keep_data.load(Ordering::SeqCst) {
+            msg.data = Vec::new();
+        }
         lock(&self.received).push(msg);
         self.received_notify.notify_waiters();
     }

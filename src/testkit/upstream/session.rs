@@ -82,9 +82,8 @@ pub(super) async fn run(
         txn: None,
     };
     let greeting = inner.script().greeting.clone();
-    let greeting = greeting.unwrap_or_else(|| {
-        reply(220, &format!("{HOST} Microsoft ESMTP MAIL Service ready"))
-    });
+    let greeting = greeting
+        .unwrap_or_else(|| reply(220, &format!("{HOST} Microsoft ESMTP MAIL Service ready")));
     s.send(&mut conn, &greeting).await?;
     if greeting.code != 220 {
         return conn.shutdown().await;
@@ -96,7 +95,8 @@ pub(super) async fn run(
             Input::Line(line) => line,
             Input::Closed | Input::Idle => return Ok(()),
             Input::TooLong => {
-                s.send(&mut conn, &reply(500, "5.5.6 Line too long")).await?;
+                s.send(&mut conn, &reply(500, "5.5.6 Line too long"))
+                    .await?;
                 return conn.shutdown().await;
             }
         };
@@ -149,7 +149,8 @@ impl Session<'_> {
             "STARTTLS" if !self.inner.offer_starttls => reply(454, "4.7.0 TLS not available"),
             "STARTTLS" if !arg.is_empty() => reply(501, "5.5.4 Syntax error in parameters"),
             "STARTTLS" => {
-                self.send(conn, &reply(220, "2.0.0 SMTP server ready")).await?;
+                self.send(conn, &reply(220, "2.0.0 SMTP server ready"))
+                    .await?;
                 return Ok(Next::StartTls);
             }
             "AUTH" => {
@@ -167,8 +168,11 @@ impl Session<'_> {
             "NOOP" => reply(250, "2.0.0 OK"),
             "VRFY" => reply(252, "2.1.5 Cannot VRFY user"),
             "QUIT" => {
-                self.send(conn, &reply(221, "2.0.0 Service closing transmission channel"))
-                    .await?;
+                self.send(
+                    conn,
+                    &reply(221, "2.0.0 Service closing transmission channel"),
+                )
+                .await?;
                 return Ok(Next::Close);
             }
             _ => reply(500, "5.3.3 Unrecognized command"),
@@ -261,7 +265,11 @@ impl Session<'_> {
                         None => return Err(io::ErrorKind::UnexpectedEof.into()),
                     },
                 };
-                if self.continuation(conn, LOGIN_PASS_PROMPT, idle).await?.is_none() {
+                if self
+                    .continuation(conn, LOGIN_PASS_PROMPT, idle)
+                    .await?
+                    .is_none()
+                {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
                 let user = base64::engine::general_purpose::STANDARD
@@ -331,7 +339,8 @@ impl Session<'_> {
         };
         let size = params.split_ascii_whitespace().find_map(|p| {
             let (k, v) = p.split_once('=')?;
-            k.eq_ignore_ascii_case("SIZE").then(|| v.parse::<u64>().ok())?
+            k.eq_ignore_ascii_case("SIZE")
+                .then(|| v.parse::<u64>().ok())?
         });
         if size.is_some_and(|n| n > MAX_MESSAGE_BYTES as u64) {
             return reply(552, "5.3.4 Message size exceeds fixed maximum message size");
@@ -368,7 +377,12 @@ impl Session<'_> {
         if txn.rcpts.len() >= MAX_RECIPIENTS {
             return reply(452, "4.5.3 Too many recipients");
         }
-        let scripted = self.inner.script().rcpt.get(&to.to_ascii_lowercase()).cloned();
+        let scripted = self
+            .inner
+            .script()
+            .rcpt
+            .get(&to.to_ascii_lowercase())
+            .cloned();
         let r = scripted.unwrap_or_else(|| reply(250, "2.1.5 Recipient OK"));
         if r.is_positive() {
             txn.rcpts.push(to);
@@ -392,7 +406,10 @@ impl Session<'_> {
         let refusal = if !arg.is_empty() {
             Some(reply(501, "5.5.4 Syntax error in parameters"))
         } else if self.txn.as_ref().is_some_and(|t| t.chunks.is_some()) {
-            Some(reply(503, "5.5.1 Bad sequence of commands: BDAT in progress"))
+            Some(reply(
+                503,
+                "5.5.1 Bad sequence of commands: BDAT in progress",
+            ))
         } else {
             self.check_ready_for_data()
         };
@@ -568,7 +585,10 @@ mod tests {
             parse_path("FROM:<a@b.c> SIZE=10 BODY=8BITMIME", "FROM:"),
             Some(("a@b.c".into(), "SIZE=10 BODY=8BITMIME".into()))
         );
-        assert_eq!(parse_path("from: <>", "FROM:"), Some((String::new(), String::new())));
+        assert_eq!(
+            parse_path("from: <>", "FROM:"),
+            Some((String::new(), String::new()))
+        );
         assert_eq!(
             parse_path("TO:<\"x>y\"@b>", "TO:"),
             Some(("\"x>y\"@b".into(), String::new()))

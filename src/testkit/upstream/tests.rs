@@ -80,7 +80,10 @@ fn connector(ca: &TestCa) -> TlsConnector {
 
 async fn tls(ca: &TestCa, name: &str, tcp: TcpStream) -> TlsStream<TcpStream> {
     let name = ServerName::try_from(name.to_string()).expect("server name");
-    connector(ca).connect(name, tcp).await.expect("TLS handshake")
+    connector(ca)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake")
 }
 
 fn xoauth2(user: &str, token: &str) -> String {
@@ -130,7 +133,10 @@ async fn starttls_xoauth2_pipelined_message_with_leading_dots() {
     let up = start(opts).await;
     up.set_rcpt_reply(
         "bad@x.example",
-        Some(Reply::new(550, "5.1.10 RESOLVER.ADR.RecipientNotFound; not found")),
+        Some(Reply::new(
+            550,
+            "5.1.10 RESOLVER.ADR.RecipientNotFound; not found",
+        )),
     );
     let token = fetch_token(&ep).await;
 
@@ -138,7 +144,10 @@ async fn starttls_xoauth2_pipelined_message_with_leading_dots() {
     let mut tcp = TcpStream::connect(up.addr()).await.expect("connect");
     let (code, text) = read_reply(&mut tcp, &mut buf).await;
     assert_eq!(code, 220);
-    assert_eq!(text, "FAKE.outlook.office365.com Microsoft ESMTP MAIL Service ready");
+    assert_eq!(
+        text,
+        "FAKE.outlook.office365.com Microsoft ESMTP MAIL Service ready"
+    );
 
     let (code, ehlo) = cmd(&mut tcp, &mut buf, "EHLO client.example").await;
     assert_eq!(code, 250);
@@ -164,7 +173,10 @@ async fn starttls_xoauth2_pipelined_message_with_leading_dots() {
     );
     assert_eq!(
         cmd(&mut tcp, &mut buf, "MAIL FROM:<sender@contoso.com>").await,
-        (530, "5.7.57 Client not authenticated to send mail".to_string())
+        (
+            530,
+            "5.7.57 Client not authenticated to send mail".to_string()
+        )
     );
     assert_eq!(cmd(&mut tcp, &mut buf, "STARTTLS").await.0, 220);
     assert!(buf.is_empty());
@@ -172,7 +184,9 @@ async fn starttls_xoauth2_pipelined_message_with_leading_dots() {
     let mut s = tls(&ca, "localhost", tcp).await;
     // EHLO is required again after STARTTLS.
     assert_eq!(
-        cmd(&mut s, &mut buf, "MAIL FROM:<sender@contoso.com>").await.0,
+        cmd(&mut s, &mut buf, "MAIL FROM:<sender@contoso.com>")
+            .await
+            .0,
         503
     );
     let (code, ehlo) = cmd(&mut s, &mut buf, "EHLO client.example").await;
@@ -180,7 +194,10 @@ async fn starttls_xoauth2_pipelined_message_with_leading_dots() {
     assert!(ehlo.lines().any(|l| l == "AUTH LOGIN XOAUTH2"), "{ehlo}");
     assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
 
-    let wrong_token = format!("AUTH XOAUTH2 {}", xoauth2("sender@contoso.com", "eyJ0forged"));
+    let wrong_token = format!(
+        "AUTH XOAUTH2 {}",
+        xoauth2("sender@contoso.com", "eyJ0forged")
+    );
     assert_eq!(
         cmd(&mut s, &mut buf, &wrong_token).await,
         (535, "5.7.3 Authentication unsuccessful [FAKE]".to_string())
@@ -226,7 +243,10 @@ async fn starttls_xoauth2_pipelined_message_with_leading_dots() {
     assert!(text.ends_with("Queued mail for delivery"), "{text}");
     assert_eq!(
         cmd(&mut s, &mut buf, "QUIT").await,
-        (221, "2.0.0 Service closing transmission channel".to_string())
+        (
+            221,
+            "2.0.0 Service closing transmission channel".to_string()
+        )
     );
 
     let got = up.wait_received(1, STEP).await;
@@ -252,7 +272,10 @@ async fn starttls_xoauth2_pipelined_message_with_leading_dots() {
     assert!(log.contains(&"S1 STARTTLS".to_string()));
     assert!(log.contains(&"S1 RCPT TO:<bad@x.example>".to_string()));
     assert_eq!(log.last().map(String::as_str), Some("S1 QUIT"));
-    assert!(!log.iter().any(|l| l.contains("two dots")), "DATA content is not logged");
+    assert!(
+        !log.iter().any(|l| l.contains("two dots")),
+        "DATA content is not logged"
+    );
 }
 
 #[tokio::test]
@@ -273,13 +296,22 @@ async fn implicit_tls_continuation_auth_bdat_and_scripted_data_reply() {
     assert_eq!(cmd(&mut s, &mut buf, "STARTTLS").await.0, 503);
 
     // Basic auth is disabled, as in Microsoft 365.
-    assert_eq!(cmd(&mut s, &mut buf, "AUTH LOGIN").await, (334, "VXNlcm5hbWU6".into()));
-    assert_eq!(cmd(&mut s, &mut buf, "dXNlcg==").await, (334, "UGFzc3dvcmQ6".into()));
+    assert_eq!(
+        cmd(&mut s, &mut buf, "AUTH LOGIN").await,
+        (334, "VXNlcm5hbWU6".into())
+    );
+    assert_eq!(
+        cmd(&mut s, &mut buf, "dXNlcg==").await,
+        (334, "UGFzc3dvcmQ6".into())
+    );
     assert_eq!(cmd(&mut s, &mut buf, "cGFzcw==").await.0, 535);
     assert_eq!(cmd(&mut s, &mut buf, "AUTH PLAIN AHUAcA==").await.0, 504);
 
     // XOAUTH2 without initial response; any non-empty token is fine without an endpoint.
-    assert_eq!(cmd(&mut s, &mut buf, "AUTH XOAUTH2").await, (334, String::new()));
+    assert_eq!(
+        cmd(&mut s, &mut buf, "AUTH XOAUTH2").await,
+        (334, String::new())
+    );
     let resp = xoauth2("m@x", "anything");
     assert_eq!(cmd(&mut s, &mut buf, &resp).await.0, 235);
 
@@ -309,7 +341,10 @@ async fn implicit_tls_continuation_auth_bdat_and_scripted_data_reply() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].mail_from, "");
     assert_eq!(got[0].data, b"ab\r\n.\r\n..x");
-    assert_eq!((got[0].auth_user.as_str(), got[0].auth_token.as_str()), ("m@x", "anything"));
+    assert_eq!(
+        (got[0].auth_user.as_str(), got[0].auth_token.as_str()),
+        ("m@x", "anything")
+    );
     assert!(got[0].tls && got[0].path.is_none());
 
     // Empty message: "." straight after DATA.
@@ -318,6 +353,24 @@ async fn implicit_tls_continuation_auth_bdat_and_scripted_data_reply() {
     assert_eq!(cmd(&mut s, &mut buf, "DATA").await.0, 354);
     assert_eq!(cmd(&mut s, &mut buf, ".").await.0, 250);
     assert_eq!(up.wait_received(2, STEP).await[1].data, b"");
+
+    // Without keeping data, messages are still counted and their envelope recorded.
+    up.set_keep_data(false);
+    assert_eq!(cmd(&mut s, &mut buf, "MAIL FROM:<a@b>").await.0, 250);
+    assert_eq!(cmd(&mut s, &mut buf, "RCPT TO:<r@x>").await.0, 250);
+    assert_eq!(cmd(&mut s, &mut buf, "DATA").await.0, 354);
+    assert_eq!(cmd(&mut s, &mut buf, "big\r\n.").await.0, 250);
+    assert_eq!(up.received_count(), 3);
+    assert!(up.received()[2].data.is_empty());
+}
+
+#[test]
+fn public_handles_are_send_and_sync() {
+    fn check<T: Send + Sync + 'static>() {}
+    check::<FakeUpstream>();
+    check::<FakeTokenEndpoint>();
+    check::<TestCa>();
+    check::<super::Received>();
 }
 
 #[tokio::test]

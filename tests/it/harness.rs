@@ -1,0 +1,402 @@
+//! Test harness: testkit's fake token endpoint and upstream on 127.0.0.1:0, a config for
+//! them through the real loader, the real bridge (in-process or as the real binary), and a
+//! small raw SMTP client that asserts on reply codes.
+
+use smtp_oauth_bridge::bridge::Bridge;
+use smtp_oauth_bridge::config::Config;
+use smtp_oauth_bridge::testkit::{
+    FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions,
+};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const USER: &str = "scanner";
+/// ASCII: Python's smtplib cannot send non-ASCII passwords (UTF-8 ones are tested elsewhere).
+pub const PASSWORD: &str = "Loc4l-Passw0rd-7731!x";
+pub const MAILBOX: &str = "scanner@contoso.com";
+pub const CLIENT_SECRET: &str = "test-secret";
+pub const PW_ENV: &str = "BRIDGE_IT_PASSWORD";
+pub const SECRET_ENV: &str = "BRIDGE_IT_CLIENT_SECRET";
+
+pub struct Opts {
+    pub lifetime: Duration,
+    pub listen: String,
+    pub upstream: String,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            lifetime: Duration::from_secs(3600),
+            listen: String::new(),
+            upstream: String::new(),
+        }
+    }
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub tokens: FakeTokenEndpoint,
+    pub upstream: FakeUpstream,
+    pub config_text: String,
+    pub config_path: std::path::PathBuf,
+    pub bridge: Option<Bridge>,
+    pub addr: SocketAddr,
+}
+
+pub async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0")
+}
+
+/// The remote ends and a config for them; the bridge itself is not started.
+pub async fn remote_ends(opts: &Opts) -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new();
+    ca.write_ca_pem(&dir.path().join("upstream-ca.pem"))
+        .expect("write CA");
+    let tokens = FakeTokenEndpoint::start(
+        bind().await,
+        TokenOptions {
+            lifetime: opts.lifetime,
+            ..TokenOptions::default()
+        },
+    )
+    .await;
+    let (cert, key) = ca.issue_server_cert();
+    let mut uo = FakeUpstreamOptions::new(cert, key);
+    uo.tokens = Some(tokens.clone());
+    uo.mailbox_ok = Some(vec![MAILBOX.to_string()]);
+    let upstream = FakeUpstream::start(bind().await, uo).await;
+    let config_text = format!(
+        r#"
+[listen]
+smtp = "127.0.0.1:0"
+{listen}
+[upstream]
+host = "localhost"
+port = {port}
+ca_file = "upstream-ca.pem"
+timeout_secs = 5
+{upstream_extra}
+[state]
+dir = "state"
+
+[[account]]
+username = "{USER}"
+password_env = "{PW_ENV}"
+mailbox = "{MAILBOX}"
+allowed_from = ["{MAILBOX}", "rené@contoso.com", "*@fabrikam.com"]
+
+[account.oauth]
+flow = "client_credentials"
+tenant = "contoso.onmicrosoft.com"
+client_id = "test-client"
+client_secret_env = "{SECRET_ENV}"
+token_url = "{token_url}"
+"#,
+        listen = opts.listen,
+        port = upstream.addr().port(),
+        upstream_extra = opts.upstream,
+        token_url = tokens.token_url(),
+    );
+    let config_path = dir.path().join("bridge.toml");
+    std::fs::write(&config_path, &config_text).expect("write config");
+    Env {
+        dir,
+        tokens,
+        upstream,
+        config_text,
+        config_path,
+        bridge: None,
+        addr: "127.0.0.1:9".parse().expect("addr"),
+    }
+}
+
+pub fn test_env(name: &str) -> Option<String> {
+    match name {
+        PW_ENV => Some(PASSWORD.to_string()),
+        SECRET_ENV => Some(CLIENT_SECRET.to_string()),
+        _ => None,
+    }
+}
+
+pub fn load_config(env: &Env) -> Config {
+    Config::from_toml(&env.config_text, "bridge.toml", env.dir.path(), &test_env)
+        .expect("valid test config")
+}
+
+/// Remote ends plus the real bridge, in-process, on 127.0.0.1:0.
+pub async fn start(opts: Opts) -> Env {
+    let mut env = remote_ends(&opts).await;
+    let config = load_config(&env);
+    let bridge = Bridge::start(&config, bind().await)
+        .await
+        .expect("bridge starts");
+    env.addr = bridge.local_addr;
+    env.bridge = Some(bridge);
+    env
+}
+
+/// A minimal SMTP client for tests: every call asserts on or returns reply codes.
+pub struct Smtp<S> {
+    r: BufReader<ReadHalf<S>>,
+    w: WriteHalf<S>,
+}
+
+pub type TcpSmtp = Smtp<TcpStream>;
+
+impl Smtp<TcpStream> {
+    pub async fn connect(addr: SocketAddr) -> TcpSmtp {
+        let s = TcpStream::connect(addr).await.expect("connect to bridge");
+        let mut c = Smtp::over(s);
+        let (code, text) = c.reply().await;
+        assert_eq!(code, 220, "greeting: {text}");
+        c
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite> Smtp<S> {
+    pub fn over(s: S) -> Smtp<S> {
+        let (r, w) = tokio::io::split(s);
+        Smtp {
+            r: BufReader::new(r),
+            w,
+        }
+    }
+
+    /// Reads one (possibly multi-line) reply: code and all text lines joined with '\n'.
+    pub async fn reply(&mut self) -> (u16, String) {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(30), self.r.read_line(&mut line))
+                .await
+                .expect("reply within 30 s")
+                .expect("read reply");
+            assert!(
+                n > 0,
+                "connection closed while waiting for a reply (so far: {text:?})"
+            );
+            assert!(
+                line.ends_with("\r\n"),
+                "reply line not CRLF-terminated: {line:?}"
+            );
+            let code: u16 = line[..3].parse().expect("reply code");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            text.push_str(line[4..].trim_end());
+            if line.as_bytes()[3] == b' ' {
+                return (code, text);
+            }
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.w.write_all(bytes).await.expect("write");
+        self.w.flush().await.expect("flush");
+    }
+
+    pub async fn cmd(&mut self, line: &str) -> (u16, String) {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    pub async fn expect(&mut self, line: &str, code: u16) -> String {
+        let (c, t) = self.cmd(line).await;
+        assert_eq!(c, code, "{line:?} -> {c} {t}");
+        t
+    }
+
+    pub async fn ehlo_auth_plain(&mut self, user: &str, password: &str) -> (u16, String) {
+        self.expect("EHLO test.client", 250).await;
+        let b = base64_plain(user, password);
+        self.cmd(&format!("AUTH PLAIN {b}")).await
+    }
+
+    pub async fn login(&mut self) {
+        let (c, t) = self.ehlo_auth_plain(USER, PASSWORD).await;
+        assert_eq!(c, 235, "AUTH: {t}");
+    }
+
+    /// MAIL, RCPTs, DATA with dot-stuffing; returns the final reply to DATA, or the first
+    /// failing MAIL reply.
+    pub async fn send_message(
+        &mut self,
+        from: &str,
+        rcpts: &[&str],
+        content: &[u8],
+    ) -> (u16, String) {
+        let (c, t) = self.cmd(&format!("MAIL FROM:<{from}>")).await;
+        if c != 250 {
+            return (c, t);
+        }
+        for r in rcpts {
+            let (c, t) = self.cmd(&format!("RCPT TO:<{r}>")).await;
+            assert!(c == 250 || c >= 400, "{c} {t}");
+        }
+        let (c, t) = self.cmd("DATA").await;
+        if c != 354 {
+            return (c, t);
+        }
+        self.send(&dot_stuff(content)).await;
+        self.send(b".\r\n").await;
+        self.reply().await
+    }
+}
+
+pub fn base64_plain(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
+}
+
+/// Dot-stuffs `content` (which must end with CRLF) for the DATA phase.
+pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(content.len() + 64);
+    let mut at_line_start = true;
+    for &b in content {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    out
+}
+
+/// A tool's absolute path, or None (and a printed reason) when it is not installed.
+pub fn tool(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    let found = std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        println!("SKIPPED: {name} is not installed (CI installs it; see .ci/run)");
+    }
+    found
+}
+
+/// The bridge binary, started on a config file; reads its JSON log to find the port.
+pub struct BridgeProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl BridgeProcess {
+    pub fn start(config: &Path, rust_log: &str) -> BridgeProcess {
+        use std::io::{BufRead, Read};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_smtp-oauth-bridge"))
+            .args([
+                "--config",
+                config.to_str().expect("utf-8 path"),
+                "--log-format",
+                "json",
+                "serve",
+            ])
+            .env("RUST_LOG", rust_log)
+            .env(PW_ENV, PASSWORD)
+            .env(SECRET_ENV, CLIENT_SECRET)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bridge binary");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        let l = log.clone();
+        let out_reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if let Some(a) = v.get("listen").and_then(|a| a.as_str()) {
+                        let _ = tx.send(a.to_string());
+                    }
+                }
+                let mut g = l.lock().unwrap_or_else(|e| e.into_inner());
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        let mut stderr = child.stderr.take().expect("stderr");
+        let l = log.clone();
+        let err_reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            l.lock().unwrap_or_else(|e| e.into_inner()).push_str(&s);
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "bridge did not report its address; log:\n{}",
+                    log.lock().unwrap_or_else(|e| e.into_inner())
+                );
+            }
+        };
+        BridgeProcess {
+            child,
+            addr,
+            log,
+            readers: vec![out_reader, err_reader],
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Peak resident memory (VmHWM) in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM")
+            * 1024
+    }
+
+    /// SIGTERM, then wait for the exit status; returns it with everything the process logged.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
+                return (s, self.log());
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("bridge did not exit after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

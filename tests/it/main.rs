@@ -1,0 +1,11 @@
+//! Integration tests: the real bridge (in-process or the real binary) on 127.0.0.1:0
+//! against testkit's fake upstream and token endpoint. One test binary.
+#![allow(clippy::unwrap_used)]
+
+mod cli;
+mod clients;
+mod harness;
+mod limits;
+mod relay;
+mod secrets;
+mod tokens;
