@@ -717,3 +717,130 @@ mod tests {
         assert!(!sender_allowed(&allowed, "x@sub.fabrikam.com"));
     }
 }
+
+#[cfg(test)]
+mod wire_tests {
+    //! The state machine over an in-memory duplex stream (no upstream is reached).
+    use super::*;
+    use crate::config::Config;
+    use crate::oauth::manager::TokenManager;
+    use crate::relay::upstream::UpstreamTarget;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    fn ctx(timeout: Duration) -> SessionContext {
+        let toml = "[upstream]\nhost = \"127.0.0.1\"\nport = 9\n[[account]]\nusername = \"u\"\npassword_env = \"PW\"\nmailbox = \"u@example.com\"\n[account.oauth]\nflow = \"client_credentials\"\ntenant = \"t\"\nclient_id = \"c\"\nclient_secret_env = \"PW\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_toml(toml, "t.toml", dir.path(), &|_| Some("pw".into())).unwrap();
+        let tokens = TokenManager::new(&config).unwrap();
+        let pool = Pool::new(
+            &config,
+            UpstreamTarget::new(&config.upstream).unwrap(),
+            tokens,
+        );
+        SessionContext {
+            hostname: "bridge.test".into(),
+            auth: LocalAuth::new(&config),
+            pool,
+            max_message_bytes: 1000,
+            max_recipients: 2,
+            require_tls_for_auth: false,
+            starttls_available: false,
+            shutdown: CancellationToken::new(),
+            command_timeout: timeout,
+        }
+    }
+
+    async fn line(r: &mut BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>) -> String {
+        let mut l = String::new();
+        r.read_line(&mut l).await.unwrap();
+        l
+    }
+
+    #[tokio::test]
+    async fn sequence_errors_auth_and_long_lines() {
+        let ctx = ctx(COMMAND_TIMEOUT);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let task =
+            tokio::spawn(async move { Session::new(&ctx, server, peer, false).run(true).await });
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        assert_eq!(
+            line(&mut r).await,
+            "220 bridge.test ESMTP smtp-oauth-bridge ready\r\n"
+        );
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let long = "X".repeat(MAX_LINE + 10);
+        let script = format!(
+            "AUTH PLAIN {}\r\nMAIL FROM:<u@example.com>\r\nEHLO c\r\n{long}\r\nNOOP\r\nAUTH PLAIN !!!\r\nAUTH CRAM-MD5\r\nAUTH PLAIN {}\r\nAUTH PLAIN {}\r\nRCPT TO:<a@b.c>\r\nDATA\r\nVRFY x\r\nBDAT 10 LAST\r\nFOO\r\nQUIT\r\n",
+            b64.encode("\0u\0pw"),
+            b64.encode("\0u\0wrong"),
+            b64.encode("\0u\0pw"),
+        );
+        w.write_all(script.as_bytes()).await.unwrap();
+        let mut codes = Vec::new();
+        loop {
+            let l = line(&mut r).await;
+            assert!(l.ends_with("\r\n"), "{l:?}");
+            if l.as_bytes()[3] == b'-' {
+                continue;
+            }
+            let code: u16 = l[..3].parse().unwrap();
+            // Every reply except EHLO's carries an enhanced status code.
+            if l != "250 HELP\r\n" {
+                let enhanced = l[4..].split(' ').next().unwrap();
+                assert_eq!(enhanced.as_bytes()[0], l.as_bytes()[0], "{l}");
+                assert_eq!(enhanced.matches('.').count(), 2, "{l}");
+            }
+            codes.push(code);
+            if code == 221 {
+                break;
+            }
+        }
+        assert_eq!(
+            codes,
+            vec![503, 530, 250, 500, 250, 501, 504, 535, 235, 503, 503, 252, 502, 500, 221]
+        );
+        assert!(matches!(task.await.unwrap(), End::Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_client_gets_421_after_the_command_timeout() {
+        let ctx = ctx(Duration::from_secs(300));
+        let (client, server) = tokio::io::duplex(1024);
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let task =
+            tokio::spawn(async move { Session::new(&ctx, server, peer, false).run(true).await });
+        let (r, _w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        assert!(line(&mut r).await.starts_with("220 "));
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            line(&mut r).await,
+            "421 4.4.2 Idle timeout, closing connection\r\n"
+        );
+        assert!(started.elapsed() >= Duration::from_secs(300));
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_tells_an_idle_client_421() {
+        let ctx = ctx(COMMAND_TIMEOUT);
+        let shutdown = ctx.shutdown.clone();
+        let (client, server) = tokio::io::duplex(1024);
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let task =
+            tokio::spawn(async move { Session::new(&ctx, server, peer, false).run(true).await });
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        assert!(line(&mut r).await.starts_with("220 "));
+        w.write_all(b"NOOP\r\n").await.unwrap();
+        assert!(line(&mut r).await.starts_with("250 2.0.0"));
+        shutdown.cancel();
+        assert_eq!(
+            line(&mut r).await,
+            "421 4.3.2 Service shutting down, try again later\r\n"
+        );
+        task.await.unwrap();
+    }
+}

@@ -290,3 +290,63 @@ async fn sessions_per_mailbox_are_capped_and_reused() {
     );
     assert_eq!(env.tokens.requests(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_get_421() {
+    let env = start(Opts {
+        listen: "max_connections = 2".into(),
+        ..Opts::default()
+    })
+    .await;
+    let c1 = TcpSmtp::connect(env.addr).await;
+    let _c2 = TcpSmtp::connect(env.addr).await;
+    let s = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let mut third = Smtp::over(s);
+    let (code, t) = third.reply().await;
+    assert_eq!(
+        (code, t.as_str()),
+        (421, "4.3.2 Too many connections, try again later")
+    );
+    // A slot frees up when a client leaves.
+    drop(c1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = Smtp::over(tokio::net::TcpStream::connect(env.addr).await.unwrap());
+        if c.reply().await.0 == 220 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no slot freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_the_transaction_in_flight_finish() {
+    let mut env = start(Opts::default()).await;
+    let mut c = TcpSmtp::connect(env.addr).await;
+    c.login().await;
+    c.expect(&format!("MAIL FROM:<{MAILBOX}>"), 250).await;
+    c.expect("RCPT TO:<a@fabrikam.com>", 250).await;
+    let bridge = env.bridge.take().unwrap();
+    bridge.shutdown();
+    // The transaction completes, then the idle session is told the service is going away.
+    c.expect("DATA", 354).await;
+    c.send(&dot_stuff(MSG)).await;
+    c.send(b".\r\n").await;
+    assert_eq!(c.reply().await.0, 250);
+    assert_eq!(c.reply().await.0, 421);
+    tokio::time::timeout(Duration::from_secs(10), bridge.wait())
+        .await
+        .expect("bridge stops");
+    assert_eq!(
+        env.upstream
+            .wait_received(1, Duration::from_secs(5))
+            .await
+            .len(),
+        1
+    );
+    assert!(
+        tokio::net::TcpStream::connect(env.addr).await.is_err(),
+        "listener closed"
+    );
+}
