@@ -350,3 +350,38 @@ async fn shutdown_lets_the_transaction_in_flight_finish() {
         "listener closed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_sessions_are_closed_after_idle_secs() {
+    let env = start(Opts {
+        upstream: "idle_secs = 1".into(),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = TcpSmtp::connect(env.addr).await;
+    c.login().await;
+    assert_eq!(
+        c.send_message(MAILBOX, &["a@fabrikam.com"], MSG).await.0,
+        250
+    );
+    assert_eq!(env.upstream.open_sessions(), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while env.upstream.open_sessions() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle session still open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The upstream saw a polite QUIT, and the next message opens a new session.
+    assert!(
+        env.upstream.log().iter().any(|l| l.ends_with(" QUIT")),
+        "{:?}",
+        env.upstream.log()
+    );
+    assert_eq!(
+        c.send_message(MAILBOX, &["a@fabrikam.com"], MSG).await.0,
+        250
+    );
+    assert_eq!(env.upstream.connections(), 2);
+}

@@ -55,3 +55,25 @@ async fn short_lived_tokens_under_load_are_refreshed_a_handful_of_times() {
         "{requests} token requests for {total} messages"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_callers_cause_exactly_one_token_request() {
+    let env = start(Opts::default()).await;
+    let manager = env.bridge.as_ref().unwrap().tokens.clone();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let m = manager.clone();
+        tasks.push(tokio::spawn(async move {
+            m.token(USER).await.map(|t| t.generation)
+        }));
+    }
+    let mut generations = Vec::new();
+    for t in tasks {
+        generations.push(t.await.unwrap().expect("token"));
+    }
+    assert_eq!(env.tokens.requests(), 1);
+    assert!(
+        generations.windows(2).all(|w| w[0] == w[1]),
+        "everyone got the same token"
+    );
+}
