@@ -39,6 +39,8 @@ impl Bridge {
             )?),
         };
         let shutdown = CancellationToken::new();
+        // Tokens are fetched at start (client credentials) and refreshed ahead of expiry.
+        tokens.spawn_refresher(shutdown.clone());
         let ctx = Arc::new(SessionContext {
             hostname: local_hostname(),
             auth: LocalAuth::new(config),

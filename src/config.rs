@@ -8,6 +8,7 @@
 
 use crate::oauth::provider::{Flow, Provider};
 use crate::oauth::secret::Secret;
+use crate::oauth::store::StateKey;
 use serde::Deserialize;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -84,6 +85,8 @@ pub struct Upstream {
 #[derive(Debug, Clone)]
 pub struct State {
     pub dir: PathBuf,
+    /// Seals the token files when set (`state.key_file` or `state.key_env`).
+    pub key: Option<StateKey>,
 }
 
 /// How a local password is checked.
@@ -174,6 +177,8 @@ struct RawUpstream {
 #[serde(deny_unknown_fields)]
 struct RawState {
     dir: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    key_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -318,15 +323,50 @@ impl Validator<'_> {
             accounts.push(acc);
         }
         let upstream = self.upstream(raw.upstream, accounts[0].oauth.provider)?;
-        let state = State {
-            dir: self.path(&raw.state.dir.unwrap_or_else(|| PathBuf::from("state"))),
-        };
+        let state = self.state(raw.state)?;
         Ok(Config {
             source: self.file.to_string(),
             listen,
             upstream,
             state,
             accounts,
+        })
+    }
+
+    fn state(&self, s: RawState) -> Result<State, ConfigError> {
+        let key = match (s.key_file, s.key_env) {
+            (Some(_), Some(_)) => {
+                return Err(self.err("state.key_file", "set either key_file or key_env, not both"))
+            }
+            (Some(p), None) => {
+                let p = self.path(&p);
+                let text = std::fs::read_to_string(&p).map_err(|e| {
+                    self.err(
+                        "state.key_file",
+                        format!("cannot read {}: {e}", p.display()),
+                    )
+                })?;
+                Some(
+                    StateKey::from_base64(&text)
+                        .map_err(|r| self.err("state.key_file", format!("{}: {r}", p.display())))?,
+                )
+            }
+            (None, Some(var)) => match (self.env)(&var) {
+                Some(v) if !v.is_empty() => Some(StateKey::from_base64(&v).map_err(|r| {
+                    self.err("state.key_env", format!("environment variable {var} {r}"))
+                })?),
+                _ => {
+                    return Err(self.err(
+                        "state.key_env",
+                        format!("environment variable {var} is not set or empty"),
+                    ))
+                }
+            },
+            (None, None) => None,
+        };
+        Ok(State {
+            dir: self.path(&s.dir.unwrap_or_else(|| PathBuf::from("state"))),
+            key,
         })
     }
 

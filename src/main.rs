@@ -35,6 +35,17 @@ enum Format {
 enum Command {
     /// Run the SMTP listener and relay until SIGINT/SIGTERM
     Serve,
+    /// Sign in for a delegated account and store its refresh token
+    Login {
+        /// The account's local username
+        account: String,
+        /// Use the device code flow (for hosts without a browser)
+        #[arg(long)]
+        device: bool,
+        /// Only print the sign-in URL; do not start a browser
+        #[arg(long)]
+        no_browser: bool,
+    },
     /// Validate the config and test token + upstream STARTTLS + AUTH XOAUTH2 for each account
     Check {
         /// Only this account (its local username)
@@ -60,12 +71,10 @@ fn main() {
     let result = match cli.command {
         Command::HashPassword => cli::hash_password::run(),
         command => {
-            // `check` prints its own report; its log shows only problems unless RUST_LOG says otherwise.
-            let default_level = if matches!(command, Command::Check { .. }) {
-                "warn"
-            } else {
-                "info"
-            };
+            // `check` and `login` print their own report; their log shows only problems
+            // unless RUST_LOG says otherwise.
+            let quiet = matches!(command, Command::Check { .. } | Command::Login { .. });
+            let default_level = if quiet { "warn" } else { "info" };
             telemetry::init(format, default_level);
             match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -89,6 +98,11 @@ async fn run(
     match command {
         Command::Serve => cli::serve::run(config).await,
         Command::Check { account } => cli::check::run(config, account.as_deref()).await,
+        Command::Login {
+            account,
+            device,
+            no_browser,
+        } => cli::login::run(config, &account, device, no_browser).await,
         Command::Demo => cli::demo::run(format).await,
         Command::HashPassword => cli::hash_password::run(),
     }

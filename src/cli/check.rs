@@ -2,7 +2,7 @@
 //! STARTTLS, AUTH XOAUTH2, QUIT; one line per account, `ok` or the failure and a hint.
 
 use super::CliError;
-use smtp_oauth_bridge::config::Config;
+use smtp_oauth_bridge::config::{Account, Config};
 use smtp_oauth_bridge::oauth::manager::{TokenError, TokenManager};
 use smtp_oauth_bridge::relay::upstream::{UpReply, UpstreamError, UpstreamSession, UpstreamTarget};
 use std::path::Path;
@@ -27,7 +27,7 @@ pub async fn run(config_path: &Path, only: Option<&str>) -> Result<(), CliError>
         .filter(|a| only.is_none_or(|n| n == a.username))
     {
         checked += 1;
-        let line = match check_account(&tokens, &target, &a.username, &a.mailbox).await {
+        let line = match check_account(&tokens, &target, a).await {
             Ok(()) => format!(
                 "{}: ok (mailbox {}, {} STARTTLS + XOAUTH2 accepted)",
                 a.username,
@@ -52,33 +52,67 @@ pub async fn run(config_path: &Path, only: Option<&str>) -> Result<(), CliError>
 async fn check_account(
     tokens: &TokenManager,
     target: &UpstreamTarget,
-    account: &str,
-    mailbox: &str,
+    acc: &Account,
 ) -> Result<(), (String, String)> {
-    let token = tokens.token(account).await.map_err(|e| {
+    let (account, mailbox) = (acc.username.as_str(), acc.mailbox.as_str());
+    let token_failed = |e: TokenError| {
         let hint = match &e {
             TokenError::NeedsLogin { .. } => format!("run: smtp-oauth-bridge login {account}"),
             TokenError::Provider { reason, .. } => token_hint(reason),
             TokenError::UnknownAccount(_) => "check the configuration".into(),
         };
         (format!("token: {e}"), hint)
-    })?;
-    let mut session = UpstreamSession::connect(target).await.map_err(|e| {
-        (
-            e.to_string(),
-            "check upstream.host/port, the network path to it, and upstream.ca_file for private CAs".into(),
-        )
-    })?;
-    let r = session.auth_xoauth2(mailbox, &token.secret).await;
-    session.close().await;
-    match r {
-        Ok(_) => Ok(()),
-        Err(UpstreamError::Reply(rep)) => Err((format!("AUTH XOAUTH2: {rep}"), smtp_hint(&rep))),
-        Err(e) => Err((
-            format!("AUTH XOAUTH2: {e}"),
-            "the upstream dropped the session; try again".into(),
-        )),
+    };
+    let mut token = tokens.force_refresh(account).await.map_err(token_failed)?;
+    let mut refreshed = false;
+    loop {
+        let mut session = UpstreamSession::connect(target).await.map_err(|e| {
+            (
+                e.to_string(),
+                "check upstream.host/port, the network path to it, and upstream.ca_file for private CAs".into(),
+            )
+        })?;
+        let r = match session.auth_xoauth2(mailbox, &token.secret).await {
+            Ok(_) => send_as(&mut session, acc).await,
+            // A stored token the provider has since revoked: refresh once, as serve would.
+            Err(UpstreamError::Reply(rep))
+                if !refreshed && rep.code == 535 && rep.text.starts_with("5.7.3") =>
+            {
+                session.close().await;
+                refreshed = true;
+                token = tokens
+                    .refresh_rejected(account, token.generation)
+                    .await
+                    .map_err(token_failed)?;
+                continue;
+            }
+            Err(UpstreamError::Reply(rep)) => {
+                Err((format!("AUTH XOAUTH2: {rep}"), smtp_hint(&rep)))
+            }
+            Err(e) => Err((format!("AUTH XOAUTH2: {e}"), DROPPED.into())),
+        };
+        session.close().await;
+        return r;
     }
+}
+
+const DROPPED: &str = "the upstream dropped the session; try again";
+
+/// MAIL FROM each exact `allowed_from` address, then RSET: catches missing Send As rights
+/// where the upstream reports them at MAIL. Nothing is sent.
+async fn send_as(session: &mut UpstreamSession, acc: &Account) -> Result<(), (String, String)> {
+    for from in acc.allowed_from.iter().filter(|f| !f.starts_with("*@")) {
+        match session.command(&format!("MAIL FROM:<{from}>")).await {
+            Ok(_) => {
+                let _ = session.command("RSET").await;
+            }
+            Err(UpstreamError::Reply(rep)) => {
+                return Err((format!("MAIL FROM:<{from}>: {rep}"), smtp_hint(&rep)))
+            }
+            Err(e) => return Err((format!("MAIL FROM:<{from}>: {e}"), DROPPED.into())),
+        }
+    }
+    Ok(())
 }
 
 /// What to do about an error from the token endpoint.
@@ -106,6 +140,8 @@ pub fn smtp_hint(r: &UpReply) -> String {
         "SMTP AUTH is disabled for the tenant or mailbox: enable Authenticated SMTP for the mailbox (Set-CASMailbox -SmtpClientAuthenticationDisabled $false)".into()
     } else if t.contains("5.7.3") {
         "the token was refused: check that mailbox matches the signed-in user (or the mailbox the app may send as) and the scopes".into()
+    } else if t.contains("SendAsDenied") || t.contains("5.2.252") {
+        "the mailbox may not send as this address: grant Send As (Add-RecipientPermission <address> -AccessRights SendAs -Trustee <mailbox>) or remove it from allowed_from".into()
     } else if r.code == 430 || t.contains("4.2.0") || t.contains("5.7.57") {
         "client credentials: register the Exchange service principal (New-ServicePrincipal) and grant it FullAccess on the mailbox (Add-MailboxPermission)".into()
     } else {

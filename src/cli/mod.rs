@@ -4,6 +4,7 @@
 pub mod check;
 pub mod demo;
 pub mod hash_password;
+pub mod login;
 pub mod serve;
 
 use std::fmt;

@@ -3,7 +3,6 @@
 use super::CliError;
 use smtp_oauth_bridge::bridge::Bridge;
 use smtp_oauth_bridge::config::Config;
-use smtp_oauth_bridge::oauth::provider::Flow;
 use std::path::Path;
 
 pub async fn run(config_path: &Path) -> Result<(), CliError> {
@@ -19,18 +18,6 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     let bridge = Bridge::start(&config, listener)
         .await
         .map_err(CliError::Runtime)?;
-    // App-only accounts can fetch a token right away; the first message need not wait.
-    for a in config
-        .accounts
-        .iter()
-        .filter(|a| a.oauth.flow == Flow::ClientCredentials)
-    {
-        let tokens = bridge.tokens.clone();
-        let name = a.username.clone();
-        tokio::spawn(async move {
-            let _ = tokens.token(&name).await;
-        });
-    }
     wait_for_signal().await;
     tracing::info!("shutting down: no new connections; finishing transactions in flight");
     bridge.shutdown();

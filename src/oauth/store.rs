@@ -2,16 +2,22 @@
 //!
 //! Files are 0600 in 0700 directories, written to a temporary file, fsync'd, renamed over
 //! the old one and the directory fsync'd, so a crash leaves either the old or the new file.
-//! A corrupt or newer-version file is reported, never overwritten silently. What the tokens
-//! mean and when to refresh them is the manager's business.
+//! A corrupt or newer-version file is reported, never overwritten silently. With a state
+//! key configured the tokens are sealed with ChaCha20-Poly1305 (the account name is the
+//! associated data, so a file cannot be moved to another account); a wrong key is a clear
+//! error. What the tokens mean and when to refresh them is the manager's business.
 
 use crate::oauth::secret::Secret;
+use base64::Engine as _;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 #[cfg(unix)]
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 /// The file format version this build writes and reads.
 pub const STORE_VERSION: u32 = 1;
@@ -41,36 +47,92 @@ pub enum StoreError {
     },
     #[error("token store {path} has format version {found}, newer than this build understands ({STORE_VERSION}); upgrade smtp-oauth-bridge")]
     FutureVersion { path: PathBuf, found: u32 },
+    #[error("token store {path} cannot be decrypted: wrong state key (state.key_file / state.key_env), or the file was altered")]
+    WrongKey { path: PathBuf },
+    #[error("token store {path} is encrypted but no state key is configured (state.key_file or state.key_env)")]
+    KeyMissing { path: PathBuf },
 }
 
-#[derive(Serialize)]
-struct FileOut<'a> {
-    version: u32,
-    account: &'a str,
-    access_token: Option<&'a str>,
-    expires_at: u64,
-    refresh_token: Option<&'a str>,
+/// The 32-byte key that seals token files.
+#[derive(Clone)]
+pub struct StateKey(Key);
+
+impl std::fmt::Debug for StateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateKey([redacted])")
+    }
 }
 
-#[derive(Deserialize)]
-struct FileIn {
-    version: u32,
+impl StateKey {
+    /// Parses a key written as base64 (standard or URL-safe) of 32 bytes.
+    pub fn from_base64(text: &str) -> Result<StateKey, String> {
+        let t = text.trim();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(t)
+            .or_else(|_| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t.trim_end_matches('='))
+            })
+            .map_err(|_| {
+                "is not base64 (create one with: head -c 32 /dev/urandom | base64)".to_string()
+            })?;
+        if bytes.len() != 32 {
+            return Err(format!(
+                "decodes to {} bytes; 32 are needed (create one with: head -c 32 /dev/urandom | base64)",
+                bytes.len()
+            ));
+        }
+        Ok(StateKey(*Key::from_slice(&bytes)))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    alg: String,
+    nonce: String,
+    ciphertext: String,
+}
+
+/// The token fields, as sealed inside an encrypted file.
+#[derive(Serialize, Deserialize)]
+struct Inner {
     access_token: Option<String>,
     #[serde(default)]
     expires_at: u64,
     refresh_token: Option<String>,
 }
 
+const SEAL_ALG: &str = "chacha20poly1305";
+
+#[derive(Serialize, Deserialize)]
+struct File {
+    version: u32,
+    #[serde(default)]
+    account: String,
+    #[serde(flatten)]
+    plain: Option<Inner>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sealed: Option<Sealed>,
+}
+
 #[derive(Debug, Clone)]
 pub struct TokenStore {
     dir: PathBuf,
+    key: Option<StateKey>,
 }
 
 impl TokenStore {
-    pub fn new(state_dir: &Path) -> TokenStore {
+    pub fn new(state_dir: &Path, key: Option<StateKey>) -> TokenStore {
         TokenStore {
             dir: state_dir.join("tokens"),
+            key,
         }
+    }
+
+    /// When the account's file last changed (None if there is none).
+    pub fn modified(&self, account: &str) -> Option<SystemTime> {
+        fs::metadata(self.path(account))
+            .and_then(|m| m.modified())
+            .ok()
     }
 
     pub fn path(&self, account: &str) -> PathBuf {
@@ -85,14 +147,17 @@ impl TokenStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StoreError::Io { path, source }),
         };
-        let file: FileIn = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+        let corrupt = |reason: String| StoreError::Corrupt {
             path: path.clone(),
             account: account.to_string(),
-            reason: format!(
+            reason,
+        };
+        let file: File = serde_json::from_slice(&bytes).map_err(|e| {
+            corrupt(format!(
                 "not valid token JSON at line {} column {}",
                 e.line(),
                 e.column()
-            ),
+            ))
         })?;
         if file.version > STORE_VERSION {
             return Err(StoreError::FutureVersion {
@@ -100,10 +165,48 @@ impl TokenStore {
                 found: file.version,
             });
         }
+        let inner = match (file.sealed, &self.key) {
+            (Some(_), None) => return Err(StoreError::KeyMissing { path }),
+            (Some(sealed), Some(key)) => {
+                if sealed.alg != SEAL_ALG {
+                    return Err(corrupt(format!("unknown encryption {:?}", sealed.alg)));
+                }
+                let b64 = base64::engine::general_purpose::STANDARD;
+                let nonce = b64
+                    .decode(&sealed.nonce)
+                    .map_err(|_| corrupt("bad nonce".into()))?;
+                let ct = b64
+                    .decode(&sealed.ciphertext)
+                    .map_err(|_| corrupt("bad ciphertext".into()))?;
+                if nonce.len() != 12 {
+                    return Err(corrupt("bad nonce".into()));
+                }
+                let plain = ChaCha20Poly1305::new(&key.0)
+                    .decrypt(
+                        Nonce::from_slice(&nonce),
+                        Payload {
+                            msg: &ct,
+                            aad: account.as_bytes(),
+                        },
+                    )
+                    .map_err(|_| StoreError::WrongKey { path: path.clone() })?;
+                let plain = Secret::new(
+                    String::from_utf8(plain).map_err(|_| corrupt("bad plaintext".into()))?,
+                );
+                serde_json::from_str::<Inner>(plain.expose())
+                    .map_err(|_| corrupt("bad sealed content".into()))?
+            }
+            // A plain file is read even when a key is configured: it is sealed on next write.
+            (None, _) => file.plain.unwrap_or(Inner {
+                access_token: None,
+                expires_at: 0,
+                refresh_token: None,
+            }),
+        };
         Ok(Some(StoredTokens {
-            access_token: file.access_token.map(Secret::new),
-            expires_at: file.expires_at,
-            refresh_token: file.refresh_token.map(Secret::new),
+            access_token: inner.access_token.map(Secret::new),
+            expires_at: inner.expires_at,
+            refresh_token: inner.refresh_token.map(Secret::new),
         }))
     }
 
@@ -116,21 +219,63 @@ impl TokenStore {
         create_private_dir(&self.dir).map_err(io(&self.dir))?;
         let path = self.path(account);
         let tmp = self.dir.join(format!(".{account}.json.tmp"));
-        let body = serde_json::to_vec_pretty(&FileOut {
-            version: STORE_VERSION,
-            account,
-            access_token: tokens.access_token.as_ref().map(Secret::expose),
+        let inner = Inner {
+            access_token: tokens.access_token.as_ref().map(|t| t.expose().to_string()),
             expires_at: tokens.expires_at,
-            refresh_token: tokens.refresh_token.as_ref().map(Secret::expose),
-        })
-        .map_err(|e| io(&path)(std::io::Error::other(e)))?;
+            refresh_token: tokens
+                .refresh_token
+                .as_ref()
+                .map(|t| t.expose().to_string()),
+        };
+        let file = match &self.key {
+            None => File {
+                version: STORE_VERSION,
+                account: account.to_string(),
+                plain: Some(inner),
+                sealed: None,
+            },
+            Some(key) => {
+                let plain = Secret::new(
+                    serde_json::to_string(&inner)
+                        .map_err(|e| io(&path)(std::io::Error::other(e)))?,
+                );
+                drop(inner);
+                let mut nonce = [0u8; 12];
+                getrandom::getrandom(&mut nonce)
+                    .map_err(|e| io(&path)(std::io::Error::other(e)))?;
+                let ct = ChaCha20Poly1305::new(&key.0)
+                    .encrypt(
+                        Nonce::from_slice(&nonce),
+                        Payload {
+                            msg: plain.expose().as_bytes(),
+                            aad: account.as_bytes(),
+                        },
+                    )
+                    .map_err(|_| io(&path)(std::io::Error::other("encryption failed")))?;
+                let b64 = base64::engine::general_purpose::STANDARD;
+                File {
+                    version: STORE_VERSION,
+                    account: account.to_string(),
+                    plain: None,
+                    sealed: Some(Sealed {
+                        alg: SEAL_ALG.to_string(),
+                        nonce: b64.encode(nonce),
+                        ciphertext: b64.encode(ct),
+                    }),
+                }
+            }
+        };
+        let body = Secret::new(
+            serde_json::to_string_pretty(&file).map_err(|e| io(&path)(std::io::Error::other(e)))?,
+        );
+        drop(file);
         {
             let mut opts = OpenOptions::new();
             opts.write(true).create(true).truncate(true);
             #[cfg(unix)]
             opts.mode(0o600);
             let mut f = opts.open(&tmp).map_err(io(&tmp))?;
-            f.write_all(&body).map_err(io(&tmp))?;
+            f.write_all(body.expose().as_bytes()).map_err(io(&tmp))?;
             f.sync_all().map_err(io(&tmp))?;
         }
         fs::rename(&tmp, &path).map_err(io(&path))?;
@@ -160,7 +305,7 @@ mod tests {
     #[test]
     fn round_trip_with_private_modes() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = TokenStore::new(&tmp.path().join("state"));
+        let store = TokenStore::new(&tmp.path().join("state"), None);
         assert!(store.load("scanner").unwrap().is_none());
         let t = StoredTokens {
             access_token: Some(Secret::new("at-123")),
@@ -189,7 +334,7 @@ mod tests {
     #[test]
     fn corrupt_and_future_files_are_reported_not_overwritten() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = TokenStore::new(tmp.path());
+        let store = TokenStore::new(tmp.path(), None);
         create_private_dir(&tmp.path().join("tokens")).unwrap();
         fs::write(store.path("a"), b"{not json").unwrap();
         let e = store.load("a").unwrap_err();
@@ -202,5 +347,54 @@ mod tests {
             "{e}"
         );
         assert_eq!(fs::read(store.path("a")).unwrap(), b"{not json");
+    }
+
+    #[test]
+    fn encrypted_store_round_trip_wrong_key_and_missing_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = StateKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        let sealed = TokenStore::new(tmp.path(), Some(key));
+        let t = StoredTokens {
+            access_token: Some(Secret::new("at-secret-value")),
+            expires_at: 7,
+            refresh_token: Some(Secret::new("rt-secret-value")),
+        };
+        sealed.save("acct", &t).unwrap();
+        let raw = fs::read_to_string(sealed.path("acct")).unwrap();
+        assert!(
+            !raw.contains("secret-value"),
+            "tokens are not in the clear: {raw}"
+        );
+        assert!(raw.contains("chacha20poly1305"));
+        let back = sealed.load("acct").unwrap().unwrap();
+        assert_eq!(back.refresh_token.unwrap().expose(), "rt-secret-value");
+
+        let other = StateKey::from_base64("HwECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        let e = TokenStore::new(tmp.path(), Some(other))
+            .load("acct")
+            .unwrap_err();
+        assert!(matches!(e, StoreError::WrongKey { .. }), "{e}");
+        assert!(e.to_string().contains("wrong state key"), "{e}");
+        let e = TokenStore::new(tmp.path(), None).load("acct").unwrap_err();
+        assert!(matches!(e, StoreError::KeyMissing { .. }), "{e}");
+
+        // A file sealed for one account does not open as another.
+        fs::copy(sealed.path("acct"), sealed.path("other")).unwrap();
+        assert!(matches!(
+            sealed.load("other").unwrap_err(),
+            StoreError::WrongKey { .. }
+        ));
+
+        assert!(StateKey::from_base64("c2hvcnQ=")
+            .unwrap_err()
+            .contains("32 are needed"));
+        assert!(StateKey::from_base64("not base64 at all!").is_err());
+        assert_eq!(
+            format!(
+                "{:?}",
+                StateKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap()
+            ),
+            "StateKey([redacted])"
+        );
     }
 }

@@ -81,6 +81,10 @@ fn upstream_failure(e: &UpstreamError, stage: Stage) -> Reply {
         UpstreamError::Lost(m) => {
             Reply::new(451, "4.4.2", format!("Lost connection to upstream: {m}"))
         }
+        // The upstream's 421 closes *its* channel, not ours: the local session goes on.
+        UpstreamError::Reply(r) if r.code == 421 => {
+            Reply::new(451, "4.4.2", format!("Upstream closed the session: {r}"))
+        }
         UpstreamError::Reply(r) if r.code >= 500 || r.code < 400 => pass_through(r, stage),
         UpstreamError::Reply(r) if stage == Stage::Data => {
             let (status, text) = split_enhanced(r.code, &r.text);
@@ -232,6 +236,17 @@ mod tests {
         assert_eq!((cases[1].code, cases[1].status.as_ref()), (451, "4.4.1"));
         assert_eq!((cases[3].code, cases[3].status.as_ref()), (454, "4.7.0"));
         assert!(cases[3].text.contains("run: smtp-oauth-bridge login a"));
+    }
+
+    #[test]
+    fn upstream_421_never_reaches_the_client_as_421() {
+        let r = rcpt_reply(&Err(UpstreamError::Reply(up(
+            421,
+            "4.3.2 Service not available",
+        ))));
+        assert_eq!((r.code, r.status.as_ref()), (451, "4.4.2"));
+        let (r, o) = data_reply(&Err(UpstreamError::Reply(up(421, "4.4.2 timeout"))), "X");
+        assert_eq!((r.code, o), (451, Outcome::Deferred));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::oauth::manager::AccountStatus;
 use crate::oauth::secret::Secret;
 use crate::relay::outcome;
 use crate::relay::pool::{Lease, Pool};
+use crate::relay::upstream::UpstreamError;
 use crate::smtp::auth::LocalAuth;
 use crate::smtp::reply::{self, Reply};
 use crate::telemetry::{self, RelayEvent};
@@ -549,8 +550,15 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
         self.reply(&reply::START_DATA);
         let Some(content) = self.receive_data().await? else {
-            // Too big: the data was read and discarded.
-            self.reset().await;
+            // Too big: the data was read and discarded; the upstream never saw DATA.
+            if let Some(txn) = self.txn.take() {
+                let why = format!(
+                    "message exceeds listen.max_message_bytes ({})",
+                    self.ctx.max_message_bytes
+                );
+                self.log_relay(&txn, 0, "rejected", 0, &why);
+                abort_txn(txn).await;
+            }
             self.reply(&reply::TOO_BIG);
             return Ok(());
         };
@@ -560,33 +568,30 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let body = &content[DATA_PREFIX.len()..];
         let result = txn.lease.session().data(body).await;
         let (reply, outcome) = outcome::data_reply(&result, &txn.id);
-        let account = self
-            .user
-            .as_ref()
-            .map(|a| a.username.as_str())
-            .unwrap_or("");
         let (code, text) = match &result {
             Ok(r) => (r.code, Cow::Borrowed(r.text.as_str())),
-            Err(crate::relay::upstream::UpstreamError::Reply(r)) => {
-                (r.code, Cow::Borrowed(r.text.as_str()))
-            }
+            Err(UpstreamError::Reply(r)) => (r.code, Cow::Borrowed(r.text.as_str())),
             Err(e) => (0, Cow::Owned(e.to_string())),
         };
-        telemetry::relay_event(&RelayEvent {
-            id: &txn.id,
-            account,
-            from: &txn.from,
-            rcpts: &txn.rcpts,
-            bytes: body.len(),
-            outcome: outcome.as_str(),
-            upstream_code: code,
-            upstream_reply: &text,
-            ms: txn.started.elapsed().as_millis() as u64,
-        });
+        self.log_relay(&txn, body.len(), outcome.as_str(), code, &text);
         // After any final DATA reply the upstream session is idle again, unless it broke.
         txn.lease.release(true);
         self.reply(&reply);
         Ok(())
+    }
+
+    fn log_relay(&self, txn: &Txn, bytes: usize, outcome: &str, code: u16, reply: &str) {
+        telemetry::relay_event(&RelayEvent {
+            id: &txn.id,
+            account: self.user.as_ref().map_or("", |a| a.username.as_str()),
+            from: &txn.from,
+            rcpts: &txn.rcpts,
+            bytes,
+            outcome,
+            upstream_code: code,
+            upstream_reply: reply,
+            ms: txn.started.elapsed().as_millis() as u64,
+        });
     }
 
     /// Reads message data up to CRLF.CRLF. Returns the unstuffed content prefixed with

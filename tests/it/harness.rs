@@ -27,6 +27,9 @@ pub struct Opts {
     pub lifetime: Duration,
     pub listen: String,
     pub upstream: String,
+    /// `client_credentials` (default, confidential) or a delegated flow (public client).
+    pub flow: &'static str,
+    pub state: String,
 }
 
 impl Default for Opts {
@@ -35,6 +38,8 @@ impl Default for Opts {
             lifetime: Duration::from_secs(3600),
             listen: String::new(),
             upstream: String::new(),
+            flow: "client_credentials",
+            state: String::new(),
         }
     }
 }
@@ -65,6 +70,12 @@ pub async fn remote_ends(opts: &Opts) -> Env {
         bind().await,
         TokenOptions {
             lifetime: opts.lifetime,
+            // Delegated accounts are public clients (no secret), as in a typical app registration.
+            client_secret: if opts.flow == "client_credentials" {
+                TokenOptions::default().client_secret
+            } else {
+                None
+            },
             ..TokenOptions::default()
         },
     )
@@ -87,6 +98,7 @@ timeout_secs = 5
 {upstream_extra}
 [state]
 dir = "state"
+{state_extra}
 
 [[account]]
 username = "{USER}"
@@ -95,16 +107,27 @@ mailbox = "{MAILBOX}"
 allowed_from = ["{MAILBOX}", "rené@contoso.com", "*@fabrikam.com"]
 
 [account.oauth]
-flow = "client_credentials"
+flow = "{flow}"
 tenant = "contoso.onmicrosoft.com"
 client_id = "test-client"
-client_secret_env = "{SECRET_ENV}"
+{secret}
 token_url = "{token_url}"
+authorize_url = "{authorize_url}"
+device_authorization_url = "{device_url}"
 "#,
         listen = opts.listen,
         port = upstream.addr().port(),
         upstream_extra = opts.upstream,
         token_url = tokens.token_url(),
+        authorize_url = tokens.authorize_url(),
+        device_url = tokens.device_authorization_url(),
+        flow = opts.flow,
+        secret = if opts.flow == "client_credentials" {
+            format!("client_secret_env = \"{SECRET_ENV}\"")
+        } else {
+            String::new()
+        },
+        state_extra = opts.state,
     );
     let config_path = dir.path().join("bridge.toml");
     std::fs::write(&config_path, &config_text).expect("write config");

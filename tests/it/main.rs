@@ -6,6 +6,7 @@ mod cli;
 mod clients;
 mod harness;
 mod limits;
+mod login;
 mod relay;
 mod secrets;
 mod tokens;

@@ -112,6 +112,13 @@ async fn pipelined_transaction_gets_replies_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_gets_535_and_nothing_goes_upstream() {
     let env = start(Opts::default()).await;
+    // The app-only token is fetched at start; wait for it, then snapshot the store.
+    let tokens = env.bridge.as_ref().unwrap().tokens.clone();
+    tokens.token(USER).await.expect("token at start");
+    let store_file = env.dir.path().join("state/tokens/scanner.json");
+    let stored = std::fs::read(&store_file).expect("token stored");
+    let requests = env.tokens.requests();
+
     let mut c = TcpSmtp::connect(env.addr).await;
     let (code, text) = c.ehlo_auth_plain(USER, "wrong-password").await;
     assert_eq!(code, 535, "{text}");
@@ -124,10 +131,14 @@ async fn wrong_password_gets_535_and_nothing_goes_upstream() {
     assert_eq!(env.upstream.connections(), 0);
     assert_eq!(
         env.tokens.requests(),
-        0,
+        requests,
         "a wrong password never touches tokens"
     );
-    assert!(!env.dir.path().join("state/tokens").exists());
+    assert_eq!(
+        std::fs::read(&store_file).unwrap(),
+        stored,
+        "the token store is untouched"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

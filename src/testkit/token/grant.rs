@@ -1,10 +1,11 @@
-//! What the fake token endpoint answers: client authentication, the OAuth 2.0 grants it
-//! supports (`client_credentials`, `refresh_token`), token minting and expiry, and
-//! Microsoft-shaped error bodies (`error`, `error_description` with the AADSTS code).
+//! What the fake token endpoint answers: client authentication, the token path's routing
+//! by `grant_type`, the `client_credentials` and `refresh_token` grants (with strict
+//! refresh-token rotation), token minting and expiry, and Microsoft-shaped error bodies
+//! (`error`, `error_description` with the AADSTS code).
 //!
 //! Pure logic over [`State`]; sockets and HTTP framing live in `http.rs`, the public handle
-//! in `mod.rs`. To add `authorization_code` or `device_code`, add a function beside
-//! [`refresh_token`] and route it in [`token_request`].
+//! in `mod.rs`, the interactive grants (`authorization_code` with PKCE, device code) and
+//! their endpoints in `authorize.rs` and `device.rs`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -13,15 +14,21 @@ use base64::Engine as _;
 use serde_json::json;
 use tokio::time::Instant;
 
+use super::authorize::{self, AuthCode};
+use super::device::{self, Device, DeviceSettings};
 use super::http::{basic_credentials, parse_form, Request, Response};
 
 /// The device code grant's registered name (RFC 8628).
-pub(super) const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 /// Random bytes in an access token (-> 60 url-safe characters after the `eyJ0` prefix),
 /// long enough that a test can grep logs for it without false hits.
 const ACCESS_TOKEN_RANDOM_BYTES: usize = 45;
 /// Random bytes in a refresh token.
 const REFRESH_TOKEN_RANDOM_BYTES: usize = 60;
+/// The scope that makes Microsoft issue a refresh token on an interactive grant.
+const OFFLINE_ACCESS: &str = "offline_access";
+/// What a refresh answers as `scope` when the request names none.
+const DEFAULT_DELEGATED_SCOPE: &str = "https://outlook.office.com/SMTP.Send offline_access";
 
 /// The registered application the endpoint knows.
 #[derive(Debug)]
@@ -39,10 +46,25 @@ pub(super) struct State {
     pub access: HashMap<String, Instant>,
     /// Every access token ever issued, in order.
     pub issued: Vec<String>,
-    /// Refresh tokens that are honoured.
-    pub refresh: HashSet<String>,
+    /// Refresh tokens that are honoured, oldest first. Each is removed when it is used
+    /// (rotation) or revoked.
+    pub refresh: Vec<String>,
+    /// The `refresh_token` parameter of the most recent `refresh_token` grant request.
+    pub last_refresh_used: Option<String>,
+    /// Token requests per `grant_type` as sent (canned failures included).
+    pub grants: HashMap<String, usize>,
     /// Canned answers for the next requests, consumed front first.
     pub failures: VecDeque<Response>,
+    /// Authorization codes issued and not yet redeemed.
+    pub codes: HashMap<String, AuthCode>,
+    /// Authorization codes already presented once (successfully or not).
+    pub redeemed_codes: HashSet<String>,
+    /// When set, `/authorize` redirects with this `(error, error_description)`.
+    pub authorize_error: Option<(String, String)>,
+    /// Device codes issued, by `device_code`.
+    pub devices: HashMap<String, Device>,
+    /// How device code polls are answered.
+    pub device: DeviceSettings,
 }
 
 impl State {
@@ -51,8 +73,15 @@ impl State {
             lifetime,
             access: HashMap::new(),
             issued: Vec::new(),
-            refresh: HashSet::new(),
+            refresh: Vec::new(),
+            last_refresh_used: None,
+            grants: HashMap::new(),
             failures: VecDeque::new(),
+            codes: HashMap::new(),
+            redeemed_codes: HashSet::new(),
+            authorize_error: None,
+            devices: HashMap::new(),
+            device: DeviceSettings::default(),
         }
     }
 
@@ -62,8 +91,15 @@ impl State {
 
     pub fn new_refresh_token(&mut self) -> String {
         let token = format!("0.AAAA{}", random_urlsafe(REFRESH_TOKEN_RANDOM_BYTES));
-        self.refresh.insert(token.clone());
+        self.refresh.push(token.clone());
         token
+    }
+
+    /// Removes `token` from the valid refresh tokens; false if it was not valid.
+    fn use_refresh_token(&mut self, token: &str) -> bool {
+        let before = self.refresh.len();
+        self.refresh.retain(|t| t != token);
+        self.refresh.len() != before
     }
 
     fn new_access_token(&mut self, now: Instant) -> String {
@@ -74,7 +110,36 @@ impl State {
     }
 }
 
-fn random_urlsafe(n: usize) -> String {
+/// The success body of a delegated grant (authorization code, device code, refresh): a new
+/// access token, and a new refresh token when `with_refresh`.
+pub(super) fn user_tokens(
+    state: &mut State,
+    scope: &str,
+    with_refresh: bool,
+    now: Instant,
+) -> Response {
+    let access = state.new_access_token(now);
+    let secs = state.lifetime.as_secs();
+    let mut body = json!({
+        "token_type": "Bearer",
+        "scope": scope,
+        "expires_in": secs,
+        "ext_expires_in": secs,
+        "access_token": access,
+    });
+    if with_refresh {
+        body["refresh_token"] = json!(state.new_refresh_token());
+    }
+    Response::json(200, body.to_string())
+}
+
+/// Whether an interactive grant for `scope` gets a refresh token (Microsoft issues one only
+/// when `offline_access` was requested).
+pub(super) fn wants_refresh(scope: &str) -> bool {
+    scope.split(' ').any(|s| s == OFFLINE_ACCESS)
+}
+
+pub(super) fn random_urlsafe(n: usize) -> String {
     let mut bytes = vec![0u8; n];
     getrandom::getrandom(&mut bytes).expect("the OS random number generator is available");
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
@@ -95,7 +160,7 @@ pub(super) fn error(status: u16, code: &str, aadsts: u32, description: &str) -> 
     Response::json(status, body.to_string())
 }
 
-fn missing(param: &str) -> Response {
+pub(super) fn missing(param: &str) -> Response {
     error(
         400,
         "invalid_request",
@@ -111,47 +176,64 @@ pub(super) fn token_request(
     req: &Request,
     now: Instant,
 ) -> Response {
+    let pairs = form_pairs(req);
+    let form = Form { req, pairs: &pairs };
+    if req.method == "POST" {
+        if let Some(grant_type) = form.get("grant_type") {
+            *state.grants.entry(grant_type.to_string()).or_default() += 1;
+        }
+    }
     if let Some(canned) = state.failures.pop_front() {
         return canned;
     }
-    if req.method != "POST" {
-        return error(
-            405,
-            "invalid_request",
-            900561,
-            "The endpoint only accepts POST requests.",
-        );
+    if let Some(resp) = require_post(req) {
+        return resp;
     }
-    let form_type = req
-        .header("content-type")
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
-    let pairs = if form_type {
-        parse_form(&req.body)
-    } else {
-        Vec::new()
-    };
-    let form = Form { req, pairs: &pairs };
     let Some(grant_type) = form.get("grant_type") else {
         return missing("grant_type");
     };
     match grant_type {
         "client_credentials" => client_credentials(state, client, &form, now),
         "refresh_token" => refresh_token(state, client, &form, now),
-        // Not implemented yet: these need an /authorize or /devicecode endpoint first.
-        "authorization_code" | DEVICE_CODE_GRANT => unsupported(grant_type),
+        "authorization_code" => authorize::redeem_code(state, client, &form, now),
+        DEVICE_CODE_GRANT => device::poll(state, client, &form, now),
         other => unsupported(other),
     }
 }
 
+/// The 405 answer to anything but POST, as Microsoft's token and devicecode endpoints give.
+pub(super) fn require_post(req: &Request) -> Option<Response> {
+    (req.method != "POST").then(|| {
+        error(
+            405,
+            "invalid_request",
+            900561,
+            "The endpoint only accepts POST requests.",
+        )
+    })
+}
+
+/// The form parameters of a POST body (none unless it is declared form-encoded).
+pub(super) fn form_pairs(req: &Request) -> Vec<(String, String)> {
+    let form_type = req
+        .header("content-type")
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if form_type {
+        parse_form(&req.body)
+    } else {
+        Vec::new()
+    }
+}
+
 /// One request and its form parameters.
-struct Form<'a> {
-    req: &'a Request,
-    pairs: &'a [(String, String)],
+pub(super) struct Form<'a> {
+    pub req: &'a Request,
+    pub pairs: &'a [(String, String)],
 }
 
 impl<'a> Form<'a> {
     /// The first non-empty value of a parameter.
-    fn get(&self, name: &str) -> Option<&'a str> {
+    pub fn get(&self, name: &str) -> Option<&'a str> {
         self.pairs
             .iter()
             .find(|(n, _)| n == name)
@@ -169,9 +251,25 @@ fn unsupported(grant_type: &str) -> Response {
     )
 }
 
+/// When a client secret must be presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SecretRule {
+    /// Always: the grant is for confidential clients only (`client_credentials`).
+    Required,
+    /// Whenever the client has one (`refresh_token`).
+    IfConfidential,
+    /// Checked only if sent: interactive grants, which public clients redeem with PKCE.
+    IfSent,
+}
+
 /// Client authentication: HTTP Basic, or `client_id` (+ `client_secret`) in the body.
-/// A confidential client must present its secret; a public one must not present any.
-fn authenticate(client: &Client, form: &Form<'_>, confidential_only: bool) -> Result<(), Response> {
+/// A confidential client presents its secret as `rule` demands; a public one must not
+/// present any.
+pub(super) fn authenticate(
+    client: &Client,
+    form: &Form<'_>,
+    rule: SecretRule,
+) -> Result<(), Response> {
     let (id, secret) = match form.req.header("authorization").and_then(basic_credentials) {
         Some((id, secret)) => (Some(id), Some(secret).filter(|s| !s.is_empty())),
         None => (
@@ -183,12 +281,7 @@ fn authenticate(client: &Client, form: &Form<'_>, confidential_only: bool) -> Re
         return Err(missing("client_id"));
     };
     if id != client.id {
-        return Err(error(
-            400,
-            "unauthorized_client",
-            700016,
-            &format!("Application with identifier '{id}' was not found in the directory 'FAKE'."),
-        ));
+        return Err(unknown_client(&id));
     }
     match (&client.secret, secret) {
         (Some(expected), Some(got)) if *expected == got => Ok(()),
@@ -202,6 +295,7 @@ fn authenticate(client: &Client, form: &Form<'_>, confidential_only: bool) -> Re
                  app '{id}'."
             ),
         )),
+        (Some(_), None) if rule == SecretRule::IfSent => Ok(()),
         (Some(_), None) => Err(error(
             401,
             "invalid_client",
@@ -216,7 +310,7 @@ fn authenticate(client: &Client, form: &Form<'_>, confidential_only: bool) -> Re
             "Client is public so neither 'client_assertion' nor 'client_secret' should be \
              presented.",
         )),
-        (None, None) if confidential_only => Err(error(
+        (None, None) if rule == SecretRule::Required => Err(error(
             401,
             "invalid_client",
             7000218,
@@ -227,13 +321,23 @@ fn authenticate(client: &Client, form: &Form<'_>, confidential_only: bool) -> Re
     }
 }
 
+/// The answer to a `client_id` the endpoint does not know.
+pub(super) fn unknown_client(id: &str) -> Response {
+    error(
+        400,
+        "unauthorized_client",
+        700016,
+        &format!("Application with identifier '{id}' was not found in the directory 'FAKE'."),
+    )
+}
+
 fn client_credentials(
     state: &mut State,
     client: &Client,
     form: &Form<'_>,
     now: Instant,
 ) -> Response {
-    if let Err(resp) = authenticate(client, form, true) {
+    if let Err(resp) = authenticate(client, form, SecretRule::Required) {
         return resp;
     }
     let Some(scope) = form.get("scope") else {
@@ -269,13 +373,16 @@ fn client_credentials(
 }
 
 fn refresh_token(state: &mut State, client: &Client, form: &Form<'_>, now: Instant) -> Response {
-    if let Err(resp) = authenticate(client, form, false) {
+    if let Err(resp) = authenticate(client, form, SecretRule::IfConfidential) {
         return resp;
     }
     let Some(presented) = form.get("refresh_token") else {
         return missing("refresh_token");
     };
-    if !state.refresh.contains(presented) {
+    state.last_refresh_used = Some(presented.to_string());
+    // Strict rotation: a refresh token works once (Microsoft keeps the old one valid for a
+    // while, but a client that keeps using it is buggy, and tests should see that).
+    if !state.use_refresh_token(presented) {
         return error(
             400,
             "invalid_grant",
@@ -284,22 +391,8 @@ fn refresh_token(state: &mut State, client: &Client, form: &Form<'_>, now: Insta
              Send a new interactive authorization request for this user and resource.",
         );
     }
-    let scope = form
-        .get("scope")
-        .unwrap_or("https://outlook.office.com/SMTP.Send offline_access")
-        .to_string();
-    let access = state.new_access_token(now);
-    let refresh = state.new_refresh_token();
-    let secs = state.lifetime.as_secs();
-    let body = json!({
-        "token_type": "Bearer",
-        "scope": scope,
-        "expires_in": secs,
-        "ext_expires_in": secs,
-        "access_token": access,
-        "refresh_token": refresh,
-    });
-    Response::json(200, body.to_string())
+    let scope = form.get("scope").unwrap_or(DEFAULT_DELEGATED_SCOPE);
+    user_tokens(state, scope, true, now)
 }
 
 #[cfg(test)]
@@ -317,6 +410,7 @@ mod tests {
         Request {
             method: "POST".into(),
             path: "/t/oauth2/v2.0/token".into(),
+            query: String::new(),
             headers,
             body: body.as_bytes().to_vec(),
             http11: true,
@@ -413,8 +507,8 @@ mod tests {
             (
                 "grant_type=authorization_code".into(),
                 400,
-                "unsupported_grant_type",
-                "AADSTS70003",
+                "invalid_request",
+                "AADSTS900144",
             ),
             (
                 "grant_type=client_credentials&client_id=zzz&client_secret=s3cret".into(),
@@ -449,8 +543,20 @@ mod tests {
         let v = json_of(&r);
         let new_rt = v["refresh_token"].as_str().expect("refresh token");
         assert_ne!(new_rt, rt);
-        assert!(st.refresh.contains(new_rt));
+        assert_eq!(
+            st.refresh,
+            vec![new_rt.to_string()],
+            "the old one is used up"
+        );
         assert_eq!(v["scope"], "x");
+        assert_eq!(st.last_refresh_used.as_deref(), Some(rt.as_str()));
+
+        // Presenting the used one again fails and does not touch the new one.
+        let r = token_request(&mut st, &public, &post(&body, None), now);
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(json_of(&r)["error"], "invalid_grant");
+        assert_eq!(st.refresh, vec![new_rt.to_string()]);
+        assert_eq!(st.grants.get("refresh_token"), Some(&2));
 
         let r = token_request(
             &mut st,

@@ -1,6 +1,6 @@
 //! A deliberately small HTTP/1.1 server core for the fake token endpoint: request-head
-//! parsing, `Content-Length` bodies, `Expect: 100-continue`, keep-alive, and
-//! `application/x-www-form-urlencoded` / HTTP Basic decoding.
+//! parsing, `Content-Length` bodies, `Expect: 100-continue`, keep-alive, JSON and redirect
+//! responses, and `application/x-www-form-urlencoded` / HTTP Basic decoding and encoding.
 //!
 //! Parsers here take bytes and return values; [`serve_connection`] is the only code that
 //! touches a socket. What a request *means* is left to the caller's handler.
@@ -21,6 +21,8 @@ pub(crate) struct Request {
     pub method: String,
     /// The request target without the query string.
     pub path: String,
+    /// The raw query string (after `?`, still percent-encoded), empty if there is none.
+    pub query: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     /// HTTP/1.1 (keep-alive by default) rather than HTTP/1.0.
@@ -36,6 +38,24 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// A request as the parser would produce it from `target` (path and query) and a
+    /// form-encoded `body`, for unit tests of the handlers.
+    #[cfg(test)]
+    pub fn form(method: &str, target: &str, body: &str) -> Request {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        Request {
+            method: method.to_string(),
+            path: path.to_string(),
+            query: query.to_string(),
+            headers: vec![(
+                "Content-Type".to_string(),
+                "application/x-www-form-urlencoded".to_string(),
+            )],
+            body: body.as_bytes().to_vec(),
+            http11: true,
+        }
+    }
+
     /// Whether the connection stays open after the response.
     fn keep_alive(&self) -> bool {
         match self.header("connection") {
@@ -46,11 +66,13 @@ impl Request {
     }
 }
 
-/// A JSON response.
+/// A JSON response, or a redirect (`location` set, empty body).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Response {
     pub status: u16,
     pub body: String,
+    /// The `Location` header of a redirect.
+    pub location: Option<String>,
 }
 
 impl Response {
@@ -58,12 +80,26 @@ impl Response {
         Response {
             status,
             body: body.into(),
+            location: None,
+        }
+    }
+
+    /// `302 Found` to `location`, as the authorize endpoint answers a browser.
+    pub fn redirect(location: impl Into<String>) -> Response {
+        Response {
+            status: 302,
+            body: String::new(),
+            location: Some(location.into()),
         }
     }
 
     fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
+        let (content_type, location) = match &self.location {
+            Some(l) => ("text/html; charset=utf-8", format!("Location: {l}\r\n")),
+            None => ("application/json; charset=utf-8", String::new()),
+        };
         let head = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: application/json; charset=utf-8\r\n\
+            "HTTP/1.1 {} {}\r\n{location}Content-Type: {content_type}\r\n\
              Content-Length: {}\r\nCache-Control: no-store, no-cache\r\nPragma: no-cache\r\n\
              Connection: {}\r\n\r\n",
             self.status,
@@ -81,6 +117,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         100 => "Continue",
         200 => "OK",
+        302 => "Found",
         400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
@@ -139,10 +176,12 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, BadRequ
         }
         headers.push((name.to_string(), value.trim().to_string()));
     }
-    let path = target.split('?').next().unwrap_or_default().to_string();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let query = query.split('#').next().unwrap_or_default();
     let req = Request {
         method: method.to_string(),
-        path,
+        path: path.to_string(),
+        query: query.to_string(),
         headers,
         body: Vec::new(),
         http11,
@@ -287,6 +326,24 @@ pub(crate) fn form_decode(s: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Percent-encodes `s` for a query string or form: everything except the RFC 3986
+/// unreserved characters (`A-Z a-z 0-9 - . _ ~`) becomes `%XX`, so the result is safe in
+/// any query component and decodes back with [`form_decode`].
+pub(crate) fn form_encode(s: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0x0f)]));
+        }
+    }
+    out
+}
+
 fn hex(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -324,6 +381,7 @@ mod tests {
         assert_eq!(n, raw.len() - 3);
         assert_eq!(req.method, "POST");
         assert_eq!(req.path, "/t/oauth2/v2.0/token");
+        assert_eq!(req.query, "x=1");
         assert_eq!(req.header("content-length"), Some("3"));
         assert!(req.http11 && req.keep_alive());
         assert_eq!(body_len(&req), Ok(3));
@@ -358,6 +416,29 @@ mod tests {
                 ("bad".into(), "%zz%4".into()),
             ]
         );
+    }
+
+    #[test]
+    fn encodes_forms_reversibly() {
+        let raw = "http://localhost:8400/cb?a=1&b=2 3+4%/é~._-";
+        let enc = form_encode(raw);
+        assert_eq!(
+            enc,
+            "http%3A%2F%2Flocalhost%3A8400%2Fcb%3Fa%3D1%26b%3D2%203%2B4%25%2F%C3%A9~._-"
+        );
+        assert_eq!(form_decode(enc.as_bytes()), raw);
+    }
+
+    #[test]
+    fn redirect_response_framing() {
+        let bytes = Response::redirect("http://localhost:1/?code=x").to_bytes(true);
+        let text = String::from_utf8(bytes).expect("ascii");
+        assert!(text.starts_with("HTTP/1.1 302 Found\r\n"), "{text}");
+        assert!(
+            text.contains("\r\nLocation: http://localhost:1/?code=x\r\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("Content-Length: 0\r\nCache-Control: no-store, no-cache\r\nPragma: no-cache\r\nConnection: keep-alive\r\n\r\n"), "{text}");
     }
 
     #[test]

@@ -1,13 +1,22 @@
-//! Fake OAuth 2.0 token endpoint (Microsoft identity platform v2.0 shaped), served over real
-//! HTTP/1.1 on a listener the caller bound.
+//! Fake OAuth 2.0 endpoints (Microsoft identity platform v2.0 shaped), served over real
+//! HTTP/1.1 on a listener the caller bound: token, authorize (authorization code + PKCE)
+//! and device authorization.
 //!
 //! Owns the public handle [`FakeTokenEndpoint`]: start, URLs, counters, the issued tokens and
-//! the knobs tests turn (lifetime, canned failures, revocation). Grant logic is in `grant.rs`,
-//! HTTP framing in `http.rs`. Any request path ending in `/token` is the token endpoint;
+//! the knobs tests turn (lifetime, canned failures, revocation, the fake user's answers).
+//! Grant logic is in `grant.rs`, `authorize.rs` and `device.rs`, HTTP framing in `http.rs`.
+//! Routing is by the end of the request path: `/token`, `/authorize`, `/devicecode`;
 //! everything else is 404. Time is `tokio::time::Instant`, so `tokio::time::pause` applies.
 
+mod authorize;
+mod device;
+#[cfg(test)]
+mod flow_tests;
 mod grant;
 mod http;
+
+pub use device::DeviceOutcome;
+pub use grant::DEVICE_CODE_GRANT;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -108,14 +117,80 @@ impl FakeTokenEndpoint {
         format!("{}/tenant/oauth2/v2.0/token", self.base_url())
     }
 
+    /// The authorize URL, `http://127.0.0.1:PORT/tenant/oauth2/v2.0/authorize`. A GET with a
+    /// valid PKCE request is answered `302 Found` to the (loopback) `redirect_uri` with
+    /// `code` and `state`, as if the user had signed in and consented at once.
+    pub fn authorize_url(&self) -> String {
+        format!("{}/tenant/oauth2/v2.0/authorize", self.base_url())
+    }
+
+    /// The device authorization URL, `http://127.0.0.1:PORT/tenant/oauth2/v2.0/devicecode`.
+    pub fn device_authorization_url(&self) -> String {
+        format!("{}/tenant/oauth2/v2.0/devicecode", self.base_url())
+    }
+
     /// `http://127.0.0.1:PORT` (or `http://[::1]:PORT` on an IPv6 listener).
     pub fn base_url(&self) -> String {
         format!("http://{}", self.inner.addr)
     }
 
-    /// Requests to the token path answered so far, whatever the outcome.
+    /// Requests to the token path answered so far, whatever the outcome (requests to the
+    /// authorize and devicecode paths are not counted).
     pub fn requests(&self) -> usize {
         self.inner.requests.load(Ordering::SeqCst)
+    }
+
+    /// Token requests (POST) with this `grant_type` so far, whatever the outcome, canned
+    /// [`fail_next`](Self::fail_next) answers included: `"refresh_token"`,
+    /// `"client_credentials"`, `"authorization_code"`, [`DEVICE_CODE_GRANT`].
+    pub fn requests_by_grant(&self, grant_type: &str) -> usize {
+        self.inner
+            .state()
+            .grants
+            .get(grant_type)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The `refresh_token` presented on the most recent `refresh_token` grant request,
+    /// whether or not it was accepted.
+    pub fn last_refresh_token_used(&self) -> Option<String> {
+        self.inner.state().last_refresh_used.clone()
+    }
+
+    /// Refresh tokens that would be accepted now, oldest first: issued, not yet used (each
+    /// works once) and not revoked.
+    pub fn valid_refresh_tokens(&self) -> Vec<String> {
+        self.inner.state().refresh.clone()
+    }
+
+    /// While `Some((error, error_description))`, every valid authorize request is redirected
+    /// back with that error instead of a code, e.g.
+    /// `("access_denied", "AADSTS65004: User declined to consent to access the app.")`.
+    /// `None` (the default) makes the fake user approve again.
+    pub fn set_authorize_error(&self, error: Option<(String, String)>) {
+        self.inner.state().authorize_error = error;
+    }
+
+    /// Device codes answer `authorization_pending` to their first `pending_polls` polls
+    /// (default 2), then the [`DeviceOutcome`]. `interval_secs` (default 1) is the
+    /// `interval` of device codes issued from now on.
+    pub fn set_device_flow(&self, pending_polls: usize, interval_secs: u64) {
+        let mut st = self.inner.state();
+        st.device.pending_polls = pending_polls;
+        st.device.interval_secs = interval_secs;
+    }
+
+    /// What the fake user does with device codes once their pending polls are used up
+    /// (default [`DeviceOutcome::Approve`]). Read at each poll.
+    pub fn set_device_outcome(&self, outcome: DeviceOutcome) {
+        self.inner.state().device.outcome = outcome;
+    }
+
+    /// Device code polls so far: token requests with `grant_type` [`DEVICE_CODE_GRANT`],
+    /// whatever the answer.
+    pub fn device_polls(&self) -> usize {
+        self.requests_by_grant(DEVICE_CODE_GRANT)
     }
 
     /// Lifetime of access tokens issued from now on.
@@ -156,7 +231,8 @@ impl FakeTokenEndpoint {
     }
 
     /// Mints a refresh token as a completed interactive login would have, for seeding a
-    /// token store in tests of the `refresh_token` grant.
+    /// token store in tests of the `refresh_token` grant. Like every refresh token it works
+    /// once: a successful refresh returns its successor and invalidates it.
     pub fn issue_refresh_token(&self) -> String {
         self.inner.state().new_refresh_token()
     }
@@ -170,13 +246,18 @@ impl Inner {
     }
 
     fn handle(&self, req: &Request) -> Response {
-        if !req.path.ends_with("/token") {
+        let now = Instant::now();
+        if req.path.ends_with("/token") {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            grant::token_request(&mut self.state(), &self.client, req, now)
+        } else if req.path.ends_with("/authorize") {
+            authorize::authorize(&mut self.state(), &self.client, req, now)
+        } else if req.path.ends_with("/devicecode") {
+            device::device_authorization(&mut self.state(), &self.client, req, now)
+        } else {
             let body = serde_json::json!({"error": "not_found", "path": req.path});
-            return Response::json(404, body.to_string());
+            Response::json(404, body.to_string())
         }
-        self.requests.fetch_add(1, Ordering::SeqCst);
-        let mut st = self.state();
-        grant::token_request(&mut st, &self.client, req, Instant::now())
     }
 }
 
@@ -342,18 +423,27 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!ep.is_valid(&at), "expired after its lifetime");
 
-        // The rotated refresh token works; after revocation neither does.
+        // The rotated refresh token works once; its successor is the only valid one until
+        // revocation, after which it is refused too.
+        assert_eq!(ep.valid_refresh_tokens(), vec![rt2.clone()]);
         let body2 = format!("grant_type=refresh_token&client_id=test-client&refresh_token={rt2}");
         s.write_all(form_post("/t/oauth2/v2.0/token", &body2).as_bytes())
             .await
             .expect("write");
-        assert_eq!(read_response(&mut s).await.0, 200);
+        let (status, v) = read_response(&mut s).await;
+        assert_eq!(status, 200, "{v}");
+        let rt3 = v["refresh_token"].as_str().expect("refresh").to_string();
+        assert_eq!(ep.valid_refresh_tokens(), vec![rt3.clone()]);
         ep.revoke_refresh_tokens();
-        s.write_all(form_post("/t/oauth2/v2.0/token", &body2).as_bytes())
+        assert!(ep.valid_refresh_tokens().is_empty());
+        let body3 = format!("grant_type=refresh_token&client_id=test-client&refresh_token={rt3}");
+        s.write_all(form_post("/t/oauth2/v2.0/token", &body3).as_bytes())
             .await
             .expect("write");
         let (status, v) = read_response(&mut s).await;
         assert_eq!((status, v["error"].as_str()), (400, Some("invalid_grant")));
+        assert_eq!(ep.last_refresh_token_used(), Some(rt3));
+        assert_eq!(ep.requests_by_grant("refresh_token"), 3);
 
         // A public client cannot use client_credentials.
         s.write_all(form_post("/t/oauth2/v2.0/token", CC).as_bytes())
