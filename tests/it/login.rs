@@ -500,3 +500,36 @@ async fn encrypted_store_with_wrong_key_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_code_expired_or_declined_fails_clearly_and_stores_nothing() {
+    use smtp_oauth_bridge::testkit::token::DeviceOutcome;
+    let env = remote_ends(&Opts {
+        flow: "device_code",
+        ..Opts::default()
+    })
+    .await;
+    for (outcome, text) in [
+        (DeviceOutcome::Expired, "expired_token"),
+        (DeviceOutcome::Declined, "authorization_declined"),
+    ] {
+        env.tokens.set_device_flow(0, 1);
+        env.tokens.set_device_outcome(outcome);
+        let config = env.config_path.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            bin()
+                .args(["--config", config.to_str().unwrap(), "login", USER])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("login for scanner failed") && err.contains(text),
+            "{err}"
+        );
+        assert!(!env.dir.path().join("state/tokens/scanner.json").exists());
+    }
+}
