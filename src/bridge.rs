@@ -1,13 +1,16 @@
-//! Wires a validated config into a running bridge: token manager, upstream pool, local
-//! authentication, TLS and the SMTP listener. Used by `serve`, `demo` and the tests.
+//! Wires a validated config into a running bridge: token manager (with its background
+//! refresher), upstream pool, spool and delivery workers (spool mode), local authentication,
+//! TLS and the SMTP listener. Used by `serve`, `demo` and the tests.
 
 use crate::config::{Config, ListenTls};
 use crate::oauth::manager::TokenManager;
+use crate::relay::deliver::{Pacer, Queue};
 use crate::relay::pool::Pool;
 use crate::relay::upstream::UpstreamTarget;
 use crate::smtp::auth::LocalAuth;
 use crate::smtp::session::{SessionContext, COMMAND_TIMEOUT};
 use crate::smtp::{server, tls};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -20,6 +23,8 @@ pub struct Bridge {
     pub local_addr: SocketAddr,
     pub tokens: TokenManager,
     pub pool: Pool,
+    /// Spool mode only.
+    pub queue: Option<Arc<Queue>>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -39,6 +44,21 @@ impl Bridge {
             )?),
         };
         let shutdown = CancellationToken::new();
+        let pacers: Arc<HashMap<String, Pacer>> = Arc::new(
+            config
+                .accounts
+                .iter()
+                .map(|a| (a.username.clone(), Pacer::default()))
+                .collect(),
+        );
+        let queue = match &config.queue {
+            None => None,
+            Some(q) => Some(
+                Queue::start(config, q, pool.clone(), pacers.clone(), shutdown.clone()).map_err(
+                    |e| format!("spool {}: {e}", config.state.dir.join("spool").display()),
+                )?,
+            ),
+        };
         // Tokens are fetched at start (client credentials) and refreshed ahead of expiry.
         tokens.spawn_refresher(shutdown.clone());
         let ctx = Arc::new(SessionContext {
@@ -50,19 +70,34 @@ impl Bridge {
             require_tls_for_auth: config.listen.require_tls_for_auth,
             starttls_available: acceptor.is_some(),
             shutdown: shutdown.clone(),
+            hard_stop: CancellationToken::new(),
             command_timeout: COMMAND_TIMEOUT,
+            queue: queue.clone(),
+            pacers,
+            messages_per_minute: config.upstream.messages_per_minute,
         });
-        let task = tokio::spawn(server::serve(
-            listener,
-            ctx,
-            acceptor,
-            config.listen.max_connections,
-        ));
-        tracing::info!(listen = %local_addr, accounts = config.accounts.len(), "SMTP listener ready");
+        let grace = config.listen.shutdown_grace;
+        let max_connections = config.listen.max_connections;
+        let q = queue.clone();
+        let task = tokio::spawn(async move {
+            server::serve(listener, ctx, acceptor, max_connections, grace).await;
+            // Spool workers finish the delivery they are in, within the grace period; a
+            // message cut off here stays in the spool and is retried at the next start.
+            if let Some(q) = q {
+                let _ = tokio::time::timeout(grace, q.stopped()).await;
+            }
+        });
+        tracing::info!(
+            listen = %local_addr,
+            accounts = config.accounts.len(),
+            mode = if queue.is_some() { "spool" } else { "sync" },
+            "SMTP listener ready"
+        );
         Ok(Bridge {
             local_addr,
             tokens,
             pool,
+            queue,
             shutdown,
             task,
         })

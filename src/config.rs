@@ -69,6 +69,8 @@ pub struct Listen {
     pub max_message_bytes: usize,
     pub max_recipients: usize,
     pub max_connections: usize,
+    /// After SIGTERM, how long transactions in flight may take before they get 421.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +82,8 @@ pub struct Upstream {
     pub timeout: Duration,
     pub max_sessions_per_mailbox: usize,
     pub idle: Duration,
+    /// Messages per minute per mailbox: held in spool mode, reported in sync mode; 0 = no limit.
+    pub messages_per_minute: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +125,14 @@ pub struct Account {
     pub oauth: OAuth,
 }
 
+/// `[queue] mode = "spool"`: accept after fsync, deliver in the background.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    pub max_age: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Where the configuration came from (for messages).
@@ -128,6 +140,8 @@ pub struct Config {
     pub listen: Listen,
     pub upstream: Upstream,
     pub state: State,
+    /// `None`: synchronous relay (the default).
+    pub queue: Option<Queue>,
     pub accounts: Vec<Account>,
 }
 
@@ -159,6 +173,7 @@ struct RawListen {
     max_message_bytes: Option<u64>,
     max_recipients: Option<u64>,
     max_connections: Option<u64>,
+    shutdown_grace_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,6 +186,7 @@ struct RawUpstream {
     timeout_secs: Option<u64>,
     max_sessions_per_mailbox: Option<u64>,
     idle_secs: Option<u64>,
+    messages_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -185,8 +201,9 @@ struct RawState {
 #[serde(deny_unknown_fields)]
 struct RawQueue {
     mode: Option<String>,
-    #[allow(dead_code)]
     max_age_secs: Option<u64>,
+    retry_min_secs: Option<u64>,
+    retry_max_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -290,20 +307,10 @@ impl Validator<'_> {
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        if let Some(q) = &raw.queue {
-            match q.mode.as_deref() {
-                None | Some("sync") => {}
-                Some("spool") => {
-                    return Err(self.err(
-                        "queue.mode",
-                        "\"spool\" is not available in this version; remove [queue] to relay synchronously",
-                    ))
-                }
-                Some(other) => {
-                    return Err(self.err("queue.mode", format!("unknown mode {other:?}; expected \"spool\"")))
-                }
-            }
-        }
+        let queue = match raw.queue {
+            None => None,
+            Some(q) => self.queue(q)?,
+        };
         let listen = self.listen(raw.listen)?;
         if raw.account.is_empty() {
             return Err(self.err(
@@ -329,8 +336,47 @@ impl Validator<'_> {
             listen,
             upstream,
             state,
+            queue,
             accounts,
         })
+    }
+
+    fn queue(&self, q: RawQueue) -> Result<Option<Queue>, ConfigError> {
+        match q.mode.as_deref() {
+            Some("spool") => {}
+            Some("sync") => return Ok(None),
+            None => {
+                return Err(self.err(
+                    "queue.mode",
+                    "is missing; set mode = \"spool\" (or remove [queue] to relay synchronously)",
+                ))
+            }
+            Some(other) => {
+                return Err(self.err(
+                    "queue.mode",
+                    format!("unknown mode {other:?}; expected \"spool\" or \"sync\""),
+                ))
+            }
+        }
+        let secs = |key: &str, v: Option<u64>, d: u64| -> Result<Duration, ConfigError> {
+            match v.unwrap_or(d) {
+                0 => Err(self.err(key, "must be greater than 0")),
+                n => Ok(Duration::from_secs(n)),
+            }
+        };
+        let retry_min = secs("queue.retry_min_secs", q.retry_min_secs, 30)?;
+        let retry_max = secs("queue.retry_max_secs", q.retry_max_secs, 1800)?;
+        if retry_max < retry_min {
+            return Err(self.err(
+                "queue.retry_max_secs",
+                "must not be smaller than retry_min_secs",
+            ));
+        }
+        Ok(Some(Queue {
+            max_age: secs("queue.max_age_secs", q.max_age_secs, 86_400)?,
+            retry_min,
+            retry_max,
+        }))
     }
 
     fn state(&self, s: RawState) -> Result<State, ConfigError> {
@@ -464,6 +510,7 @@ impl Validator<'_> {
                 l.max_connections,
                 DEFAULT_MAX_CONNECTIONS,
             )?,
+            shutdown_grace: Duration::from_secs(l.shutdown_grace_secs.unwrap_or(30)),
         })
     }
 
@@ -534,6 +581,7 @@ impl Validator<'_> {
                 DEFAULT_MAX_SESSIONS_PER_MAILBOX,
             )?,
             idle: secs("upstream.idle_secs", u.idle_secs, 30)?,
+            messages_per_minute: u.messages_per_minute.unwrap_or(30),
         })
     }
 
@@ -904,9 +952,17 @@ mod tests {
             ),
             (String::new(), "account", "no [[account]]"),
             (
-                format!("[queue]\nmode = \"spool\"\n{}", account("")),
+                format!("[queue]\nmode = \"fifo\"\n{}", account("")),
                 "queue.mode",
-                "not available",
+                "unknown mode",
+            ),
+            (
+                format!(
+                    "[queue]\nmode = \"spool\"\nretry_min_secs = 60\nretry_max_secs = 5\n{}",
+                    account("")
+                ),
+                "queue.retry_max_secs",
+                "smaller",
             ),
         ];
         for (text, key, reason) in cases {

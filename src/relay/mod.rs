@@ -1,6 +1,8 @@
 //! The upstream side: sessions to the provider, the per-mailbox pool, and the one mapping
 //! from upstream results to local replies.
 
+pub mod deliver;
 pub mod outcome;
 pub mod pool;
+pub mod spool;
 pub mod upstream;

@@ -65,6 +65,7 @@ impl fmt::Display for Reply {
 
 pub const OK: Reply = Reply::fixed(250, "2.0.0", "OK");
 pub const SENDER_OK: Reply = Reply::fixed(250, "2.1.0", "Sender OK");
+pub const RECIPIENT_OK: Reply = Reply::fixed(250, "2.1.5", "Recipient OK");
 pub const RESET_OK: Reply = Reply::fixed(250, "2.0.0", "Reset OK");
 pub const BYE: Reply = Reply::fixed(221, "2.0.0", "Bye");
 pub const VRFY: Reply = Reply::fixed(
@@ -125,6 +126,11 @@ pub const SMTPUTF8_UNAVAILABLE: Reply = Reply::fixed(
     553,
     "5.6.7",
     "The upstream does not accept SMTPUTF8 addresses",
+);
+pub const SPOOL_FULL: Reply = Reply::fixed(
+    452,
+    "4.3.1",
+    "Insufficient system storage: cannot queue the message, try again later",
 );
 pub const INTERNAL: Reply = Reply::fixed(451, "4.3.0", "Local error in processing");
 

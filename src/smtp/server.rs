@@ -14,8 +14,8 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
-/// How long transactions in flight may take to finish after a shutdown signal.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// After the grace period, how long sessions get to write their 421 before we return.
+const HARD_STOP_DRAIN: Duration = Duration::from_secs(5);
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -25,6 +25,7 @@ pub async fn serve(
     ctx: Arc<SessionContext>,
     tls: Option<TlsAcceptor>,
     max_connections: usize,
+    grace: Duration,
 ) {
     let limit = Arc::new(Semaphore::new(max_connections));
     let tracker = TaskTracker::new();
@@ -61,14 +62,14 @@ pub async fn serve(
     }
     drop(listener);
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
             sessions = tracker.len(),
-            "grace period over; closing remaining sessions"
+            grace_secs = grace.as_secs(),
+            "grace period over; telling remaining sessions 421"
         );
+        ctx.hard_stop.cancel();
+        let _ = tokio::time::timeout(HARD_STOP_DRAIN, tracker.wait()).await;
     }
 }
 

@@ -10,8 +10,10 @@
 use crate::config::Account;
 use crate::oauth::manager::AccountStatus;
 use crate::oauth::secret::Secret;
+use crate::relay::deliver::{Pacer, Queue};
 use crate::relay::outcome;
 use crate::relay::pool::{Lease, Pool};
+use crate::relay::spool::{Envelope, SPOOL_VERSION};
 use crate::relay::upstream::UpstreamError;
 use crate::smtp::auth::LocalAuth;
 use crate::smtp::reply::{self, Reply};
@@ -20,6 +22,7 @@ use base64::Engine as _;
 use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
 use smtp_proto::{Request, AUTH_LOGIN, AUTH_PLAIN, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +50,14 @@ pub struct SessionContext {
     pub require_tls_for_auth: bool,
     pub starttls_available: bool,
     pub shutdown: CancellationToken,
+    /// Fires when the shutdown grace period is over: sessions still busy get 421.
+    pub hard_stop: CancellationToken,
     pub command_timeout: Duration,
+    /// Spool mode: accept after fsync and deliver in the background.
+    pub queue: Option<Arc<Queue>>,
+    /// Per-account send rate (held in spool mode, reported in sync mode).
+    pub pacers: Arc<HashMap<String, Pacer>>,
+    pub messages_per_minute: u32,
 }
 
 /// How a session ended.
@@ -60,8 +70,11 @@ pub enum End<S> {
 
 struct Txn {
     id: String,
-    lease: Lease,
+    /// The upstream session (sync mode); `None` in spool mode.
+    lease: Option<Lease>,
     from: String,
+    /// MAIL parameters to forward (BODY=8BITMIME, SMTPUTF8), for the spool.
+    params: String,
     rcpts: Vec<String>,
     started: Instant,
 }
@@ -127,13 +140,20 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// Reads more input; `Ok(false)` on EOF. Flushes pending replies first.
     async fn fill(&mut self, timeout: Duration) -> std::io::Result<bool> {
         self.flush().await?;
+        if self.ctx.hard_stop.is_cancelled() {
+            return Err(std::io::Error::other(HARD_STOP));
+        }
         if self.pos > 0 {
             self.inbuf.drain(..self.pos);
             self.pos = 0;
         }
         let len = self.inbuf.len();
         self.inbuf.resize(len + READ_CHUNK, 0);
-        let r = tokio::time::timeout(timeout, self.io.read(&mut self.inbuf[len..])).await;
+        let stop = self.ctx.hard_stop.clone();
+        let r = tokio::select! {
+            r = tokio::time::timeout(timeout, self.io.read(&mut self.inbuf[len..])) => r,
+            _ = stop.cancelled() => Ok(Err(std::io::Error::other(HARD_STOP))),
+        };
         let n = match r {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
@@ -222,7 +242,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 End::Closed
             }
             Err(e) => {
-                if e.kind() == std::io::ErrorKind::TimedOut {
+                if self.ctx.hard_stop.is_cancelled() {
+                    self.out.clear();
+                    self.reply(&reply::SHUTTING_DOWN);
+                    let _ = self.flush().await;
+                } else if e.kind() == std::io::ErrorKind::TimedOut {
                     self.reply(&reply::IDLE_TIMEOUT);
                     let _ = self.flush().await;
                 }
@@ -245,7 +269,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             };
             let parsed = Request::parse(&mut line.iter()).map(Request::into_owned);
             match parsed {
-                Ok(req) => match self.command(req).await? {
+                Ok(req) => match self.command_until_hard_stop(req).await? {
                     Flow::Continue => {}
                     Flow::Quit => return Ok(false),
                     Flow::StartTls => return Ok(true),
@@ -255,6 +279,18 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     self.reply(&r);
                 }
             }
+        }
+    }
+
+    /// A command may wait on the upstream or the pool; past the grace period it is abandoned
+    /// (its upstream session closed) and the client gets 421.
+    async fn command_until_hard_stop(&mut self, req: Request<String>) -> std::io::Result<Flow> {
+        let stop = self.ctx.hard_stop.clone();
+        tokio::select! {
+            // Polled first, so a command that notices the stop itself (DATA logs it) does.
+            biased;
+            r = self.command(req) => r,
+            _ = stop.cancelled() => Err(std::io::Error::other(HARD_STOP)),
         }
     }
 
@@ -476,15 +512,32 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             tracing::warn!(peer = %self.peer, account = %account.username, from = %sanitize(&from.address), "sender not in allowed_from");
             return self.reply(&reply::NOT_ALLOWED_FROM);
         }
+        let mut params = Vec::new();
+        if from.flags & MAIL_BODY_8BITMIME != 0 {
+            params.push("BODY=8BITMIME");
+        }
+        if from.flags & MAIL_SMTPUTF8 != 0 {
+            params.push("SMTPUTF8");
+        }
+        let params = params.join(" ");
+        if self.ctx.queue.is_some() {
+            self.txn = Some(Txn {
+                id: telemetry::new_message_id(),
+                lease: None,
+                from: from.address,
+                params,
+                rcpts: Vec::new(),
+                started: Instant::now(),
+            });
+            return self.reply(&reply::SENDER_OK);
+        }
         let mut cmd = format!("MAIL FROM:<{}>", from.address);
         if from.size > 0 {
             cmd.push_str(&format!(" SIZE={}", from.size));
         }
-        if from.flags & MAIL_BODY_8BITMIME != 0 {
-            cmd.push_str(" BODY=8BITMIME");
-        }
-        if from.flags & MAIL_SMTPUTF8 != 0 {
-            cmd.push_str(" SMTPUTF8");
+        if !params.is_empty() {
+            cmd.push(' ');
+            cmd.push_str(&params);
         }
         let result = self.ctx.pool.begin(&account.username, &cmd).await;
         let r = outcome::mail_reply(
@@ -497,8 +550,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             if r.is_positive() {
                 self.txn = Some(Txn {
                     id: telemetry::new_message_id(),
-                    lease,
+                    lease: Some(lease),
                     from: from.address,
+                    params,
                     rcpts: Vec::new(),
                     started: Instant::now(),
                 });
@@ -523,16 +577,17 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         } else {
             to.address
         };
-        let r = txn
-            .lease
-            .session()
-            .command(&format!("RCPT TO:<{addr}>"))
-            .await;
+        let Some(lease) = txn.lease.as_mut() else {
+            // Spool mode: recipients are checked by the upstream at delivery.
+            txn.rcpts.push(addr);
+            return self.reply(&reply::RECIPIENT_OK);
+        };
+        let r = lease.session().command(&format!("RCPT TO:<{addr}>")).await;
         let reply = outcome::rcpt_reply(&r);
         if reply.is_positive() {
             txn.rcpts.push(addr);
         }
-        if txn.lease.session().is_broken() {
+        if lease.session().is_broken() {
             // The upstream session is gone; so is the transaction.
             self.txn = None;
         }
@@ -566,7 +621,19 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             return Ok(());
         };
         let body = &content[DATA_PREFIX.len()..];
-        let result = txn.lease.session().data(body).await;
+        let Some(mut lease) = txn.lease.take() else {
+            return self.spool(txn, body);
+        };
+        let stop = self.ctx.hard_stop.clone();
+        let result = tokio::select! {
+            r = lease.session().data(body) => r,
+            _ = stop.cancelled() => {
+                // The grace period is over; the upstream's answer will not come in time.
+                drop(lease);
+                self.log_relay(&txn, body.len(), "deferred", 0, "shut down before the upstream answered");
+                return Err(std::io::Error::other(HARD_STOP));
+            }
+        };
         let (reply, outcome) = outcome::data_reply(&result, &txn.id);
         let (code, text) = match &result {
             Ok(r) => (r.code, Cow::Borrowed(r.text.as_str())),
@@ -575,8 +642,65 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         };
         self.log_relay(&txn, body.len(), outcome.as_str(), code, &text);
         // After any final DATA reply the upstream session is idle again, unless it broke.
-        txn.lease.release(true);
+        lease.release(true);
+        if result.is_ok() {
+            self.note_rate();
+        }
         self.reply(&reply);
+        Ok(())
+    }
+
+    /// Sync mode cannot hold messages back: exceeding the rate is reported instead.
+    fn note_rate(&self) {
+        let (Some(user), limit) = (&self.user, self.ctx.messages_per_minute) else {
+            return;
+        };
+        let Some(pacer) = self.ctx.pacers.get(&user.username) else {
+            return;
+        };
+        let n = pacer.note();
+        if limit > 0 && n == limit as usize + 1 {
+            tracing::warn!(account = %user.username, limit, "more than upstream.messages_per_minute messages in the last minute; Microsoft 365 may throttle this mailbox (spool mode would pace them)");
+        }
+    }
+
+    /// Spool mode: store durably, then 250; a storage failure is 452 4.3.1 and nothing is kept.
+    fn spool(&mut self, txn: Txn, body: &[u8]) -> std::io::Result<()> {
+        let Some(queue) = self.ctx.queue.clone() else {
+            return Ok(());
+        };
+        let account = self
+            .user
+            .as_ref()
+            .map_or("", |a| a.username.as_str())
+            .to_string();
+        let env = Envelope {
+            version: SPOOL_VERSION,
+            id: txn.id.clone(),
+            account,
+            from: txn.from.clone(),
+            params: txn.params.clone(),
+            rcpts: txn.rcpts.clone(),
+            received_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            bytes: body.len(),
+        };
+        match queue.accept(env, body) {
+            Ok(()) => {
+                self.log_relay(&txn, body.len(), "spooled", 0, "");
+                self.reply(&Reply::new(
+                    250,
+                    "2.0.0",
+                    format!("{} queued for delivery", txn.id),
+                ));
+            }
+            Err(e) => {
+                tracing::error!(id = %txn.id, error = %e, "cannot write the message to the spool");
+                self.reply(&reply::SPOOL_FULL);
+            }
+        }
         Ok(())
     }
 
@@ -647,10 +771,15 @@ enum Flow {
 }
 
 /// Ends an open upstream transaction: RSET, and back to the pool if that worked.
-async fn abort_txn(mut txn: Txn) {
-    let ok = txn.lease.session().command("RSET").await.is_ok();
-    txn.lease.release(ok);
+async fn abort_txn(txn: Txn) {
+    if let Some(mut lease) = txn.lease {
+        let ok = lease.session().command("RSET").await.is_ok();
+        lease.release(ok);
+    }
 }
+
+/// The error that ends sessions still busy when the shutdown grace period is over.
+const HARD_STOP: &str = "shutdown grace period over";
 
 fn decode(b64: &base64::engine::GeneralPurpose, s: &str) -> Option<Secret> {
     let s = s.trim();
@@ -751,7 +880,11 @@ mod wire_tests {
             require_tls_for_auth: false,
             starttls_available: false,
             shutdown: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
             command_timeout: timeout,
+            queue: None,
+            pacers: Arc::new(HashMap::new()),
+            messages_per_minute: 0,
         }
     }
 

@@ -12,7 +12,7 @@ pub mod upstream;
 
 pub use ca::TestCa;
 pub use token::{FakeTokenEndpoint, TokenOptions};
-pub use upstream::{FakeUpstream, FakeUpstreamOptions, Received, Reply};
+pub use upstream::{FakeUpstream, FakeUpstreamOptions, Received, Reply, Stall};
 
 #[cfg(test)]
 mod interop_tests;

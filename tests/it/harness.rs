@@ -30,6 +30,8 @@ pub struct Opts {
     /// `client_credentials` (default, confidential) or a delegated flow (public client).
     pub flow: &'static str,
     pub state: String,
+    /// Appended at the end of the file (e.g. a `[queue]` table).
+    pub extra: String,
 }
 
 impl Default for Opts {
@@ -40,6 +42,7 @@ impl Default for Opts {
             upstream: String::new(),
             flow: "client_credentials",
             state: String::new(),
+            extra: String::new(),
         }
     }
 }
@@ -94,7 +97,7 @@ smtp = "127.0.0.1:0"
 host = "localhost"
 port = {port}
 ca_file = "upstream-ca.pem"
-timeout_secs = 5
+{timeout}
 {upstream_extra}
 [state]
 dir = "state"
@@ -114,10 +117,16 @@ client_id = "test-client"
 token_url = "{token_url}"
 authorize_url = "{authorize_url}"
 device_authorization_url = "{device_url}"
+{extra}
 "#,
         listen = opts.listen,
         port = upstream.addr().port(),
         upstream_extra = opts.upstream,
+        timeout = if opts.upstream.contains("timeout_secs") {
+            ""
+        } else {
+            "timeout_secs = 5"
+        },
         token_url = tokens.token_url(),
         authorize_url = tokens.authorize_url(),
         device_url = tokens.device_authorization_url(),
@@ -128,6 +137,7 @@ device_authorization_url = "{device_url}"
             String::new()
         },
         state_extra = opts.state,
+        extra = opts.extra,
     );
     let config_path = dir.path().join("bridge.toml");
     std::fs::write(&config_path, &config_text).expect("write config");
@@ -220,6 +230,29 @@ impl<S: AsyncRead + AsyncWrite> Smtp<S> {
                 return (code, text);
             }
         }
+    }
+
+    /// Like `reply`, but `None` on EOF, error or malformed input instead of a panic.
+    pub async fn try_reply(&mut self) -> Option<u16> {
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(30), self.r.read_line(&mut line))
+                .await
+                .ok()?
+                .ok()?;
+            if n < 4 {
+                return None;
+            }
+            let code: u16 = line.get(..3)?.parse().ok()?;
+            if line.as_bytes()[3] == b' ' {
+                return Some(code);
+            }
+        }
+    }
+
+    /// Writes, ignoring errors (the peer may be gone).
+    pub async fn try_send(&mut self, bytes: &[u8]) -> bool {
+        self.w.write_all(bytes).await.is_ok() && self.w.flush().await.is_ok()
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {

@@ -9,4 +9,5 @@ mod limits;
 mod login;
 mod relay;
 mod secrets;
+mod spool;
 mod tokens;

@@ -1,12 +1,15 @@
 //! Buffered I/O for one fake-upstream connection: the plain/TLS stream, the STARTTLS
 //! upgrade, command lines, DATA content (through [`DotDecoder`]), BDAT chunks, and writing
-//! replies. Input is buffered so pipelined commands and arbitrary chunking both work.
+//! replies. Input is buffered so pipelined commands and arbitrary chunking both work. Also
+//! the I/O side of injected faults: discarding input while stalled, reading a little before
+//! a drop, and garbage instead of a TLS handshake.
 //!
 //! Knows nothing of SMTP semantics; `session.rs` decides what lines mean.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -22,6 +25,12 @@ use super::Reply;
 const MAX_LINE_BYTES: usize = 64 * 1024;
 /// How much to try to read at once.
 const READ_CHUNK: usize = 64 * 1024;
+/// Sent after `220` to STARTTLS by `set_tls_failure`: not a TLS record (the first byte is
+/// no TLS content type), so any TLS client rejects it.
+const NOT_TLS: &[u8] = b"garbage instead of a TLS ServerHello [FAKE]\r\n";
+/// How long a broken STARTTLS waits for the ClientHello (read only so that closing does not
+/// reset the connection before the client saw the garbage).
+const CLIENT_HELLO_WAIT: Duration = Duration::from_secs(2);
 
 /// The transport, before or after TLS.
 pub(super) enum Stream {
@@ -222,6 +231,39 @@ impl Conn {
                 return Ok(false);
             }
         }
+    }
+
+    /// Reads and discards input until the peer closes (or the read fails): a stalled server.
+    pub(super) async fn discard_until_closed(&mut self) -> io::Result<()> {
+        loop {
+            self.buf.clear();
+            self.pos = 0;
+            if !self.fill().await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads until at least one full line of input is buffered (or a line's worth of
+    /// bytes, or EOF), without consuming anything: the start of DATA content before an
+    /// injected drop.
+    pub(super) async fn read_first_line(&mut self) -> io::Result<()> {
+        while !self.pending().contains(&b'\n') && self.pending().len() <= MAX_LINE_BYTES {
+            if !self.fill().await? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Instead of a TLS handshake after `220` to STARTTLS: writes [`NOT_TLS`], reads what
+    /// the client sent (its ClientHello, for up to [`CLIENT_HELLO_WAIT`]) and closes.
+    pub(super) async fn fail_tls(mut self) -> io::Result<()> {
+        self.stream.write_all(NOT_TLS).await?;
+        self.stream.flush().await?;
+        // Timing out just means the client said nothing yet; close anyway.
+        let _ = tokio::time::timeout(CLIENT_HELLO_WAIT, self.fill()).await;
+        self.stream.shutdown().await
     }
 
     /// Writes one (possibly multi-line) reply and flushes.

@@ -3,7 +3,8 @@
 //! against a [`FakeTokenEndpoint`], scripted replies, and a record of what it received.
 //!
 //! Owns the public handle [`FakeUpstream`] and its options, the accept loop, pause/resume,
-//! and the shared state sessions report into. The per-connection protocol is `session.rs`,
+//! the fault-injection knobs (mid-DATA drops, stalls, broken TLS, throttling, a concurrent
+//! session limit), and the shared state sessions report into. The per-connection protocol is `session.rs`,
 //! buffered I/O `conn.rs`, DATA decoding `dot.rs`.
 
 mod conn;
@@ -14,7 +15,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -47,6 +48,16 @@ impl Reply {
         }
     }
 
+    /// What Microsoft 365 answers an AUTH beyond its concurrent-session limit (and what
+    /// [`FakeUpstream::set_max_sessions`] sends):
+    /// `432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded`.
+    pub fn session_limit() -> Reply {
+        Reply::new(
+            432,
+            "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
+        )
+    }
+
     /// 2xx (or 3xx) reply: the command was accepted.
     fn is_positive(&self) -> bool {
         (200..400).contains(&self.code)
@@ -72,6 +83,23 @@ impl fmt::Display for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.code, self.text)
     }
+}
+
+/// Where [`FakeUpstream::set_stall`] makes the server stop answering. A stalled session keeps
+/// its socket open, reads and discards whatever the client sends and never replies again,
+/// until the client closes it (or [`FakeUpstream::pause`]); clearing the knob does not revive
+/// it. Each stalled session counts as one fault in [`FakeUpstream::data_faults`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stall {
+    /// No greeting at all (after the TLS handshake, with implicit TLS).
+    Greeting,
+    /// The first command an authenticated session sends (MAIL FROM, NOOP, RSET, QUIT...) gets
+    /// no reply. The AUTH itself is still answered `235`; sessions that authenticated before
+    /// the knob was set stall at their next command too.
+    AfterAuth,
+    /// The DATA content (or BDAT LAST chunk) is read to its end, but the final reply is never
+    /// sent and the message is not stored.
+    AtDataEnd,
 }
 
 /// How the fake upstream behaves. Build with [`FakeUpstreamOptions::new`], then adjust.
@@ -160,6 +188,9 @@ struct Script {
     data: Option<Reply>,
     auth: Option<Reply>,
     delay: Duration,
+    stall: Option<Stall>,
+    throttle: Option<Reply>,
+    max_sessions: Option<usize>,
 }
 
 pub(super) struct Inner {
@@ -172,6 +203,8 @@ pub(super) struct Inner {
     save_dir: Option<PathBuf>,
     script: Mutex<Script>,
     received: Mutex<Vec<Received>>,
+    /// `Message-ID` of each entry of `received`, same order; only locked while `received` is.
+    message_ids: Mutex<Vec<String>>,
     log: Mutex<Vec<String>>,
     received_notify: Notify,
     connections: AtomicU64,
@@ -182,6 +215,14 @@ pub(super) struct Inner {
     peak_sessions: AtomicU64,
     paused: AtomicBool,
     keep_data: AtomicBool,
+    /// DATA transfers still to be cut off by `close_mid_data`.
+    close_mid_data: AtomicUsize,
+    /// `set_tls_failure`: answer STARTTLS with garbage instead of a handshake.
+    tls_failure: AtomicBool,
+    /// Faults injected so far (`data_faults`).
+    faults: AtomicUsize,
+    /// Sessions currently authenticated (for `set_max_sessions`).
+    authenticated: AtomicUsize,
     /// Bumped by `pause`: every session ends.
     kill: watch::Sender<u64>,
     /// Bumped by `close_idle_sessions`: sessions waiting for a command end.
@@ -239,6 +280,7 @@ impl FakeUpstream {
                 ..Script::default()
             }),
             received: Mutex::new(Vec::new()),
+            message_ids: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
             received_notify: Notify::new(),
             connections: AtomicU64::new(0),
@@ -248,6 +290,10 @@ impl FakeUpstream {
             peak_sessions: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             keep_data: AtomicBool::new(true),
+            close_mid_data: AtomicUsize::new(0),
+            tls_failure: AtomicBool::new(false),
+            faults: AtomicUsize::new(0),
+            authenticated: AtomicUsize::new(0),
             kill: watch::Sender::new(0),
             idle: watch::Sender::new(0),
         });
@@ -280,6 +326,15 @@ impl FakeUpstream {
                 return self.received();
             }
         }
+    }
+
+    /// The `Message-ID` header value of every received message, in [`FakeUpstream::received`]
+    /// order: the first `Message-ID:` field of the header block (name matched ASCII
+    /// case-insensitively, folded lines unfolded, value trimmed), or `""` if there is none.
+    /// Taken before `set_keep_data(false)` discards the bytes, so it works either way.
+    pub fn message_ids(&self) -> Vec<String> {
+        let _received = lock(&self.inner.received);
+        lock(&self.inner.message_ids).clone()
     }
 
     /// How many messages were accepted so far (cheap: clones nothing).
@@ -377,6 +432,52 @@ impl FakeUpstream {
     pub fn close_idle_sessions(&self) {
         self.inner.idle.send_modify(|g| *g += 1);
     }
+
+    /// Cuts off the next `times` DATA transfers (on any session; replaces the previous
+    /// count, `0` cancels): after the `354`, the server reads the content up to at least
+    /// its first line (or a BDAT chunk's first bytes), then drops the TCP connection
+    /// without a reply (no QUIT reply, no TLS close_notify). Nothing is stored. Each drop
+    /// counts one fault.
+    pub fn close_mid_data(&self, times: usize) {
+        self.inner.close_mid_data.store(times, Ordering::SeqCst);
+    }
+
+    /// Makes sessions stop answering at `stall` (see [`Stall`]) from now on; `None` makes
+    /// new sessions and commands behave normally again (already stalled sessions stay so).
+    pub fn set_stall(&self, stall: Option<Stall>) {
+        lock(&self.inner.script).stall = stall;
+    }
+
+    /// While on, every STARTTLS is answered `220 2.0.0 SMTP server ready` and then, instead
+    /// of a TLS ServerHello, the server writes non-TLS garbage and closes the connection, so
+    /// the client's handshake fails. Each counts one fault.
+    pub fn set_tls_failure(&self, on: bool) {
+        self.inner.tls_failure.store(on, Ordering::SeqCst);
+    }
+
+    /// While set, every MAIL FROM of an authenticated session without an open transaction
+    /// gets `reply` (whatever `set_mail_reply` says), e.g.
+    /// `451 4.7.500 Server busy. Please try again later` or
+    /// `432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded`. Meant for 4xx/5xx: no
+    /// transaction starts (a 2xx here is sent but starts none either). Each counts one fault.
+    pub fn set_throttle(&self, reply: Option<Reply>) {
+        lock(&self.inner.script).throttle = reply;
+    }
+
+    /// Microsoft 365's concurrent-connection limit: while `n` sessions are authenticated, a
+    /// further successful AUTH is answered [`Reply::session_limit`] (`432 4.3.2
+    /// STOREDRV.ClientSubmit; sender thread limit exceeded`) and the session stays open,
+    /// unauthenticated (it may retry AUTH). Authenticated sessions are counted whether or not
+    /// a limit is set; a session frees its slot when it ends. Each refusal counts one fault.
+    pub fn set_max_sessions(&self, n: Option<usize>) {
+        lock(&self.inner.script).max_sessions = n;
+    }
+
+    /// Faults injected so far, of every kind: mid-DATA drops, stalled sessions, failed TLS
+    /// handshakes, throttled MAIL FROMs and session-limit AUTH refusals.
+    pub fn data_faults(&self) -> usize {
+        self.inner.faults.load(Ordering::SeqCst)
+    }
 }
 
 impl Inner {
@@ -389,12 +490,91 @@ impl Inner {
     }
 
     fn store(&self, mut msg: Received) {
+        let id = message_id(&msg.data);
         if !self.keep_data.load(Ordering::SeqCst) {
             msg.data = Vec::new();
         }
-        lock(&self.received).push(msg);
+        let mut received = lock(&self.received);
+        received.push(msg);
+        lock(&self.message_ids).push(id);
+        drop(received);
         self.received_notify.notify_waiters();
     }
+
+    fn fault(&self) {
+        self.faults.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Takes one `close_mid_data` drop, if any are left.
+    fn take_mid_data_fault(&self) -> bool {
+        let taken = self
+            .close_mid_data
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if taken {
+            self.fault();
+        }
+        taken
+    }
+
+    /// Whether sessions should stall at `at` now; counts the fault if so.
+    fn stalls_at(&self, at: Stall) -> bool {
+        let stall = self.script().stall == Some(at);
+        if stall {
+            self.fault();
+        }
+        stall
+    }
+
+    /// Claims an authenticated-session slot, unless `set_max_sessions` is reached.
+    fn take_auth_slot(self: &Arc<Self>) -> Option<AuthSlot> {
+        let max = self.script().max_sessions.unwrap_or(usize::MAX);
+        self.authenticated
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| AuthSlot(self.clone()))
+    }
+}
+
+/// One authenticated session, counted for `set_max_sessions` until dropped.
+pub(super) struct AuthSlot(Arc<Inner>);
+
+impl Drop for AuthSlot {
+    fn drop(&mut self) {
+        self.0.authenticated.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The first `Message-ID:` field of the header block of `data` (unfolded, trimmed), or `""`.
+fn message_id(data: &[u8]) -> String {
+    let mut value: Option<Vec<u8>> = None;
+    for line in data.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let folded = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
+        match value.as_mut() {
+            Some(v) if folded => v.extend_from_slice(line),
+            Some(_) => break,
+            None => {
+                let Some(colon) = line.iter().position(|&b| b == b':') else {
+                    continue;
+                };
+                if line[..colon]
+                    .trim_ascii_end()
+                    .eq_ignore_ascii_case(b"message-id")
+                {
+                    value = Some(line[colon + 1..].to_vec());
+                }
+            }
+        }
+    }
+    value
+        .map(|v| String::from_utf8_lossy(v.trim_ascii()).into_owned())
+        .unwrap_or_default()
 }
 
 /// Decrements the open-session count when a session ends, however it ends.
@@ -444,5 +624,7 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
     }
 }
 
+#[cfg(test)]
+mod fault_tests;
 #[cfg(test)]
 mod tests;

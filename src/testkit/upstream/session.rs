@@ -1,6 +1,7 @@
 //! One fake-upstream SMTP session, modelled on smtp.office365.com:587: greeting, EHLO
 //! (no AUTH before TLS), STARTTLS, AUTH XOAUTH2 (and a basic-auth-disabled AUTH LOGIN),
-//! MAIL/RCPT/DATA/BDAT/RSET/NOOP/QUIT with enhanced status codes and scripted replies.
+//! MAIL/RCPT/DATA/BDAT/RSET/NOOP/QUIT with enhanced status codes and scripted replies, and
+//! the injected faults (stalls, mid-DATA drops, broken STARTTLS, throttling, session limit).
 //!
 //! Owns the protocol state machine; I/O is `conn.rs`, shared state and knobs `mod.rs`.
 
@@ -14,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::conn::{Conn, Input, Stream};
-use super::{Inner, Received, Reply};
+use super::{AuthSlot, Inner, Received, Reply, Stall};
 
 /// Host name in the greeting and replies.
 const HOST: &str = "FAKE.outlook.office365.com";
@@ -22,6 +23,8 @@ const HOST: &str = "FAKE.outlook.office365.com";
 const MAX_MESSAGE_BYTES: usize = 157_286_400;
 /// Recipients per message Microsoft 365 accepts.
 const MAX_RECIPIENTS: usize = 500;
+/// BDAT bytes read before a `close_mid_data` drop (fewer if the chunk is smaller).
+const MID_CHUNK_BYTES: usize = 16;
 /// Base64 of "Username:" and "Password:" for AUTH LOGIN prompts.
 const LOGIN_USER_PROMPT: &str = "VXNlcm5hbWU6";
 const LOGIN_PASS_PROMPT: &str = "UGFzc3dvcmQ6";
@@ -45,6 +48,8 @@ struct Session<'a> {
     ehlo: bool,
     /// `(user, token)` once AUTH succeeded.
     auth: Option<(String, String)>,
+    /// Held while authenticated (counts towards `set_max_sessions`).
+    auth_slot: Option<AuthSlot>,
     txn: Option<Txn>,
 }
 
@@ -53,6 +58,10 @@ enum Next {
     Continue,
     Close,
     StartTls,
+    /// Drop the connection at once, without a reply or an orderly close.
+    Drop,
+    /// Never answer again: discard input until the client closes.
+    Stall,
 }
 
 fn reply(code: u16, text: &str) -> Reply {
@@ -79,8 +88,12 @@ pub(super) async fn run(
         peer,
         ehlo: false,
         auth: None,
+        auth_slot: None,
         txn: None,
     };
+    if inner.stalls_at(Stall::Greeting) {
+        return conn.discard_until_closed().await;
+    }
     let greeting = inner.script().greeting.clone();
     let greeting = greeting
         .unwrap_or_else(|| reply(220, &format!("{HOST} Microsoft ESMTP MAIL Service ready")));
@@ -101,13 +114,23 @@ pub(super) async fn run(
             }
         };
         inner.record_line(id, &line);
+        if s.auth.is_some() && inner.stalls_at(Stall::AfterAuth) {
+            return conn.discard_until_closed().await;
+        }
         match s.command(&mut conn, &line, &mut idle).await? {
             Next::Continue => {}
             Next::Close => return conn.shutdown().await,
+            Next::Drop => return Ok(()),
+            Next::Stall => return conn.discard_until_closed().await,
+            Next::StartTls if inner.tls_failure.load(Ordering::SeqCst) => {
+                inner.fault();
+                return conn.fail_tls().await;
+            }
             Next::StartTls => {
                 conn = conn.starttls(&inner.acceptor).await?;
                 s.ehlo = false;
                 s.auth = None;
+                s.auth_slot = None;
                 s.txn = None;
             }
         }
@@ -155,7 +178,8 @@ impl Session<'_> {
             }
             "AUTH" => {
                 self.inner.auth_attempts.fetch_add(1, Ordering::SeqCst);
-                self.auth_command(conn, arg, idle).await?
+                let r = self.auth_command(conn, arg, idle).await?;
+                self.limit_sessions(r)
             }
             "MAIL" => self.mail(arg),
             "RCPT" => self.rcpt(arg),
@@ -316,6 +340,25 @@ impl Session<'_> {
         Ok(reply(235, "2.7.0 Authentication successful"))
     }
 
+    /// A session that just authenticated takes a `set_max_sessions` slot, or is refused
+    /// with the session-limit reply (and is unauthenticated again) when none is left.
+    fn limit_sessions(&mut self, r: Reply) -> Reply {
+        if self.auth.is_none() || self.auth_slot.is_some() {
+            return r;
+        }
+        match self.inner.take_auth_slot() {
+            Some(slot) => {
+                self.auth_slot = Some(slot);
+                r
+            }
+            None => {
+                self.auth = None;
+                self.inner.fault();
+                Reply::session_limit()
+            }
+        }
+    }
+
     /// Shared precondition of MAIL/RCPT/DATA/BDAT.
     fn check_authenticated(&self) -> Option<Reply> {
         if !self.ehlo {
@@ -333,6 +376,11 @@ impl Session<'_> {
         }
         if self.txn.is_some() {
             return reply(503, "5.5.2 Sender already specified");
+        }
+        let throttle = self.inner.script().throttle.clone();
+        if let Some(r) = throttle {
+            self.inner.fault();
+            return r;
         }
         let Some((from, params)) = parse_path(arg, "FROM:") else {
             return reply(501, "5.5.4 Invalid arguments");
@@ -422,6 +470,11 @@ impl Session<'_> {
             &reply(354, "Start mail input; end with <CRLF>.<CRLF>"),
         )
         .await?;
+        if self.inner.take_mid_data_fault() {
+            self.txn = None;
+            conn.read_first_line().await?;
+            return Ok(Next::Drop);
+        }
         let mut data = Vec::new();
         let Some(fits) = conn.read_data(&mut data, MAX_MESSAGE_BYTES).await? else {
             return Ok(Next::Close);
@@ -448,6 +501,10 @@ impl Session<'_> {
             (None, Some(t)) => Some(t),
             _ => None,
         };
+        if txn.as_ref().is_some_and(|t| t.chunks.is_none()) && self.inner.take_mid_data_fault() {
+            conn.read_chunk(size.min(MID_CHUNK_BYTES), None).await?;
+            return Ok(Next::Drop);
+        }
         let complete = match txn {
             Some(t) => {
                 let chunks = t.chunks.get_or_insert_with(Vec::new);
@@ -483,6 +540,9 @@ impl Session<'_> {
     /// transaction.
     async fn finish(&mut self, conn: &mut Conn, data: Vec<u8>, fits: bool) -> io::Result<Next> {
         let txn = self.txn.take().unwrap_or_default();
+        if self.inner.stalls_at(Stall::AtDataEnd) {
+            return Ok(Next::Stall);
+        }
         let n = self.inner.messages.fetch_add(1, Ordering::SeqCst) + 1;
         let scripted = self.inner.script().data.clone();
         let mut r = match scripted {

@@ -15,11 +15,14 @@ use tokio_rustls::TlsConnector;
 use super::{FakeUpstream, FakeUpstreamOptions, Reply};
 use crate::testkit::{FakeTokenEndpoint, TestCa, TokenOptions};
 
-const STEP: Duration = Duration::from_secs(2);
+pub(super) const STEP: Duration = Duration::from_secs(2);
 
 /// Reads one complete (possibly multi-line) reply: `(code, lines joined by '\n')`, each
 /// line without its `NNN-`/`NNN ` prefix.
-async fn read_reply<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> (u16, String) {
+pub(super) async fn read_reply<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+) -> (u16, String) {
     let mut lines = Vec::new();
     loop {
         if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
@@ -43,7 +46,7 @@ async fn read_reply<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> (u16,
     }
 }
 
-async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     buf: &mut Vec<u8>,
     line: &str,
@@ -55,7 +58,7 @@ async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// True once the server has closed the connection (EOF or reset) with nothing more to say.
-async fn closed<S: AsyncRead + Unpin>(s: &mut S) -> bool {
+pub(super) async fn closed<S: AsyncRead + Unpin>(s: &mut S) -> bool {
     let mut b = [0u8; 64];
     match tokio::time::timeout(STEP, s.read(&mut b)).await {
         Ok(Ok(0)) | Ok(Err(_)) => true,
@@ -63,7 +66,7 @@ async fn closed<S: AsyncRead + Unpin>(s: &mut S) -> bool {
     }
 }
 
-fn connector(ca: &TestCa) -> TlsConnector {
+pub(super) fn connector(ca: &TestCa) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca.ca_cert_pem.as_bytes()) {
         roots.add(cert.expect("ca pem")).expect("add root");
@@ -78,7 +81,7 @@ fn connector(ca: &TestCa) -> TlsConnector {
     TlsConnector::from(Arc::new(config))
 }
 
-async fn tls(ca: &TestCa, name: &str, tcp: TcpStream) -> TlsStream<TcpStream> {
+pub(super) async fn tls(ca: &TestCa, name: &str, tcp: TcpStream) -> TlsStream<TcpStream> {
     let name = ServerName::try_from(name.to_string()).expect("server name");
     connector(ca)
         .connect(name, tcp)
@@ -86,12 +89,12 @@ async fn tls(ca: &TestCa, name: &str, tcp: TcpStream) -> TlsStream<TcpStream> {
         .expect("TLS handshake")
 }
 
-fn xoauth2(user: &str, token: &str) -> String {
+pub(super) fn xoauth2(user: &str, token: &str) -> String {
     base64::engine::general_purpose::STANDARD
         .encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
 }
 
-async fn start(opts: FakeUpstreamOptions) -> FakeUpstream {
+pub(super) async fn start(opts: FakeUpstreamOptions) -> FakeUpstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     FakeUpstream::start(listener, opts).await
 }

@@ -1,0 +1,483 @@
+//! Background delivery of spooled messages, and the per-mailbox message pacing.
+//!
+//! Each account has up to `max_sessions_per_mailbox` workers taking the oldest due message,
+//! held to `messages_per_minute`. Every attempt forwards only the recipients not yet
+//! delivered or refused; 4xx, timeouts and connection failures retry with exponential
+//! backoff and jitter; permanent refusals and `max_age` move the message to `dead/`. Every
+//! outcome is a relay log line. Storage is `spool`'s job; upstream sessions are the pool's.
+
+use crate::config::Config;
+use crate::relay::outcome::{self, Outcome};
+use crate::relay::pool::{BeginError, Pool};
+use crate::relay::spool::{Envelope, Progress, Spool};
+use crate::relay::upstream::UpstreamError;
+use crate::telemetry::{self, RelayEvent};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The window over which `messages_per_minute` is counted.
+const PACING_WINDOW: Duration = Duration::from_secs(60);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Sends per mailbox in the last minute (sliding window).
+#[derive(Debug, Default)]
+pub struct Pacer {
+    sent: Mutex<VecDeque<Instant>>,
+}
+
+impl Pacer {
+    /// Records a send now and returns how many fell in the last minute (including it).
+    pub fn note(&self) -> usize {
+        let now = Instant::now();
+        let mut q = lock(&self.sent);
+        while q
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= PACING_WINDOW)
+        {
+            q.pop_front();
+        }
+        q.push_back(now);
+        q.len()
+    }
+
+    /// How long to wait before another send keeps within `limit` per minute.
+    pub fn wait(&self, limit: u32) -> Duration {
+        if limit == 0 {
+            return Duration::ZERO;
+        }
+        let now = Instant::now();
+        let mut q = lock(&self.sent);
+        while q
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= PACING_WINDOW)
+        {
+            q.pop_front();
+        }
+        if q.len() < limit as usize {
+            return Duration::ZERO;
+        }
+        q.front()
+            .map(|t| (*t + PACING_WINDOW).saturating_duration_since(now))
+            .unwrap_or_default()
+    }
+}
+
+struct Item {
+    env: Envelope,
+    progress: Progress,
+    next_attempt: Instant,
+    in_flight: bool,
+}
+
+struct AccountQueue {
+    items: Mutex<BTreeMap<(u64, String), Item>>,
+    wake: Notify,
+}
+
+/// The spool plus its delivery workers.
+pub struct Queue {
+    spool: Spool,
+    pool: Pool,
+    cfg: crate::config::Queue,
+    per_minute: u32,
+    accounts: HashMap<String, AccountQueue>,
+    pacers: Arc<HashMap<String, Pacer>>,
+    workers: TaskTracker,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("spool", &self.spool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Queue {
+    /// Opens the spool, resumes what it holds, and starts the workers.
+    pub fn start(
+        config: &Config,
+        q: &crate::config::Queue,
+        pool: Pool,
+        pacers: Arc<HashMap<String, Pacer>>,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Arc<Queue>> {
+        let spool = Spool::open(&config.state.dir)?;
+        let accounts: HashMap<String, AccountQueue> = config
+            .accounts
+            .iter()
+            .map(|a| {
+                (
+                    a.username.clone(),
+                    AccountQueue {
+                        items: Mutex::new(BTreeMap::new()),
+                        wake: Notify::new(),
+                    },
+                )
+            })
+            .collect();
+        let resumed = spool.scan()?;
+        let now = Instant::now();
+        let mut orphans = Vec::new();
+        for (env, progress) in resumed {
+            match accounts.get(&env.account) {
+                Some(aq) => {
+                    lock(&aq.items).insert(
+                        (env.received_at, env.id.clone()),
+                        Item {
+                            env,
+                            progress,
+                            next_attempt: now,
+                            in_flight: false,
+                        },
+                    );
+                }
+                None => orphans.push(env),
+            }
+        }
+        for env in orphans {
+            let reason = format!("account {} is no longer configured", env.account);
+            tracing::error!(id = %env.id, %reason, "spooled message cannot be delivered");
+            let _ = spool.bury(&env.id, &reason);
+        }
+        let depth: usize = accounts.values().map(|a| lock(&a.items).len()).sum();
+        if depth > 0 {
+            tracing::info!(messages = depth, "resuming spooled messages");
+        }
+        let queue = Arc::new(Queue {
+            spool,
+            pool,
+            cfg: q.clone(),
+            per_minute: config.upstream.messages_per_minute,
+            accounts,
+            pacers,
+            workers: TaskTracker::new(),
+        });
+        for a in &config.accounts {
+            for _ in 0..config.upstream.max_sessions_per_mailbox {
+                let q = queue.clone();
+                let name = a.username.clone();
+                let shutdown = shutdown.clone();
+                queue
+                    .workers
+                    .spawn(async move { q.work(&name, shutdown).await });
+            }
+        }
+        queue.workers.close();
+        Ok(queue)
+    }
+
+    /// Waits for the workers to finish the deliveries they are in (after shutdown).
+    pub async fn stopped(&self) {
+        self.workers.wait().await;
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// Messages waiting, and the age of the oldest (for metrics and readiness).
+    pub fn depth(&self) -> (usize, Option<Duration>) {
+        let now = unix_now();
+        let mut n = 0;
+        let mut oldest: Option<u64> = None;
+        for aq in self.accounts.values() {
+            let items = lock(&aq.items);
+            n += items.len();
+            if let Some(((t, _), _)) = items.iter().next() {
+                oldest = Some(oldest.map_or(*t, |o| o.min(*t)));
+            }
+        }
+        (
+            n,
+            oldest.map(|t| Duration::from_secs(now.saturating_sub(t))),
+        )
+    }
+
+    /// Stores a message durably and queues it. Only Ok means the client may hear 250.
+    pub fn accept(&self, env: Envelope, body: &[u8]) -> std::io::Result<()> {
+        let Some(aq) = self.accounts.get(&env.account) else {
+            return Err(std::io::Error::other("unknown account"));
+        };
+        self.spool.store(&env, body)?;
+        lock(&aq.items).insert(
+            (env.received_at, env.id.clone()),
+            Item {
+                env,
+                progress: Progress::default(),
+                next_attempt: Instant::now(),
+                in_flight: false,
+            },
+        );
+        aq.wake.notify_one();
+        Ok(())
+    }
+
+    /// The oldest due message not being delivered, marked in flight; or when to look again.
+    fn take_due(&self, aq: &AccountQueue) -> Result<(Envelope, Progress), Option<Instant>> {
+        let now = Instant::now();
+        let mut items = lock(&aq.items);
+        let mut earliest: Option<Instant> = None;
+        for item in items.values_mut() {
+            if item.in_flight {
+                continue;
+            }
+            if item.next_attempt <= now {
+                item.in_flight = true;
+                return Ok((item.env.clone(), item.progress.clone()));
+            }
+            earliest = Some(earliest.map_or(item.next_attempt, |e| e.min(item.next_attempt)));
+        }
+        Err(earliest)
+    }
+
+    async fn work(self: Arc<Self>, account: &str, shutdown: CancellationToken) {
+        let Some(aq) = self.accounts.get(account) else {
+            return;
+        };
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let (env, progress) = match self.take_due(aq) {
+                Ok(x) => x,
+                Err(earliest) => {
+                    let sleep = earliest.map_or(Duration::from_secs(3600), |t| {
+                        t.saturating_duration_since(Instant::now())
+                    });
+                    tokio::select! {
+                        _ = aq.wake.notified() => {}
+                        _ = tokio::time::sleep(sleep) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    continue;
+                }
+            };
+            let pace = self
+                .pacers
+                .get(account)
+                .map_or(Duration::ZERO, |p| p.wait(self.per_minute));
+            if !pace.is_zero() {
+                tracing::debug!(
+                    account,
+                    wait_ms = pace.as_millis() as u64,
+                    "holding spooled message: messages_per_minute reached"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(pace) => {}
+                    _ = shutdown.cancelled() => {
+                        self.release(aq, &env, progress, Instant::now());
+                        return;
+                    }
+                }
+            }
+            if let Some(p) = self.pacers.get(account) {
+                p.note();
+            }
+            self.attempt(aq, env, progress).await;
+            // Let a waiting sibling take the next one.
+            aq.wake.notify_one();
+        }
+    }
+
+    fn release(&self, aq: &AccountQueue, env: &Envelope, progress: Progress, next: Instant) {
+        if let Some(item) = lock(&aq.items).get_mut(&(env.received_at, env.id.clone())) {
+            item.in_flight = false;
+            item.progress = progress;
+            item.next_attempt = next;
+        }
+    }
+
+    fn forget(&self, aq: &AccountQueue, env: &Envelope) {
+        lock(&aq.items).remove(&(env.received_at, env.id.clone()));
+    }
+
+    fn log(&self, env: &Envelope, started: Instant, outcome: &str, code: u16, reply: &str) {
+        telemetry::relay_event(&RelayEvent {
+            id: &env.id,
+            account: &env.account,
+            from: &env.from,
+            rcpts: &env.rcpts,
+            bytes: env.bytes,
+            outcome,
+            upstream_code: code,
+            upstream_reply: reply,
+            ms: started.elapsed().as_millis() as u64,
+        });
+    }
+
+    /// One delivery attempt of one message.
+    async fn attempt(&self, aq: &AccountQueue, env: Envelope, mut progress: Progress) {
+        let started = Instant::now();
+        let age = Duration::from_secs(unix_now().saturating_sub(env.received_at));
+        if age >= self.cfg.max_age {
+            let reason = format!(
+                "not delivered within queue.max_age_secs ({} s); last error: {}",
+                self.cfg.max_age.as_secs(),
+                progress.last_error.as_deref().unwrap_or("none")
+            );
+            return self.finish_dead(aq, &env, started, 0, &reason);
+        }
+        let body = match self.spool.body(&env.id) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(id = %env.id, error = %e, "cannot read spooled message");
+                return self.finish_dead(
+                    aq,
+                    &env,
+                    started,
+                    0,
+                    &format!("spool file unreadable: {e}"),
+                );
+            }
+        };
+        let mut mail = format!("MAIL FROM:<{}> SIZE={}", env.from, body.len());
+        if !env.params.is_empty() {
+            mail.push(' ');
+            mail.push_str(&env.params);
+        }
+        progress.attempts += 1;
+        let (code, text, transient) = self.try_send(&env, &mut progress, &mail, &body).await;
+        if progress.pending(&env).next().is_none() {
+            if progress.failed.is_empty() {
+                if let Err(e) = self.spool.remove(&env.id) {
+                    tracing::error!(id = %env.id, error = %e, "delivered, but cannot remove the spool file");
+                }
+                self.forget(aq, &env);
+                self.log(&env, started, Outcome::Delivered.as_str(), code, &text);
+            } else {
+                let reason = progress
+                    .failed
+                    .iter()
+                    .map(|(r, why)| format!("{r}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                self.finish_dead(aq, &env, started, code, &reason);
+            }
+            return;
+        }
+        // Something is left to try later.
+        progress.last_error = Some(format!("{code} {text}"));
+        if let Err(e) = self.spool.save_progress(&env.id, &progress) {
+            tracing::error!(id = %env.id, error = %e, "cannot record delivery progress");
+        }
+        let delay = if transient {
+            self.backoff(progress.attempts)
+        } else {
+            self.cfg.retry_min
+        };
+        tracing::info!(id = %env.id, attempts = progress.attempts, retry_in_secs = delay.as_secs_f32(), "delivery deferred");
+        self.log(&env, started, Outcome::Deferred.as_str(), code, &text);
+        self.release(aq, &env, progress, Instant::now() + delay);
+    }
+
+    fn finish_dead(
+        &self,
+        aq: &AccountQueue,
+        env: &Envelope,
+        started: Instant,
+        code: u16,
+        reason: &str,
+    ) {
+        if let Err(e) = self.spool.bury(&env.id, reason) {
+            tracing::error!(id = %env.id, error = %e, "cannot move the message to dead");
+        }
+        self.forget(aq, env);
+        self.log(env, started, "dead", code, reason);
+    }
+
+    /// Exponential backoff from retry_min to retry_max, with up to 25 % jitter.
+    fn backoff(&self, attempts: u32) -> Duration {
+        let base = self
+            .cfg
+            .retry_min
+            .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
+            .min(self.cfg.retry_max);
+        let mut r = [0u8; 2];
+        let _ = getrandom::getrandom(&mut r);
+        let jitter = base.mul_f64(f64::from(u16::from_le_bytes(r)) / f64::from(u16::MAX) / 4.0);
+        (base + jitter).min(self.cfg.retry_max)
+    }
+
+    /// Sends to the pending recipients. Returns the last upstream code and text, and whether
+    /// what is left failed transiently.
+    async fn try_send(
+        &self,
+        env: &Envelope,
+        progress: &mut Progress,
+        mail: &str,
+        body: &[u8],
+    ) -> (u16, String, bool) {
+        let begun = self.pool.begin(&env.account, mail).await;
+        let mut lease = match begun {
+            Ok((lease, _)) => lease,
+            Err(BeginError::Upstream(UpstreamError::Reply(r))) if r.code >= 500 => {
+                // The sender itself is refused: every pending recipient fails.
+                let why = r.to_string();
+                let pending: Vec<String> = progress.pending(env).cloned().collect();
+                progress
+                    .failed
+                    .extend(pending.into_iter().map(|p| (p, why.clone())));
+                return (r.code, r.text, false);
+            }
+            Err(e) => {
+                let reply = outcome::mail_reply(&Err(e));
+                return (0, reply.to_string(), true);
+            }
+        };
+        let pending: Vec<String> = progress.pending(env).cloned().collect();
+        let mut accepted = Vec::new();
+        let mut last = (0u16, String::new());
+        for rcpt in pending {
+            match lease.session().command(&format!("RCPT TO:<{rcpt}>")).await {
+                Ok(_) => accepted.push(rcpt),
+                Err(UpstreamError::Reply(r)) if r.code >= 500 => {
+                    progress.failed.push((rcpt, r.to_string()));
+                    last = (r.code, r.text);
+                }
+                Err(UpstreamError::Reply(r)) => last = (r.code, r.text),
+                Err(e) => return (0, e.to_string(), true),
+            }
+        }
+        if accepted.is_empty() {
+            let ok = lease.session().command("RSET").await.is_ok();
+            lease.release(ok);
+            return (last.0, last.1, true);
+        }
+        let r = lease.session().data(body).await;
+        lease.release(true);
+        match r {
+            Ok(up) => {
+                progress.delivered.extend(accepted);
+                if let Err(e) = self.spool.save_progress(&env.id, progress) {
+                    tracing::error!(id = %env.id, error = %e, "cannot record delivery progress");
+                }
+                (up.code, up.text, true)
+            }
+            Err(UpstreamError::Reply(r)) if r.code >= 500 => {
+                let why = r.to_string();
+                progress
+                    .failed
+                    .extend(accepted.into_iter().map(|a| (a, why.clone())));
+                (r.code, r.text, false)
+            }
+            Err(UpstreamError::Reply(r)) => (r.code, r.text, true),
+            Err(e) => (0, e.to_string(), true),
+        }
+    }
+}
