@@ -249,6 +249,14 @@ impl Pool {
                         .await
                         .map_err(BeginError::Token)?;
                 }
+                // 432 4.3.2 (too many concurrent sessions for the mailbox) and other 4xx:
+                // transient, like a failed connection, not a verdict on our credentials.
+                Err(UpstreamError::Reply(r)) if r.code < 500 => {
+                    tokio::spawn(s.close());
+                    return Err(BeginError::Upstream(UpstreamError::Connect(format!(
+                        "AUTH refused for now: {r}"
+                    ))));
+                }
                 Err(UpstreamError::Reply(r)) => {
                     tokio::spawn(s.close());
                     return Err(BeginError::AuthRejected(r));

@@ -530,3 +530,28 @@ async fn one_transfer(addr: std::net::SocketAddr, i: usize) -> Option<u16> {
     }
     c.try_reply().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_session_limit_432_is_transient() {
+    // Microsoft 365 allows fewer concurrent sessions than the bridge was told.
+    let sync = start(Opts::default()).await;
+    sync.upstream.set_max_sessions(Some(1));
+    sync.upstream.set_delay(Duration::from_millis(30));
+    let results = burst(sync.addr, 4, 3).await;
+    let codes: BTreeSet<u16> = results.iter().map(|(_, c)| *c).collect();
+    assert!(codes.iter().all(|c| *c == 250 || *c == 451), "{codes:?}");
+    assert!(sync.upstream.data_faults() > 0, "the limit was hit");
+
+    let env = start(spool_opts()).await;
+    env.upstream.set_max_sessions(Some(1));
+    env.upstream.set_delay(Duration::from_millis(30));
+    let results = burst(env.addr, 4, 3).await;
+    assert!(results.iter().all(|(_, c)| *c == 250));
+    assert_eq!(
+        env.upstream
+            .wait_received(12, Duration::from_secs(20))
+            .await
+            .len(),
+        12
+    );
+}
