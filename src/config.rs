@@ -235,6 +235,26 @@ struct RawOAuth {
 
 // ---- loading ------------------------------------------------------------------------
 
+/// Environment variables that set configuration keys start with this.
+pub const ENV_PREFIX: &str = "SMTP_OAUTH_BRIDGE_";
+/// ... except this one, which names the file.
+pub const ENV_CONFIG_FILE: &str = "SMTP_OAUTH_BRIDGE_CONFIG";
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &["allowed_from", "scopes"];
+/// Keys whose environment value is a boolean.
+const BOOL_KEYS: &[&str] = &["require_tls_for_auth"];
+/// Keys whose environment value is an integer (besides every `*_secs`).
+const INT_KEYS: &[&str] = &[
+    "port",
+    "max_message_bytes",
+    "max_recipients",
+    "max_connections",
+    "max_sessions_per_mailbox",
+    "messages_per_minute",
+    "redirect_port",
+];
+
 /// Where `--config` points when not given: `$SMTP_OAUTH_BRIDGE_CONFIG`, else `./bridge.toml`.
 pub fn default_path() -> PathBuf {
     std::env::var_os("SMTP_OAUTH_BRIDGE_CONFIG")
@@ -243,8 +263,38 @@ pub fn default_path() -> PathBuf {
 }
 
 impl Config {
-    /// Reads and validates the file at `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads and validates the file at `path`, with the `SMTP_OAUTH_BRIDGE_*` environment
+    /// laid over it. The file may be missing (unless `required`) when the environment sets
+    /// the configuration.
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != ENV_CONFIG_FILE)
+            .collect();
+        let file = path.display().to_string();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required && !vars.is_empty() => {
+                None
+            }
+            Err(e) => {
+                return Err(ConfigError {
+                    file,
+                    key: String::new(),
+                    reason: format!("cannot read the configuration file: {e}"),
+                })
+            }
+        };
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Self::from_parts(text.as_deref(), &file, base, &vars, &|name| {
+            std::env::var(name).ok()
+        })
+    }
+
+    /// Reads and validates the file at `path` alone (no environment overrides).
+    pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: file.clone(),
@@ -258,6 +308,45 @@ impl Config {
         Self::from_toml(&text, &file, base, &|name| std::env::var(name).ok())
     }
 
+    /// Like [`Config::from_toml`], with `vars` (`SMTP_OAUTH_BRIDGE_<SECTION>__<KEY>`, accounts
+    /// as `ACCOUNT__<index>__<KEY>`, lists comma-separated) overriding the file.
+    pub fn from_parts(
+        text: Option<&str>,
+        file: &str,
+        base: &Path,
+        vars: &[(String, String)],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        if vars.is_empty() {
+            return Self::from_toml(text.unwrap_or(""), file, base, env);
+        }
+        let mut table: toml::Table = match text {
+            None => toml::Table::new(),
+            Some(t) => toml::from_str(t).map_err(|e| toml_error(&e, t, file))?,
+        };
+        for (k, v) in vars {
+            overlay(&mut table, k, v)?;
+        }
+        let label = match text {
+            Some(_) => format!("{file} + {ENV_PREFIX}* environment"),
+            None => format!("{ENV_PREFIX}* environment (no {file})"),
+        };
+        let raw: RawConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError {
+                    file: label.clone(),
+                    key: String::new(),
+                    reason: e.message().trim().to_string(),
+                })?;
+        Validator {
+            file: &label,
+            base,
+            env,
+        }
+        .validate(raw)
+    }
+
     /// Parses and validates TOML text. `file` names the source in errors, `base` resolves
     /// relative paths, `env` reads environment variables (injected for tests).
     pub fn from_toml(
@@ -266,21 +355,223 @@ impl Config {
         base: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            ConfigError {
-                file: match line {
-                    Some(l) => format!("{file}:{l}"),
-                    None => file.to_string(),
-                },
-                key: String::new(),
-                reason: e.message().trim().to_string(),
-            }
-        })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(&e, text, file))?;
         Validator { file, base, env }.validate(raw)
     }
+}
+
+impl Config {
+    /// The effective configuration as TOML, every secret replaced by `[redacted]`
+    /// (`serve --print-config`).
+    pub fn redacted_toml(&self) -> String {
+        use toml::Value as V;
+        fn s(v: impl ToString) -> V {
+            V::String(v.to_string())
+        }
+        fn n(v: u64) -> V {
+            V::Integer(i64::try_from(v).unwrap_or(i64::MAX))
+        }
+        fn list(v: &[String]) -> V {
+            V::Array(v.iter().map(s).collect())
+        }
+        const REDACTED: &str = "[redacted]";
+        let l = &self.listen;
+        let mut listen = toml::Table::new();
+        listen.insert("smtp".into(), s(l.smtp));
+        if let Some(a) = l.admin {
+            listen.insert("admin".into(), s(a));
+        }
+        listen.insert(
+            "tls".into(),
+            s(if l.tls == ListenTls::Off {
+                "off"
+            } else {
+                "starttls"
+            }),
+        );
+        listen.insert("tls_cert".into(), s(l.tls_cert.display()));
+        listen.insert("tls_key".into(), s(l.tls_key.display()));
+        listen.insert(
+            "require_tls_for_auth".into(),
+            V::Boolean(l.require_tls_for_auth),
+        );
+        listen.insert("max_message_bytes".into(), n(l.max_message_bytes as u64));
+        listen.insert("max_recipients".into(), n(l.max_recipients as u64));
+        listen.insert("max_connections".into(), n(l.max_connections as u64));
+        listen.insert("shutdown_grace_secs".into(), n(l.shutdown_grace.as_secs()));
+        let u = &self.upstream;
+        let mut upstream = toml::Table::new();
+        upstream.insert("host".into(), s(&u.host));
+        upstream.insert("port".into(), n(u64::from(u.port)));
+        upstream.insert(
+            "security".into(),
+            s(if u.security == UpstreamSecurity::StartTls {
+                "starttls"
+            } else {
+                "tls"
+            }),
+        );
+        if let Some(p) = &u.ca_file {
+            upstream.insert("ca_file".into(), s(p.display()));
+        }
+        upstream.insert("timeout_secs".into(), n(u.timeout.as_secs()));
+        upstream.insert(
+            "max_sessions_per_mailbox".into(),
+            n(u.max_sessions_per_mailbox as u64),
+        );
+        upstream.insert("idle_secs".into(), n(u.idle.as_secs()));
+        upstream.insert(
+            "messages_per_minute".into(),
+            n(u64::from(u.messages_per_minute)),
+        );
+        let mut state = toml::Table::new();
+        state.insert("dir".into(), s(self.state.dir.display()));
+        if self.state.key.is_some() {
+            state.insert("key".into(), s(REDACTED));
+        }
+        let mut top = toml::Table::new();
+        top.insert("listen".into(), V::Table(listen));
+        top.insert("upstream".into(), V::Table(upstream));
+        top.insert("state".into(), V::Table(state));
+        if let Some(q) = &self.queue {
+            let mut t = toml::Table::new();
+            t.insert("mode".into(), s("spool"));
+            t.insert("max_age_secs".into(), n(q.max_age.as_secs()));
+            t.insert("retry_min_secs".into(), n(q.retry_min.as_secs()));
+            t.insert("retry_max_secs".into(), n(q.retry_max.as_secs()));
+            top.insert("queue".into(), V::Table(t));
+        }
+        let accounts = self
+            .accounts
+            .iter()
+            .map(|a| {
+                let mut t = toml::Table::new();
+                t.insert("username".into(), s(&a.username));
+                match &a.password {
+                    LocalPassword::Hash(_) => t.insert("password_hash".into(), s(REDACTED)),
+                    LocalPassword::Plain(_) => t.insert("password".into(), s(REDACTED)),
+                };
+                t.insert("mailbox".into(), s(&a.mailbox));
+                t.insert("allowed_from".into(), list(&a.allowed_from));
+                let o = &a.oauth;
+                let mut oauth = toml::Table::new();
+                oauth.insert("provider".into(), s(o.provider.as_str()));
+                oauth.insert("tenant".into(), s(&o.tenant));
+                oauth.insert("flow".into(), s(o.flow.as_str()));
+                oauth.insert("client_id".into(), s(&o.client_id));
+                if o.client_secret.is_some() {
+                    oauth.insert("client_secret".into(), s(REDACTED));
+                }
+                oauth.insert("scopes".into(), list(&o.scopes));
+                oauth.insert("token_url".into(), s(&o.token_url));
+                oauth.insert("authorize_url".into(), s(&o.authorize_url));
+                oauth.insert(
+                    "device_authorization_url".into(),
+                    s(&o.device_authorization_url),
+                );
+                oauth.insert("redirect_port".into(), n(u64::from(o.redirect_port)));
+                t.insert("oauth".into(), V::Table(oauth));
+                V::Table(t)
+            })
+            .collect();
+        top.insert("account".into(), V::Array(accounts));
+        format!(
+            "# effective configuration from {}\n{}",
+            self.source,
+            toml::to_string(&top).unwrap_or_default()
+        )
+    }
+}
+
+fn toml_error(e: &toml::de::Error, text: &str, file: &str) -> ConfigError {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    ConfigError {
+        file: match line {
+            Some(l) => format!("{file}:{l}"),
+            None => file.to_string(),
+        },
+        key: String::new(),
+        reason: e.message().trim().to_string(),
+    }
+}
+
+/// Sets one `SMTP_OAUTH_BRIDGE_*` variable in the configuration table.
+fn overlay(table: &mut toml::Table, name: &str, value: &str) -> Result<(), ConfigError> {
+    let err = |reason: String| ConfigError {
+        file: "environment".into(),
+        key: name.to_string(),
+        reason,
+    };
+    let rest = &name[ENV_PREFIX.len()..];
+    let segs: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+    if segs.len() < 2 || segs.iter().any(|s| s.is_empty()) {
+        return Err(err(format!(
+            "expected {ENV_PREFIX}<SECTION>__<KEY> (e.g. {ENV_PREFIX}UPSTREAM__PORT) or {ENV_PREFIX}ACCOUNT__<N>__<KEY>"
+        )));
+    }
+    let leaf = segs.last().map(String::as_str).unwrap_or_default();
+    let typed = if LIST_KEYS.contains(&leaf) {
+        toml::Value::Array(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        )
+    } else if BOOL_KEYS.contains(&leaf) {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => toml::Value::Boolean(true),
+            "false" | "0" | "no" => toml::Value::Boolean(false),
+            _ => return Err(err(format!("{value:?} is not a boolean (true or false)"))),
+        }
+    } else if INT_KEYS.contains(&leaf) || leaf.ends_with("_secs") {
+        toml::Value::Integer(
+            value
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| err(format!("{value:?} is not a whole number")))?,
+        )
+    } else {
+        toml::Value::String(value.to_string())
+    };
+    let mut node = table;
+    let mut path = &segs[..segs.len() - 1];
+    if segs[0] == "account" {
+        let index: usize = segs[1]
+            .parse()
+            .map_err(|_| err(format!("{:?} is not an account index (0, 1, ...)", segs[1])))?;
+        if segs.len() < 3 {
+            return Err(err("names no key of the account".into()));
+        }
+        let accounts = node
+            .entry("account")
+            .or_insert_with(|| toml::Value::Array(Vec::new()));
+        let toml::Value::Array(list) = accounts else {
+            return Err(err("[[account]] in the file is not a list of tables".into()));
+        };
+        while list.len() <= index {
+            list.push(toml::Value::Table(toml::Table::new()));
+        }
+        let toml::Value::Table(t) = &mut list[index] else {
+            return Err(err(format!("account {index} is not a table")));
+        };
+        node = t;
+        path = &segs[2..segs.len() - 1];
+    }
+    for seg in path {
+        let next = node
+            .entry(seg.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(t) = next else {
+            return Err(err(format!("{seg} is not a table")));
+        };
+        node = t;
+    }
+    node.insert(leaf.to_string(), typed);
+    Ok(())
 }
 
 struct Validator<'a> {

@@ -12,8 +12,10 @@
 //! - [`testkit`]: fake Microsoft 365 SMTP server and token endpoint (demo, tests, benches)
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod bridge;
 pub mod config;
+pub mod metrics;
 pub mod oauth;
 pub mod relay;
 pub mod smtp;

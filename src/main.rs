@@ -34,7 +34,11 @@ enum Format {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the SMTP listener and relay until SIGINT/SIGTERM
-    Serve,
+    Serve {
+        /// Print the effective configuration (file + environment, secrets redacted) and exit
+        #[arg(long)]
+        print_config: bool,
+    },
     /// Sign in for a delegated account and store its refresh token
     Login {
         /// The account's local username
@@ -65,9 +69,14 @@ fn main() {
         None if std::io::stdout().is_terminal() => LogFormat::Pretty,
         None => LogFormat::Json,
     };
-    let config = cli
-        .config
-        .unwrap_or_else(smtp_oauth_bridge::config::default_path);
+    let required = cli.config.is_some()
+        || std::env::var_os(smtp_oauth_bridge::config::ENV_CONFIG_FILE).is_some();
+    let config = cli::ConfigArg {
+        path: cli
+            .config
+            .unwrap_or_else(smtp_oauth_bridge::config::default_path),
+        required,
+    };
     let result = match cli.command {
         Command::HashPassword => cli::hash_password::run(),
         command => {
@@ -90,13 +99,9 @@ fn main() {
     }
 }
 
-async fn run(
-    command: Command,
-    config: &std::path::Path,
-    format: LogFormat,
-) -> Result<(), CliError> {
+async fn run(command: Command, config: &cli::ConfigArg, format: LogFormat) -> Result<(), CliError> {
     match command {
-        Command::Serve => cli::serve::run(config).await,
+        Command::Serve { print_config } => cli::serve::run(config, print_config).await,
         Command::Check { account } => cli::check::run(config, account.as_deref()).await,
         Command::Login {
             account,

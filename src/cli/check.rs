@@ -1,14 +1,13 @@
 //! `check [ACCOUNT]`: for each account, get a valid access token, connect to the upstream,
 //! STARTTLS, AUTH XOAUTH2, QUIT; one line per account, `ok` or the failure and a hint.
 
-use super::CliError;
-use smtp_oauth_bridge::config::{Account, Config};
+use super::{CliError, ConfigArg};
+use smtp_oauth_bridge::config::Account;
 use smtp_oauth_bridge::oauth::manager::{TokenError, TokenManager};
 use smtp_oauth_bridge::relay::upstream::{UpReply, UpstreamError, UpstreamSession, UpstreamTarget};
-use std::path::Path;
 
-pub async fn run(config_path: &Path, only: Option<&str>) -> Result<(), CliError> {
-    let config = Config::load(config_path)?;
+pub async fn run(config: &ConfigArg, only: Option<&str>) -> Result<(), CliError> {
+    let config = config.load()?;
     if let Some(name) = only {
         if !config.accounts.iter().any(|a| a.username == name) {
             return Err(CliError::Usage(format!(

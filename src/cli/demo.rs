@@ -86,7 +86,7 @@ token_url = "{token_url}"
     );
     let config_path = dir.join("bridge.toml");
     std::fs::write(&config_path, &toml).map_err(rt("cannot write the demo config"))?;
-    let config = Config::load(&config_path)?;
+    let config = Config::load_file(&config_path)?;
 
     let listener = match TcpListener::bind(config.listen.smtp).await {
         Ok(l) => l,

@@ -2,21 +2,19 @@
 //! (authorization code + PKCE on a loopback redirect, or device code) and store it. A running
 //! `serve` notices the new token in the store and recovers without a restart.
 
-use super::CliError;
-use smtp_oauth_bridge::config::Config;
+use super::{CliError, ConfigArg};
 use smtp_oauth_bridge::oauth::flows::{self, DevicePrompt};
 use smtp_oauth_bridge::oauth::provider::Flow;
 use smtp_oauth_bridge::oauth::store::{StoredTokens, TokenStore};
-use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub async fn run(
-    config_path: &Path,
+    config: &ConfigArg,
     account: &str,
     device: bool,
     no_browser: bool,
 ) -> Result<(), CliError> {
-    let config = Config::load(config_path)?;
+    let config = config.load()?;
     let Some(acc) = config.accounts.iter().find(|a| a.username == account) else {
         return Err(CliError::Usage(format!(
             "{}: no [[account]] with username {account:?}",

@@ -7,7 +7,24 @@ pub mod hash_password;
 pub mod login;
 pub mod serve;
 
+use smtp_oauth_bridge::config::Config;
 use std::fmt;
+use std::path::PathBuf;
+
+/// Where the configuration comes from: `--config`, `$SMTP_OAUTH_BRIDGE_CONFIG` or
+/// `./bridge.toml`, plus the `SMTP_OAUTH_BRIDGE_*` environment.
+#[derive(Debug, Clone)]
+pub struct ConfigArg {
+    pub path: PathBuf,
+    /// Named explicitly (flag or variable): then the file must exist.
+    pub required: bool,
+}
+
+impl ConfigArg {
+    pub fn load(&self) -> Result<Config, CliError> {
+        Ok(Config::load(&self.path, self.required)?)
+    }
+}
 
 #[derive(Debug)]
 pub enum CliError {

@@ -1,12 +1,14 @@
 //! `serve`: run the listener, token manager and relay until SIGINT/SIGTERM, then drain.
 
-use super::CliError;
+use super::{CliError, ConfigArg};
 use smtp_oauth_bridge::bridge::Bridge;
-use smtp_oauth_bridge::config::Config;
-use std::path::Path;
 
-pub async fn run(config_path: &Path) -> Result<(), CliError> {
-    let config = Config::load(config_path)?;
+pub async fn run(config: &ConfigArg, print_config: bool) -> Result<(), CliError> {
+    let config = config.load()?;
+    if print_config {
+        print!("{}", config.redacted_toml());
+        return Ok(());
+    }
     let listener = tokio::net::TcpListener::bind(config.listen.smtp)
         .await
         .map_err(|e| {
@@ -15,7 +17,13 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
                 config.listen.smtp
             ))
         })?;
-    let bridge = Bridge::start(&config, listener)
+    let admin = match config.listen.admin {
+        None => None,
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            CliError::Runtime(format!("cannot listen on {addr} (listen.admin): {e}"))
+        })?),
+    };
+    let bridge = Bridge::start_with_admin(&config, listener, admin)
         .await
         .map_err(CliError::Runtime)?;
     wait_for_signal().await;

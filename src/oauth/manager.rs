@@ -87,6 +87,8 @@ struct State {
     /// No provider request before this (backoff after a transient failure).
     next_attempt: Option<Instant>,
     backoff: Duration,
+    refreshes: u64,
+    failures: u64,
     /// The store file's mtime when we last read or wrote it.
     store_seen: Option<SystemTime>,
 }
@@ -250,6 +252,37 @@ impl TokenManager {
             .map(|t| t.expires_at.saturating_duration_since(Instant::now()))
     }
 
+    /// Account names, token requests that succeeded and failed, for metrics.
+    pub fn counts(&self) -> Vec<(String, u64, u64)> {
+        let mut v: Vec<_> = self
+            .inner
+            .accounts
+            .iter()
+            .map(|(name, acc)| {
+                let st = acc.state();
+                (name.clone(), st.refreshes, st.failures)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// An access token is usable now and the account does not need login (for /readyz).
+    pub fn is_usable(&self, account: &str) -> bool {
+        let Some(acc) = self.inner.accounts.get(account) else {
+            return false;
+        };
+        if acc.needs_login().is_some() {
+            self.reload_if_changed(acc);
+        }
+        let st = acc.state();
+        !matches!(st.status, Some(AccountStatus::NeedsLogin(_)))
+            && st
+                .current
+                .as_ref()
+                .is_some_and(|t| t.is_valid(Instant::now()))
+    }
+
     /// Token requests sent to providers by this manager so far.
     pub fn provider_requests(&self) -> u64 {
         self.inner.requests.load(Ordering::Relaxed)
@@ -406,6 +439,7 @@ impl TokenManager {
                 let reason = format!("{reason}; {}", login_hint(&name));
                 tracing::warn!(account = %name, %reason, "refresh token refused; account needs login");
                 let mut st = acc.state();
+                st.failures += 1;
                 st.status = Some(AccountStatus::NeedsLogin(reason.clone()));
                 st.current = None;
                 Err(TokenError::NeedsLogin {
@@ -416,6 +450,7 @@ impl TokenManager {
             Err(e) => {
                 let reason = e.to_string();
                 let mut st = acc.state();
+                st.failures += 1;
                 st.backoff = (st.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
                 st.next_attempt = Some(Instant::now() + st.backoff);
                 st.status = Some(AccountStatus::Failing(reason.clone()));
@@ -449,6 +484,7 @@ impl TokenManager {
         let mut st = acc.state();
         st.store_seen = self.inner.store.modified(name);
         st.generation += 1;
+        st.refreshes += 1;
         let token = AccessToken {
             secret: Arc::new(resp.access_token),
             expires_at,

@@ -49,6 +49,15 @@ impl Provider {
         }
     }
 
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Microsoft => "microsoft",
+            Provider::MicrosoftUsGov => "microsoft-us-gov",
+            Provider::MicrosoftChina => "microsoft-china",
+            Provider::Google => "google",
+        }
+    }
+
     pub fn is_microsoft(self) -> bool {
         !matches!(self, Provider::Google)
     }

@@ -7,11 +7,12 @@
 //! outcome is a relay log line. Storage is `spool`'s job; upstream sessions are the pool's.
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::relay::outcome::{self, Outcome};
 use crate::relay::pool::{BeginError, Pool};
 use crate::relay::spool::{Envelope, Progress, Spool};
 use crate::relay::upstream::UpstreamError;
-use crate::telemetry::{self, RelayEvent};
+use crate::telemetry::RelayEvent;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -97,6 +98,7 @@ pub struct Queue {
     per_minute: u32,
     accounts: HashMap<String, AccountQueue>,
     pacers: Arc<HashMap<String, Pacer>>,
+    metrics: Arc<Metrics>,
     workers: TaskTracker,
 }
 
@@ -115,6 +117,7 @@ impl Queue {
         q: &crate::config::Queue,
         pool: Pool,
         pacers: Arc<HashMap<String, Pacer>>,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> std::io::Result<Arc<Queue>> {
         let spool = Spool::open(&config.state.dir)?;
@@ -166,6 +169,7 @@ impl Queue {
             per_minute: config.upstream.messages_per_minute,
             accounts,
             pacers,
+            metrics,
             workers: TaskTracker::new(),
         });
         for a in &config.accounts {
@@ -308,7 +312,7 @@ impl Queue {
     }
 
     fn log(&self, env: &Envelope, started: Instant, outcome: &str, code: u16, reply: &str) {
-        telemetry::relay_event(&RelayEvent {
+        self.metrics.record(&RelayEvent {
             id: &env.id,
             account: &env.account,
             from: &env.from,

@@ -60,6 +60,7 @@ struct PoolInner {
     target: UpstreamTarget,
     tokens: TokenManager,
     idle_limit: Duration,
+    max_sessions: usize,
     mailboxes: HashMap<String, Arc<Mailbox>>,
 }
 
@@ -136,6 +137,7 @@ impl Pool {
                 target,
                 tokens,
                 idle_limit: config.upstream.idle,
+                max_sessions: config.upstream.max_sessions_per_mailbox,
                 mailboxes,
             }),
         };
@@ -155,6 +157,13 @@ impl Pool {
             .mailboxes
             .get(account)
             .map_or(0, |m| m.idle().len())
+    }
+
+    /// Sessions lent to transactions now for `account` (for metrics).
+    pub fn busy_sessions(&self, account: &str) -> usize {
+        self.inner.mailboxes.get(account).map_or(0, |m| {
+            self.inner.max_sessions - m.sessions.available_permits()
+        })
     }
 
     /// Takes a session for `account` and sends `MAIL FROM` on it. A reused session that

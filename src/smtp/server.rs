@@ -56,7 +56,9 @@ pub async fn serve(
         let ctx = ctx.clone();
         let tls = tls.clone();
         tracker.spawn(async move {
+            ctx.metrics.session_opened();
             handle(stream, peer, &ctx, tls).await;
+            ctx.metrics.session_closed();
             drop(permit);
         });
     }

@@ -8,6 +8,7 @@
 //! depends on the upstream. Accepting connections and the TLS upgrade are `server`'s.
 
 use crate::config::Account;
+use crate::metrics::Metrics;
 use crate::oauth::manager::AccountStatus;
 use crate::oauth::secret::Secret;
 use crate::relay::deliver::{Pacer, Queue};
@@ -58,6 +59,7 @@ pub struct SessionContext {
     /// Per-account send rate (held in spool mode, reported in sync mode).
     pub pacers: Arc<HashMap<String, Pacer>>,
     pub messages_per_minute: u32,
+    pub metrics: Arc<Metrics>,
 }
 
 /// How a session ended.
@@ -492,6 +494,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 Ok(Some(reply::AUTH_OK))
             }
             None => {
+                self.ctx.metrics.auth_failed();
                 tracing::warn!(peer = %self.peer, user = %sanitize(&user), "local authentication failed");
                 Ok(Some(reply::AUTH_FAILED))
             }
@@ -705,7 +708,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     fn log_relay(&self, txn: &Txn, bytes: usize, outcome: &str, code: u16, reply: &str) {
-        telemetry::relay_event(&RelayEvent {
+        self.ctx.metrics.record(&RelayEvent {
             id: &txn.id,
             account: self.user.as_ref().map_or("", |a| a.username.as_str()),
             from: &txn.from,
@@ -885,6 +888,7 @@ mod wire_tests {
             queue: None,
             pacers: Arc::new(HashMap::new()),
             messages_per_minute: 0,
+            metrics: Arc::new(Metrics::default()),
         }
     }
 

@@ -349,19 +349,31 @@ pub struct BridgeProcess {
 
 impl BridgeProcess {
     pub fn start(config: &Path, rust_log: &str) -> BridgeProcess {
+        let args = [
+            "--config",
+            config.to_str().expect("utf-8 path"),
+            "--log-format",
+            "json",
+            "serve",
+        ];
+        Self::spawn(&args, &[("RUST_LOG".into(), rust_log.into())], None)
+    }
+
+    /// Runs the binary with `args` and extra environment `envs` (in `cwd` if given).
+    pub fn spawn(args: &[&str], envs: &[(String, String)], cwd: Option<&Path>) -> BridgeProcess {
         use std::io::{BufRead, Read};
         use std::process::{Command, Stdio};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_smtp-oauth-bridge"))
-            .args([
-                "--config",
-                config.to_str().expect("utf-8 path"),
-                "--log-format",
-                "json",
-                "serve",
-            ])
-            .env("RUST_LOG", rust_log)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_smtp-oauth-bridge"));
+        cmd.args(args)
             .env(PW_ENV, PASSWORD)
-            .env(SECRET_ENV, CLIENT_SECRET)
+            .env(SECRET_ENV, CLIENT_SECRET);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

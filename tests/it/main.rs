@@ -7,6 +7,7 @@ mod clients;
 mod harness;
 mod limits;
 mod login;
+mod operate;
 mod relay;
 mod secrets;
 mod spool;
