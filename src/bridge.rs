@@ -10,7 +10,7 @@ use crate::relay::deliver::{Pacer, Queue};
 use crate::relay::pool::Pool;
 use crate::relay::upstream::UpstreamTarget;
 use crate::smtp::auth::LocalAuth;
-use crate::smtp::session::{SessionContext, COMMAND_TIMEOUT};
+use crate::smtp::session::{SessionContext, AUTH_FAILURE_DELAY};
 use crate::smtp::{server, tls};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -93,7 +93,9 @@ impl Bridge {
             starttls_available: acceptor.is_some(),
             shutdown: shutdown.clone(),
             hard_stop: CancellationToken::new(),
-            command_timeout: COMMAND_TIMEOUT,
+            command_timeout: config.listen.command_timeout,
+            session_timeout: config.listen.session_timeout,
+            auth_failure_delay: AUTH_FAILURE_DELAY,
             queue: queue.clone(),
             pacers,
             messages_per_minute: config.upstream.messages_per_minute,

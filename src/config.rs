@@ -71,6 +71,10 @@ pub struct Listen {
     pub max_connections: usize,
     /// After SIGTERM, how long transactions in flight may take before they get 421.
     pub shutdown_grace: Duration,
+    /// A command line (and each read during DATA) must arrive within this.
+    pub command_timeout: Duration,
+    /// A session is ended with 421 at the next command boundary after this.
+    pub session_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +178,8 @@ struct RawListen {
     max_recipients: Option<u64>,
     max_connections: Option<u64>,
     shutdown_grace_secs: Option<u64>,
+    command_timeout_secs: Option<u64>,
+    session_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -399,6 +405,14 @@ impl Config {
         listen.insert("max_recipients".into(), n(l.max_recipients as u64));
         listen.insert("max_connections".into(), n(l.max_connections as u64));
         listen.insert("shutdown_grace_secs".into(), n(l.shutdown_grace.as_secs()));
+        listen.insert(
+            "command_timeout_secs".into(),
+            n(l.command_timeout.as_secs()),
+        );
+        listen.insert(
+            "session_timeout_secs".into(),
+            n(l.session_timeout.as_secs()),
+        );
         let u = &self.upstream;
         let mut upstream = toml::Table::new();
         upstream.insert("host".into(), s(&u.host));
@@ -802,6 +816,18 @@ impl Validator<'_> {
                 DEFAULT_MAX_CONNECTIONS,
             )?,
             shutdown_grace: Duration::from_secs(l.shutdown_grace_secs.unwrap_or(30)),
+            command_timeout: Duration::from_secs(match l.command_timeout_secs {
+                Some(0) => {
+                    return Err(self.err("listen.command_timeout_secs", "must be greater than 0"))
+                }
+                v => v.unwrap_or(300),
+            }),
+            session_timeout: Duration::from_secs(match l.session_timeout_secs {
+                Some(0) => {
+                    return Err(self.err("listen.session_timeout_secs", "must be greater than 0"))
+                }
+                v => v.unwrap_or(3600),
+            }),
         })
     }
 

@@ -121,6 +121,16 @@ pub const TOO_MANY_CONNECTIONS: Reply =
     Reply::fixed(421, "4.3.2", "Too many connections, try again later");
 pub const SHUTTING_DOWN: Reply =
     Reply::fixed(421, "4.3.2", "Service shutting down, try again later");
+pub const SESSION_TOO_LONG: Reply = Reply::fixed(
+    421,
+    "4.4.2",
+    "Session time limit reached, closing connection",
+);
+pub const TOO_MANY_AUTH_FAILURES: Reply = Reply::fixed(
+    421,
+    "4.7.0",
+    "Too many authentication failures, closing connection",
+);
 pub const IDLE_TIMEOUT: Reply = Reply::fixed(421, "4.4.2", "Idle timeout, closing connection");
 pub const SMTPUTF8_UNAVAILABLE: Reply = Reply::fixed(
     553,

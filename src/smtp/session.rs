@@ -17,6 +17,7 @@ use crate::relay::pool::{Lease, Pool};
 use crate::relay::spool::{Envelope, SPOOL_VERSION};
 use crate::relay::upstream::UpstreamError;
 use crate::smtp::auth::LocalAuth;
+use crate::smtp::data::normalize_line_endings;
 use crate::smtp::reply::{self, Reply};
 use crate::telemetry::{self, RelayEvent};
 use base64::Engine as _;
@@ -37,8 +38,16 @@ pub const MAX_LINE: usize = 4096;
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long we wait for the next chunk of message data (RFC 5321: 3 minutes per block).
 pub const DATA_TIMEOUT: Duration = Duration::from_secs(180);
-/// Bytes read from the socket at once.
-const READ_CHUNK: usize = 64 * 1024;
+/// Buffer reserved for reading commands (one line is at most MAX_LINE).
+const COMMAND_READ: usize = 4096;
+/// Buffer reserved for reading message data.
+const DATA_READ: usize = 64 * 1024;
+/// Failed AUTH attempts per connection before it is closed with 421.
+pub const MAX_AUTH_FAILURES: u32 = 5;
+/// The longest the failed-AUTH delay grows to.
+const MAX_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(5);
+/// After the first failed AUTH of a connection the client waits this long for the 535.
+pub const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(250);
 
 /// Everything a session needs that outlives it.
 #[derive(Debug, Clone)]
@@ -54,6 +63,9 @@ pub struct SessionContext {
     /// Fires when the shutdown grace period is over: sessions still busy get 421.
     pub hard_stop: CancellationToken,
     pub command_timeout: Duration,
+    pub session_timeout: Duration,
+    /// Delay before answering the first failed AUTH of a connection; doubles with each.
+    pub auth_failure_delay: Duration,
     /// Spool mode: accept after fsync and deliver in the background.
     pub queue: Option<Arc<Queue>>,
     /// Per-account send rate (held in spool mode, reported in sync mode).
@@ -79,6 +91,8 @@ struct Txn {
     params: String,
     rcpts: Vec<String>,
     started: Instant,
+    /// SIZE= from MAIL: the receive buffer is sized once instead of growing.
+    size_hint: usize,
 }
 
 enum Line {
@@ -98,6 +112,8 @@ pub struct Session<'a, S> {
     helo: Option<String>,
     user: Option<Arc<Account>>,
     txn: Option<Txn>,
+    auth_failures: u32,
+    started: Instant,
 }
 
 impl<S> std::fmt::Debug for Session<'_, S> {
@@ -123,6 +139,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             helo: None,
             user: None,
             txn: None,
+            auth_failures: 0,
+            started: Instant::now(),
         }
     }
 
@@ -139,8 +157,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         Ok(())
     }
 
-    /// Reads more input; `Ok(false)` on EOF. Flushes pending replies first.
-    async fn fill(&mut self, timeout: Duration) -> std::io::Result<bool> {
+    /// Reads more input (reserving `want` bytes) before `deadline`; `Ok(false)` on EOF.
+    /// Flushes pending replies first. The buffer is never zero-filled, so an idle session
+    /// costs only what it has received.
+    async fn fill(&mut self, deadline: Instant, want: usize) -> std::io::Result<bool> {
         self.flush().await?;
         if self.ctx.hard_stop.is_cancelled() {
             return Err(std::io::Error::other(HARD_STOP));
@@ -149,33 +169,26 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             self.inbuf.drain(..self.pos);
             self.pos = 0;
         }
-        let len = self.inbuf.len();
-        self.inbuf.resize(len + READ_CHUNK, 0);
+        self.inbuf.reserve(want);
         let stop = self.ctx.hard_stop.clone();
         let r = tokio::select! {
-            r = tokio::time::timeout(timeout, self.io.read(&mut self.inbuf[len..])) => r,
+            r = tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.inbuf)) => r,
             _ = stop.cancelled() => Ok(Err(std::io::Error::other(HARD_STOP))),
         };
-        let n = match r {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                self.inbuf.truncate(len);
-                return Err(e);
-            }
-            Err(_) => {
-                self.inbuf.truncate(len);
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "read timeout",
-                ));
-            }
-        };
-        self.inbuf.truncate(len + n);
-        Ok(n > 0)
+        match r {
+            Ok(Ok(n)) => Ok(n > 0),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "read timeout",
+            )),
+        }
     }
 
-    /// The next line (with its LF), reading as needed; `None` on EOF.
+    /// The next line (with its LF), reading as needed; `None` on EOF. The whole line must
+    /// arrive within the command timeout (a byte a second does not keep a session alive).
     async fn next_line(&mut self, idle: bool) -> std::io::Result<Option<Line>> {
+        let deadline = Instant::now() + self.ctx.command_timeout;
         loop {
             let avail = &self.inbuf[self.pos..];
             if let Some(i) = memchr::memchr(b'\n', avail) {
@@ -190,7 +203,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 // Drop what we have and the rest of this line.
                 self.pos = self.inbuf.len();
                 loop {
-                    if !self.fill(self.ctx.command_timeout).await? {
+                    if !self.fill(deadline, COMMAND_READ).await? {
                         return Ok(None);
                     }
                     if let Some(i) = memchr::memchr(b'\n', &self.inbuf) {
@@ -204,7 +217,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 // Between transactions a shutdown ends the session politely.
                 let shutdown = self.ctx.shutdown.clone();
                 tokio::select! {
-                    r = self.fill(self.ctx.command_timeout) => r?,
+                    r = self.fill(deadline, COMMAND_READ) => r?,
                     _ = shutdown.cancelled() => {
                         self.reply(&reply::SHUTTING_DOWN);
                         self.flush().await?;
@@ -212,7 +225,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     }
                 }
             } else {
-                self.fill(self.ctx.command_timeout).await?
+                self.fill(deadline, COMMAND_READ).await?
             };
             if !more {
                 return Ok(None);
@@ -244,7 +257,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 End::Closed
             }
             Err(e) => {
-                if self.ctx.hard_stop.is_cancelled() {
+                if e.to_string() == TOO_MANY_AUTH_FAILURES {
+                    self.reply(&reply::TOO_MANY_AUTH_FAILURES);
+                    let _ = self.flush().await;
+                } else if self.ctx.hard_stop.is_cancelled() {
                     self.out.clear();
                     self.reply(&reply::SHUTTING_DOWN);
                     let _ = self.flush().await;
@@ -261,6 +277,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// `Ok(true)` means: upgrade to TLS now.
     async fn serve(&mut self) -> std::io::Result<bool> {
         loop {
+            if self.txn.is_none() && self.started.elapsed() >= self.ctx.session_timeout {
+                self.reply(&reply::SESSION_TOO_LONG);
+                return Ok(false);
+            }
             let line = match self.next_line(true).await? {
                 None => return Ok(false),
                 Some(Line::TooLong) => {
@@ -495,7 +515,19 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             }
             None => {
                 self.ctx.metrics.auth_failed();
-                tracing::warn!(peer = %self.peer, user = %sanitize(&user), "local authentication failed");
+                self.auth_failures += 1;
+                tracing::warn!(peer = %self.peer, user = %sanitize(&user), failures = self.auth_failures, "local authentication failed");
+                // Slow down guessing: each failure on this connection waits longer; the
+                // delay only ever holds back the failing client.
+                let delay = self
+                    .ctx
+                    .auth_failure_delay
+                    .saturating_mul(1 << (self.auth_failures - 1).min(8))
+                    .min(MAX_AUTH_FAILURE_DELAY);
+                tokio::time::sleep(delay).await;
+                if self.auth_failures >= MAX_AUTH_FAILURES {
+                    return Err(std::io::Error::other(TOO_MANY_AUTH_FAILURES));
+                }
                 Ok(Some(reply::AUTH_FAILED))
             }
         }
@@ -531,6 +563,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 params,
                 rcpts: Vec::new(),
                 started: Instant::now(),
+                size_hint: from.size,
             });
             return self.reply(&reply::SENDER_OK);
         }
@@ -558,6 +591,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     params,
                     rcpts: Vec::new(),
                     started: Instant::now(),
+                    size_hint: from.size,
                 });
             }
         } else {
@@ -623,7 +657,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let Some(mut txn) = self.txn.take() else {
             return Ok(());
         };
-        let body = &content[DATA_PREFIX.len()..];
+        let received = &content[DATA_PREFIX.len()..];
+        let normalized = normalize_line_endings(received);
+        if normalized.is_some() {
+            tracing::info!(id = %txn.id, "message had bare LF or CR line endings; normalized to CRLF");
+        }
+        let body: &[u8] = normalized.as_deref().unwrap_or(received);
         let Some(mut lease) = txn.lease.take() else {
             return self.spool(txn, body);
         };
@@ -725,7 +764,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// [`DATA_PREFIX`], or `None` when it exceeded the size limit (then it was discarded).
     async fn receive_data(&mut self) -> std::io::Result<Option<Vec<u8>>> {
         let mut rx = DataReceiver::new();
-        let mut buf = Vec::with_capacity(16 * 1024);
+        let hint = self.txn.as_ref().map_or(0, |t| t.size_hint);
+        let mut buf = Vec::with_capacity(hint.clamp(16 * 1024, self.ctx.max_message_bytes) + 2);
         // smtp-proto only recognises a terminator or a stuffed dot after a line break; seed
         // one so that the very first line is handled too.
         rx.ingest(&mut DATA_PREFIX.iter(), &mut buf);
@@ -741,9 +781,15 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 return self.discard_data(&mut dummy).await.map(|_| None);
             }
             if done {
+                // Give back the large read buffer; the session may now idle for a long time.
+                if self.inbuf.capacity() > 4 * COMMAND_READ {
+                    self.inbuf.drain(..self.pos);
+                    self.pos = 0;
+                    self.inbuf.shrink_to(COMMAND_READ);
+                }
                 return Ok(Some(buf));
             }
-            if !self.fill(DATA_TIMEOUT).await? {
+            if !self.fill(Instant::now() + DATA_TIMEOUT, DATA_READ).await? {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
         }
@@ -758,7 +804,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             if done {
                 return Ok(());
             }
-            if !self.fill(DATA_TIMEOUT).await? {
+            if !self.fill(Instant::now() + DATA_TIMEOUT, DATA_READ).await? {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
         }
@@ -780,6 +826,9 @@ async fn abort_txn(txn: Txn) {
         lease.release(ok);
     }
 }
+
+/// The error that ends a session after MAX_AUTH_FAILURES failed AUTH attempts.
+const TOO_MANY_AUTH_FAILURES: &str = "too many authentication failures";
 
 /// The error that ends sessions still busy when the shutdown grace period is over.
 const HARD_STOP: &str = "shutdown grace period over";
@@ -885,6 +934,8 @@ mod wire_tests {
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             command_timeout: timeout,
+            session_timeout: Duration::from_secs(3600),
+            auth_failure_delay: Duration::ZERO,
             queue: None,
             pacers: Arc::new(HashMap::new()),
             messages_per_minute: 0,
