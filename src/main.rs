@@ -84,7 +84,7 @@ fn main() {
             // unless RUST_LOG says otherwise.
             let quiet = matches!(command, Command::Check { .. } | Command::Login { .. });
             let default_level = if quiet { "warn" } else { "info" };
-            telemetry::init(format, default_level);
+            let _log = telemetry::init(format, default_level);
             match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

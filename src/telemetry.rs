@@ -40,23 +40,32 @@ pub fn filters(default: &str) -> (EnvFilter, Targets) {
 }
 
 /// Installs the global subscriber writing to stdout.
-pub fn init(format: LogFormat, default: &str) {
+///
+/// Lines are handed to a writer thread, so a message never waits for stdout (a pipe to a
+/// log collector can be slow); nothing is dropped: when the queue is full, logging waits.
+/// Keep the returned guard until exit: dropping it flushes what is queued.
+pub fn init(format: LogFormat, default: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let (env, cap) = filters(default);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stdout());
     let layer = match format {
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stdout)
+            .with_writer(writer)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .with_target(true)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .with_writer(std::io::stdout)
+            .with_writer(writer)
             .boxed(),
     };
     let _ = tracing_subscriber::registry()
         .with(layer.with_filter(env).with_filter(cap))
         .try_init();
+    guard
 }
 
 /// The fields of one relay log line.

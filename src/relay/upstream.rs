@@ -191,27 +191,39 @@ impl UpstreamSession {
     /// Connects, reads the greeting, EHLO, and secures the session (STARTTLS or implicit TLS).
     pub async fn connect(t: &UpstreamTarget) -> Result<UpstreamSession, UpstreamError> {
         let implicit = t.security == UpstreamSecurity::Tls;
-        let connect = AsyncSmtpConnection::connect_tokio1(
-            (t.host.as_str(), t.port),
-            Some(t.timeout),
-            &t.hello,
-            implicit.then(|| t.tls.clone()),
-            None,
-        );
+        let addr = t.addr();
+        let lettre_err =
+            |e: lettre::transport::smtp::Error| match classify(e, UpstreamError::Connect) {
+                UpstreamError::Reply(r) => UpstreamError::Connect(format!("{addr} said {r}")),
+                UpstreamError::Connect(m) => UpstreamError::Connect(format!("{addr}: {m}")),
+                other => other,
+            };
+        let connect = async {
+            if implicit {
+                // Port 465 style: lettre opens the socket and the TLS session itself.
+                return AsyncSmtpConnection::connect_tokio1(
+                    (t.host.as_str(), t.port),
+                    Some(t.timeout),
+                    &t.hello,
+                    Some(t.tls.clone()),
+                    None,
+                )
+                .await
+                .map_err(lettre_err);
+            }
+            // Our own socket, so that Nagle's algorithm is off: lettre writes the end of
+            // DATA as a separate small segment, which would otherwise wait for a delayed ACK.
+            let tcp = tokio::net::TcpStream::connect((t.host.as_str(), t.port))
+                .await
+                .map_err(|e| UpstreamError::Connect(format!("{addr}: {e}")))?;
+            let _ = tcp.set_nodelay(true);
+            AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &t.hello)
+                .await
+                .map_err(lettre_err)
+        };
         let mut conn = match tokio::time::timeout(t.timeout, connect).await {
             Err(_) => return Err(UpstreamError::Connect(format!("{} timed out", t.addr()))),
-            Ok(Err(e)) => {
-                return Err(match classify(e, UpstreamError::Connect) {
-                    UpstreamError::Reply(r) => {
-                        UpstreamError::Connect(format!("{} said {r}", t.addr()))
-                    }
-                    UpstreamError::Connect(m) => {
-                        UpstreamError::Connect(format!("{}: {m}", t.addr()))
-                    }
-                    other => other,
-                })
-            }
-            Ok(Ok(c)) => c,
+            Ok(r) => r?,
         };
         if !implicit {
             if !conn.server_info().supports_feature(Extension::StartTls) {
@@ -301,6 +313,12 @@ impl UpstreamSession {
     /// DATA, the content (unstuffed, as the client sent it), and the final reply.
     pub async fn data(&mut self, content: &[u8]) -> Result<UpReply, UpstreamError> {
         self.command("DATA").await?;
+        self.body(content).await
+    }
+
+    /// After the upstream's 354: the content (unstuffed, as the client sent it) and the
+    /// final reply. (The local session sends DATA while it still receives the content.)
+    pub async fn body(&mut self, content: &[u8]) -> Result<UpReply, UpstreamError> {
         // lettre dot-stuffs and appends CRLF.CRLF itself; the CRLF that ends the content
         // is the first half of that terminator, so it is not sent twice.
         let body = content.strip_suffix(b"\r\n").unwrap_or(content);

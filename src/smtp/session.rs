@@ -632,7 +632,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     async fn data(&mut self) -> std::io::Result<()> {
-        let Some(txn) = self.txn.as_ref() else {
+        let Some(txn) = self.txn.as_mut() else {
             self.reply(&reply::BAD_SEQUENCE_MAIL);
             return Ok(());
         };
@@ -640,21 +640,34 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             self.reply(&reply::NO_VALID_RECIPIENTS);
             return Ok(());
         }
+        let hint = txn.size_hint;
+        let mut lease = txn.lease.take();
         self.reply(&reply::START_DATA);
-        let Some(content) = self.receive_data().await? else {
-            // Too big: the data was read and discarded; the upstream never saw DATA.
+        // Sync mode: DATA goes upstream while the content arrives (one round trip less per
+        // message); the upstream's answer to it is looked at once the content is complete.
+        // Any failure from here on drops the lease, closing a session that may be in DATA.
+        let (upstream_data, received) = match lease.as_mut() {
+            Some(l) => {
+                let (up, local) =
+                    tokio::join!(l.session().command("DATA"), self.receive_data(hint));
+                (Some(up), local)
+            }
+            None => (None, self.receive_data(hint).await),
+        };
+        let Some(content) = received? else {
+            // Too big: the data was read and discarded, and the upstream gets no content.
+            drop(lease);
             if let Some(txn) = self.txn.take() {
                 let why = format!(
                     "message exceeds listen.max_message_bytes ({})",
                     self.ctx.max_message_bytes
                 );
                 self.log_relay(&txn, 0, "rejected", 0, &why);
-                abort_txn(txn).await;
             }
             self.reply(&reply::TOO_BIG);
             return Ok(());
         };
-        let Some(mut txn) = self.txn.take() else {
+        let Some(txn) = self.txn.take() else {
             return Ok(());
         };
         let received = &content[DATA_PREFIX.len()..];
@@ -663,18 +676,22 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             tracing::info!(id = %txn.id, "message had bare LF or CR line endings; normalized to CRLF");
         }
         let body: &[u8] = normalized.as_deref().unwrap_or(received);
-        let Some(mut lease) = txn.lease.take() else {
+        let (Some(mut lease), Some(upstream_data)) = (lease, upstream_data) else {
             return self.spool(txn, body);
         };
         let stop = self.ctx.hard_stop.clone();
-        let result = tokio::select! {
-            r = lease.session().data(body) => r,
-            _ = stop.cancelled() => {
-                // The grace period is over; the upstream's answer will not come in time.
-                drop(lease);
-                self.log_relay(&txn, body.len(), "deferred", 0, "shut down before the upstream answered");
-                return Err(std::io::Error::other(HARD_STOP));
-            }
+        let result = match upstream_data {
+            // The upstream refused DATA itself: its reply is the answer.
+            Err(e) => Err(e),
+            Ok(_) => tokio::select! {
+                r = lease.session().body(body) => r,
+                _ = stop.cancelled() => {
+                    // The grace period is over; the upstream's answer will not come in time.
+                    drop(lease);
+                    self.log_relay(&txn, body.len(), "deferred", 0, "shut down before the upstream answered");
+                    return Err(std::io::Error::other(HARD_STOP));
+                }
+            },
         };
         let (reply, outcome) = outcome::data_reply(&result, &txn.id);
         let (code, text) = match &result {
@@ -762,9 +779,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
 
     /// Reads message data up to CRLF.CRLF. Returns the unstuffed content prefixed with
     /// [`DATA_PREFIX`], or `None` when it exceeded the size limit (then it was discarded).
-    async fn receive_data(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+    async fn receive_data(&mut self, hint: usize) -> std::io::Result<Option<Vec<u8>>> {
         let mut rx = DataReceiver::new();
-        let hint = self.txn.as_ref().map_or(0, |t| t.size_hint);
         let mut buf = Vec::with_capacity(hint.clamp(16 * 1024, self.ctx.max_message_bytes) + 2);
         // smtp-proto only recognises a terminator or a stuffed dot after a line break; seed
         // one so that the very first line is handled too.
