@@ -108,6 +108,7 @@ pub const TLS_ALREADY: Reply = Reply::fixed(503, "5.5.1", "TLS already active");
 pub const TLS_UNAVAILABLE: Reply = Reply::fixed(502, "5.5.1", "STARTTLS not available");
 pub const UNKNOWN_COMMAND: Reply = Reply::fixed(500, "5.5.1", "Command unrecognized");
 pub const NOT_IMPLEMENTED: Reply = Reply::fixed(502, "5.5.1", "Command not implemented");
+pub const BAD_COMMAND_BYTES: Reply = Reply::fixed(500, "5.5.2", "NUL or bare CR in command line");
 pub const LINE_TOO_LONG: Reply = Reply::fixed(500, "5.5.2", "Line too long");
 pub const SYNTAX_SENDER: Reply = Reply::fixed(501, "5.1.7", "Bad sender address syntax");
 pub const SYNTAX_RECIPIENT: Reply = Reply::fixed(501, "5.1.3", "Bad recipient address syntax");

@@ -289,6 +289,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 }
                 Some(Line::Ok(l)) => l,
             };
+            // A NUL or a CR inside a command line is never legitimate (and a way to make two
+            // parsers disagree); the line is refused as a whole.
+            if trim_crlf(&line).iter().any(|b| *b == 0 || *b == b'\r') {
+                self.reply(&reply::BAD_COMMAND_BYTES);
+                continue;
+            }
             let parsed = Request::parse(&mut line.iter()).map(Request::into_owned);
             match parsed {
                 Ok(req) => match self.command_until_hard_stop(req).await? {

@@ -6,6 +6,7 @@ mod cli;
 mod clients;
 mod deploy;
 mod harness;
+mod hostile;
 mod limits;
 mod login;
 mod operate;
