@@ -1059,3 +1059,146 @@ mod wire_tests {
         task.await.unwrap();
     }
 }
+
+#[cfg(test)]
+mod prop_tests {
+    //! Arbitrary byte streams, split at arbitrary points: the session never panics, every
+    //! reply is a well-formed SMTP reply line, and nothing reaches the upstream without a
+    //! successful AUTH (the password is never among the inputs).
+    use super::*;
+    use crate::config::Config;
+    use crate::oauth::manager::TokenManager;
+    use crate::relay::upstream::UpstreamTarget;
+    use proptest::prelude::*;
+    use tokio::io::AsyncReadExt;
+
+    const TOKENS: &[&[u8]] = &[
+        b"EHLO client\r\n",
+        b"HELO x\r\n",
+        b"MAIL FROM:<u@example.com>\r\n",
+        b"MAIL FROM:<> SIZE=10 BODY=8BITMIME SMTPUTF8\r\n",
+        b"RCPT TO:<a@b.c>\r\n",
+        b"DATA\r\n",
+        b".\r\n",
+        b"..x\r\n",
+        b"RSET\r\n",
+        b"NOOP\r\n",
+        b"QUIT\r\n",
+        b"VRFY x\r\n",
+        b"STARTTLS\r\n",
+        b"BDAT 5 LAST\r\n",
+        b"AUTH PLAIN AHUAd3Jvbmc=\r\n",
+        b"AUTH PLAIN\r\n",
+        b"AUTH LOGIN\r\n",
+        b"dQ==\r\n",
+        b"*\r\n",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b"\0",
+        b"\xff\xfe",
+    ];
+
+    fn input() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        let piece = prop_oneof![
+            3 => proptest::sample::select(TOKENS).prop_map(|t| t.to_vec()),
+            1 => proptest::collection::vec(any::<u8>(), 0..40),
+        ];
+        proptest::collection::vec(piece, 0..40)
+    }
+
+    fn well_formed(out: &[u8]) -> Result<(), String> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        if !out.ends_with(b"\r\n") {
+            return Err("output does not end with CRLF".into());
+        }
+        let mut rest = out;
+        while !rest.is_empty() {
+            let end = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .ok_or("line without CRLF")?;
+            let line = &rest[..end];
+            rest = &rest[end + 2..];
+            if line.contains(&b'\r') || line.contains(&b'\n') {
+                return Err("bare CR or LF in output".into());
+            }
+            let ok = line.len() >= 4
+                && line[..3].iter().all(u8::is_ascii_digit)
+                && (b'2'..=b'5').contains(&line[0])
+                && (line[3] == b' ' || line[3] == b'-')
+                && line.iter().all(|b| !b.is_ascii_control());
+            if !ok {
+                return Err(format!(
+                    "malformed reply line {:?}",
+                    String::from_utf8_lossy(line)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_input_gives_well_formed_replies_and_no_upstream(pieces in input(), cut in 1usize..64) {
+            let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            upstream.set_nonblocking(true).unwrap();
+            let port = upstream.local_addr().unwrap().port();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let out = rt.block_on(async move {
+                let toml = format!("[upstream]\nhost = \"127.0.0.1\"\nport = {port}\ntimeout_secs = 1\n[[account]]\nusername = \"u\"\npassword_env = \"PW\"\nmailbox = \"u@example.com\"\n[account.oauth]\nflow = \"client_credentials\"\ntenant = \"t\"\nclient_id = \"c\"\nclient_secret_env = \"PW\"\n");
+                let dir = tempfile::tempdir().unwrap();
+                let config = Config::from_toml(&toml, "t.toml", dir.path(), &|_| Some("the-password".into())).unwrap();
+                let tokens = TokenManager::new(&config).unwrap();
+                let pool = Pool::new(&config, UpstreamTarget::new(&config.upstream).unwrap(), tokens);
+                let ctx = SessionContext {
+                    hostname: "bridge.test".into(),
+                    auth: LocalAuth::new(&config),
+                    pool,
+                    max_message_bytes: 1000,
+                    max_recipients: 3,
+                    require_tls_for_auth: false,
+                    starttls_available: false,
+                    shutdown: CancellationToken::new(),
+                    hard_stop: CancellationToken::new(),
+                    command_timeout: Duration::from_secs(5),
+                    session_timeout: Duration::from_secs(60),
+                    auth_failure_delay: Duration::ZERO,
+                    queue: None,
+                    pacers: Arc::new(HashMap::new()),
+                    messages_per_minute: 0,
+                    metrics: Arc::new(Metrics::default()),
+                };
+                let (client, server) = tokio::io::duplex(1 << 16);
+                let peer = "127.0.0.1:1".parse().unwrap();
+                let session = tokio::spawn(async move { Session::new(&ctx, server, peer, false).run(true).await; });
+                let (mut r, mut w) = tokio::io::split(client);
+                let reader = tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    let _ = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut out)).await;
+                    out
+                });
+                let all: Vec<u8> = pieces.concat();
+                for chunk in all.chunks(cut) {
+                    if w.write_all(chunk).await.is_err() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                let _ = w.shutdown().await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), session).await;
+                reader.await.unwrap()
+            });
+            prop_assert!(well_formed(&out).is_ok(), "{:?}\n{}", well_formed(&out), String::from_utf8_lossy(&out));
+            prop_assert!(out.starts_with(b"220 "), "{}", String::from_utf8_lossy(&out));
+            let reached = upstream.accept();
+            prop_assert!(matches!(&reached, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "something connected upstream");
+            let text = String::from_utf8_lossy(&out);
+            prop_assert!(!text.lines().any(|l| l.starts_with("235")), "AUTH succeeded without the password");
+        }
+    }
+}

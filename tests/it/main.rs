@@ -9,6 +9,7 @@ mod harness;
 mod hostile;
 mod limits;
 mod login;
+mod memory;
 mod operate;
 mod relay;
 mod secrets;
