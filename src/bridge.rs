@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::oauth::manager::TokenManager;
 use crate::relay::deliver::{Pacer, Queue};
 use crate::relay::pool::Pool;
-use crate::relay::upstream::UpstreamTarget;
+use crate::relay::upstream::{local_hostname, UpstreamTarget};
 use crate::smtp::auth::LocalAuth;
 use crate::smtp::session::{SessionContext, AUTH_FAILURE_DELAY};
 use crate::smtp::{server, tls};
@@ -157,12 +157,4 @@ impl Bridge {
     pub async fn wait(self) {
         let _ = self.task.await;
     }
-}
-
-fn local_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty() && h.is_ascii() && !h.contains(char::is_whitespace))
-        .unwrap_or_else(|| "localhost".to_string())
 }

@@ -100,8 +100,8 @@ pub struct State {
 /// How a local password is checked.
 #[derive(Debug, Clone)]
 pub enum LocalPassword {
-    /// An argon2 PHC string (`password_hash`).
-    Hash(String),
+    /// An argon2 PHC string (`password_hash`); kept out of Debug output like a password.
+    Hash(Secret),
     /// A plain password read from an environment variable (`password_env`).
     Plain(Secret),
 }
@@ -935,7 +935,7 @@ impl Validator<'_> {
                 argon2::PasswordHash::new(&h).map_err(|e| {
                     self.err(k("password_hash"), format!("is not a PHC password hash ({e}); create one with `smtp-oauth-bridge hash-password`"))
                 })?;
-                LocalPassword::Hash(h)
+                LocalPassword::Hash(Secret::new(h))
             }
             (None, Some(var)) => match (self.env)(&var) {
                 Some(v) if !v.is_empty() => LocalPassword::Plain(Secret::new(v)),

@@ -107,14 +107,6 @@ impl Metrics {
         self.auth_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Messages counted for `account` with `outcome` (for tests and checks).
-    pub fn messages(&self, account: &str, outcome: &str) -> u64 {
-        lock(&self.messages)
-            .get(&(account.to_string(), outcome.to_string()))
-            .copied()
-            .unwrap_or(0)
-    }
-
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self, snap: &Snapshot) -> String {
         let mut o = String::with_capacity(4096);

@@ -19,7 +19,6 @@ use crate::oauth::provider::Flow;
 use crate::oauth::secret::Secret;
 use crate::oauth::store::{StoreError, StoredTokens, TokenStore};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
@@ -128,7 +127,6 @@ struct Inner {
     accounts: HashMap<String, AccountTokens>,
     store: TokenStore,
     http: reqwest::Client,
-    requests: AtomicU64,
 }
 
 fn unix_now() -> u64 {
@@ -204,7 +202,6 @@ impl TokenManager {
                 accounts,
                 store,
                 http: flows::http_client(),
-                requests: AtomicU64::new(0),
             }),
         })
     }
@@ -214,11 +211,6 @@ impl TokenManager {
             .accounts
             .get(account)
             .ok_or_else(|| TokenError::UnknownAccount(account.to_string()))
-    }
-
-    /// The store this manager reads and writes.
-    pub fn store(&self) -> &TokenStore {
-        &self.inner.store
     }
 
     /// The account's status (for readiness, local AUTH and `check`). An account that needs
@@ -281,11 +273,6 @@ impl TokenManager {
                 .current
                 .as_ref()
                 .is_some_and(|t| t.is_valid(Instant::now()))
-    }
-
-    /// Token requests sent to providers by this manager so far.
-    pub fn provider_requests(&self) -> u64 {
-        self.inner.requests.load(Ordering::Relaxed)
     }
 
     /// Adopts tokens that another process (`login`) wrote to the store since we last looked.
@@ -431,7 +418,6 @@ impl TokenManager {
                 }
             },
         };
-        self.inner.requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         match flows::request_token(&self.inner.http, &acc.account.oauth, &grant).await {
             Ok(resp) => Ok(self.adopt(acc, resp, started)),

@@ -191,10 +191,6 @@ impl Queue {
         self.workers.wait().await;
     }
 
-    pub fn spool(&self) -> &Spool {
-        &self.spool
-    }
-
     /// Messages waiting, and the age of the oldest (for metrics and readiness).
     pub fn depth(&self) -> (usize, Option<Duration>) {
         let now = unix_now();

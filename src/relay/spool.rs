@@ -97,14 +97,6 @@ impl Spool {
         Ok(spool)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn dead_dir(&self) -> &Path {
-        &self.dead
-    }
-
     fn msg(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.msg"))
     }

@@ -74,7 +74,8 @@ impl UpstreamTarget {
     }
 }
 
-fn local_hostname() -> String {
+/// This host's name (for EHLO upstream and the local greeting), or `localhost`.
+pub fn local_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())

@@ -73,7 +73,7 @@ impl LocalAuth {
                     .then(|| account.clone())
                     .flatten();
             }
-            Some(LocalPassword::Hash(h)) => h.clone(),
+            Some(LocalPassword::Hash(h)) => h.expose().to_string(),
             None => DUMMY_HASH.to_string(),
         };
         let fp = fingerprint(&self.key, username, &password);
