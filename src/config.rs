@@ -663,12 +663,7 @@ impl Validator<'_> {
                 ))
             }
         }
-        let secs = |key: &str, v: Option<u64>, d: u64| -> Result<Duration, ConfigError> {
-            match v.unwrap_or(d) {
-                0 => Err(self.err(key, "must be greater than 0")),
-                n => Ok(Duration::from_secs(n)),
-            }
-        };
+        let secs = |key: &str, v: Option<u64>, d: u64| self.secs(key, v, d);
         let retry_min = secs("queue.retry_min_secs", q.retry_min_secs, 30)?;
         let retry_max = secs("queue.retry_max_secs", q.retry_max_secs, 1800)?;
         if retry_max < retry_min {
@@ -719,6 +714,14 @@ impl Validator<'_> {
             dir: self.path(&s.dir.unwrap_or_else(|| PathBuf::from("state"))),
             key,
         })
+    }
+
+    /// A positive number of seconds (default `d`).
+    fn secs(&self, key: &str, v: Option<u64>, d: u64) -> Result<Duration, ConfigError> {
+        match v.unwrap_or(d) {
+            0 => Err(self.err(key, "must be greater than 0")),
+            n => Ok(Duration::from_secs(n)),
+        }
     }
 
     fn count(&self, key: &str, v: Option<u64>, default: usize) -> Result<usize, ConfigError> {
@@ -880,12 +883,7 @@ impl Validator<'_> {
                 Some(p)
             }
         };
-        let secs = |key: &str, v: Option<u64>, d: u64| -> Result<Duration, ConfigError> {
-            match v.unwrap_or(d) {
-                0 => Err(self.err(key, "must be greater than 0")),
-                n => Ok(Duration::from_secs(n)),
-            }
-        };
+        let secs = |key: &str, v: Option<u64>, d: u64| self.secs(key, v, d);
         Ok(Upstream {
             host,
             port,

@@ -42,9 +42,8 @@ pub struct Pacer {
 }
 
 impl Pacer {
-    /// Records a send now and returns how many fell in the last minute (including it).
-    pub fn note(&self) -> usize {
-        let now = Instant::now();
+    /// The sends of the last minute (older ones dropped).
+    fn window(&self, now: Instant) -> MutexGuard<'_, VecDeque<Instant>> {
         let mut q = lock(&self.sent);
         while q
             .front()
@@ -52,6 +51,13 @@ impl Pacer {
         {
             q.pop_front();
         }
+        q
+    }
+
+    /// Records a send now and returns how many fell in the last minute (including it).
+    pub fn note(&self) -> usize {
+        let now = Instant::now();
+        let mut q = self.window(now);
         q.push_back(now);
         q.len()
     }
@@ -62,13 +68,7 @@ impl Pacer {
             return Duration::ZERO;
         }
         let now = Instant::now();
-        let mut q = lock(&self.sent);
-        while q
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= PACING_WINDOW)
-        {
-            q.pop_front();
-        }
+        let q = self.window(now);
         if q.len() < limit as usize {
             return Duration::ZERO;
         }

@@ -908,6 +908,48 @@ fn parse_error_reply(e: &smtp_proto::Error, line: &[u8]) -> Reply {
     }
 }
 
+/// A session context for tests: one account `u` (password from the environment), upstream
+/// on `127.0.0.1:port` (nothing is expected to reach it), no failure delay.
+#[cfg(test)]
+fn test_context(
+    port: u16,
+    password: &str,
+    timeout: Duration,
+    max_recipients: usize,
+) -> SessionContext {
+    use crate::config::Config;
+    use crate::oauth::manager::TokenManager;
+    use crate::relay::upstream::UpstreamTarget;
+    let toml = format!("[upstream]\nhost = \"127.0.0.1\"\nport = {port}\ntimeout_secs = 1\n[[account]]\nusername = \"u\"\npassword_env = \"PW\"\nmailbox = \"u@example.com\"\n[account.oauth]\nflow = \"client_credentials\"\ntenant = \"t\"\nclient_id = \"c\"\nclient_secret_env = \"PW\"\n");
+    let dir = std::env::temp_dir();
+    let config = Config::from_toml(&toml, "t.toml", &dir, &|_| Some(password.to_string()))
+        .expect("test config");
+    let tokens = TokenManager::new(&config).expect("token manager");
+    let pool = Pool::new(
+        &config,
+        UpstreamTarget::new(&config.upstream).expect("target"),
+        tokens,
+    );
+    SessionContext {
+        hostname: "bridge.test".into(),
+        auth: LocalAuth::new(&config),
+        pool,
+        max_message_bytes: 1000,
+        max_recipients,
+        require_tls_for_auth: false,
+        starttls_available: false,
+        shutdown: CancellationToken::new(),
+        hard_stop: CancellationToken::new(),
+        command_timeout: timeout,
+        session_timeout: Duration::from_secs(3600),
+        auth_failure_delay: Duration::ZERO,
+        queue: None,
+        pacers: Arc::new(HashMap::new()),
+        messages_per_minute: 0,
+        metrics: Arc::new(Metrics::default()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -930,39 +972,10 @@ mod tests {
 mod wire_tests {
     //! The state machine over an in-memory duplex stream (no upstream is reached).
     use super::*;
-    use crate::config::Config;
-    use crate::oauth::manager::TokenManager;
-    use crate::relay::upstream::UpstreamTarget;
     use tokio::io::{AsyncBufReadExt, BufReader};
 
     fn ctx(timeout: Duration) -> SessionContext {
-        let toml = "[upstream]\nhost = \"127.0.0.1\"\nport = 9\n[[account]]\nusername = \"u\"\npassword_env = \"PW\"\nmailbox = \"u@example.com\"\n[account.oauth]\nflow = \"client_credentials\"\ntenant = \"t\"\nclient_id = \"c\"\nclient_secret_env = \"PW\"\n";
-        let dir = tempfile::tempdir().unwrap();
-        let config = Config::from_toml(toml, "t.toml", dir.path(), &|_| Some("pw".into())).unwrap();
-        let tokens = TokenManager::new(&config).unwrap();
-        let pool = Pool::new(
-            &config,
-            UpstreamTarget::new(&config.upstream).unwrap(),
-            tokens,
-        );
-        SessionContext {
-            hostname: "bridge.test".into(),
-            auth: LocalAuth::new(&config),
-            pool,
-            max_message_bytes: 1000,
-            max_recipients: 2,
-            require_tls_for_auth: false,
-            starttls_available: false,
-            shutdown: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
-            command_timeout: timeout,
-            session_timeout: Duration::from_secs(3600),
-            auth_failure_delay: Duration::ZERO,
-            queue: None,
-            pacers: Arc::new(HashMap::new()),
-            messages_per_minute: 0,
-            metrics: Arc::new(Metrics::default()),
-        }
+        test_context(9, "pw", timeout, 2)
     }
 
     async fn line(r: &mut BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>) -> String {
@@ -1066,9 +1079,6 @@ mod prop_tests {
     //! reply is a well-formed SMTP reply line, and nothing reaches the upstream without a
     //! successful AUTH (the password is never among the inputs).
     use super::*;
-    use crate::config::Config;
-    use crate::oauth::manager::TokenManager;
-    use crate::relay::upstream::UpstreamTarget;
     use proptest::prelude::*;
     use tokio::io::AsyncReadExt;
 
@@ -1150,29 +1160,7 @@ mod prop_tests {
             let port = upstream.local_addr().unwrap().port();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let out = rt.block_on(async move {
-                let toml = format!("[upstream]\nhost = \"127.0.0.1\"\nport = {port}\ntimeout_secs = 1\n[[account]]\nusername = \"u\"\npassword_env = \"PW\"\nmailbox = \"u@example.com\"\n[account.oauth]\nflow = \"client_credentials\"\ntenant = \"t\"\nclient_id = \"c\"\nclient_secret_env = \"PW\"\n");
-                let dir = tempfile::tempdir().unwrap();
-                let config = Config::from_toml(&toml, "t.toml", dir.path(), &|_| Some("the-password".into())).unwrap();
-                let tokens = TokenManager::new(&config).unwrap();
-                let pool = Pool::new(&config, UpstreamTarget::new(&config.upstream).unwrap(), tokens);
-                let ctx = SessionContext {
-                    hostname: "bridge.test".into(),
-                    auth: LocalAuth::new(&config),
-                    pool,
-                    max_message_bytes: 1000,
-                    max_recipients: 3,
-                    require_tls_for_auth: false,
-                    starttls_available: false,
-                    shutdown: CancellationToken::new(),
-                    hard_stop: CancellationToken::new(),
-                    command_timeout: Duration::from_secs(5),
-                    session_timeout: Duration::from_secs(60),
-                    auth_failure_delay: Duration::ZERO,
-                    queue: None,
-                    pacers: Arc::new(HashMap::new()),
-                    messages_per_minute: 0,
-                    metrics: Arc::new(Metrics::default()),
-                };
+                let ctx = test_context(port, "the-password", Duration::from_secs(5), 3);
                 let (client, server) = tokio::io::duplex(1 << 16);
                 let peer = "127.0.0.1:1".parse().unwrap();
                 let session = tokio::spawn(async move { Session::new(&ctx, server, peer, false).run(true).await; });
