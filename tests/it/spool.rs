@@ -417,8 +417,9 @@ async fn sigterm_during_transfers(spool: bool) {
     let (status, log) = bridge.stop();
     let took = stopped.elapsed();
     assert!(status.success(), "{log}");
-    // Within the grace period, plus the moments sessions get to write their 421.
-    assert!(took < Duration::from_secs(3 + 2), "exit took {took:?}");
+    // Within the grace period (3 s) plus the bounded drain in which sessions still busy
+    // write their 421 (at most 5 s); typically just over 3 s.
+    assert!(took < Duration::from_secs(3 + 5), "exit took {took:?}");
     let mut accepted = Vec::new();
     for t in tasks {
         let (i, code) = t.await.unwrap();
