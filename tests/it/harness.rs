@@ -32,6 +32,8 @@ pub struct Opts {
     pub state: String,
     /// Appended at the end of the file (e.g. a `[queue]` table).
     pub extra: String,
+    /// A delegated account with a client secret (a confidential "web" app registration).
+    pub confidential: bool,
 }
 
 impl Default for Opts {
@@ -43,6 +45,7 @@ impl Default for Opts {
             flow: "client_credentials",
             state: String::new(),
             extra: String::new(),
+            confidential: false,
         }
     }
 }
@@ -74,7 +77,7 @@ pub async fn remote_ends(opts: &Opts) -> Env {
         TokenOptions {
             lifetime: opts.lifetime,
             // Delegated accounts are public clients (no secret), as in a typical app registration.
-            client_secret: if opts.flow == "client_credentials" {
+            client_secret: if opts.flow == "client_credentials" || opts.confidential {
                 TokenOptions::default().client_secret
             } else {
                 None
@@ -131,7 +134,7 @@ device_authorization_url = "{device_url}"
         authorize_url = tokens.authorize_url(),
         device_url = tokens.device_authorization_url(),
         flow = opts.flow,
-        secret = if opts.flow == "client_credentials" {
+        secret = if opts.flow == "client_credentials" || opts.confidential {
             format!("client_secret_env = \"{SECRET_ENV}\"")
         } else {
             String::new()

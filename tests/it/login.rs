@@ -533,3 +533,22 @@ async fn device_code_expired_or_declined_fails_clearly_and_stores_nothing() {
         assert!(!env.dir.path().join("state/tokens/scanner.json").exists());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confidential_clients_log_in_and_refresh_with_their_secret() {
+    let env = remote_ends(&Opts {
+        flow: "authorization_code",
+        confidential: true,
+        ..Opts::default()
+    })
+    .await;
+    login_with_browser(&env).await;
+    assert_eq!(env.tokens.requests_by_grant("authorization_code"), 1);
+    // The stored refresh token works (the endpoint checks the secret on every grant).
+    let manager = TokenManager::new(&load_config(&env)).unwrap();
+    manager
+        .force_refresh(USER)
+        .await
+        .expect("refresh with the client secret");
+    assert_eq!(env.tokens.requests_by_grant("refresh_token"), 1);
+}
