@@ -82,10 +82,24 @@ pub enum End<S> {
     StartTls(S),
 }
 
+/// Where a transaction stands with the upstream.
+enum Upstream {
+    /// Spool mode: the upstream is the deliverer's business.
+    Spool,
+    /// Sync mode, before the first RCPT: the MAIL command to send when a session is taken.
+    Waiting(String),
+    /// Sync mode: a session, MAIL accepted.
+    Ready(Box<Lease>),
+    /// Sync mode: no session or MAIL refused; every RCPT (and DATA) gets this reply.
+    Failed(Reply),
+}
+
 struct Txn {
     id: String,
-    /// The upstream session (sync mode); `None` in spool mode.
-    lease: Option<Lease>,
+    upstream: Upstream,
+    /// The last temporary RCPT refusal: DATA without recipients answers with it (4xx, so
+    /// the client retries), not with a permanent "no valid recipients".
+    transient: Option<Reply>,
     from: String,
     /// MAIL parameters to forward (BODY=8BITMIME, SMTPUTF8), for the spool.
     params: String,
@@ -564,7 +578,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         if self.ctx.queue.is_some() {
             self.txn = Some(Txn {
                 id: telemetry::new_message_id(),
-                lease: None,
+                upstream: Upstream::Spool,
+                transient: None,
                 from: from.address,
                 params,
                 rcpts: Vec::new(),
@@ -581,29 +596,20 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             cmd.push(' ');
             cmd.push_str(&params);
         }
-        let result = self.ctx.pool.begin(&account.username, &cmd).await;
-        let r = outcome::mail_reply(
-            &result
-                .as_ref()
-                .map(|(_, r)| r.clone())
-                .map_err(Clone::clone),
-        );
-        if let Ok((lease, _)) = result {
-            if r.is_positive() {
-                self.txn = Some(Txn {
-                    id: telemetry::new_message_id(),
-                    lease: Some(lease),
-                    from: from.address,
-                    params,
-                    rcpts: Vec::new(),
-                    started: Instant::now(),
-                    size_hint: from.size,
-                });
-            }
-        } else {
-            tracing::warn!(peer = %self.peer, account = %account.username, reply = %r, "could not start an upstream transaction");
-        }
-        self.reply(&r);
+        // The session is taken, and MAIL sent, when the first RCPT arrives: a session of
+        // the mailbox (Microsoft 365 allows 3) is then not held across the client's round
+        // trip, and the upstream's verdict on the sender comes back as that RCPT's reply.
+        self.txn = Some(Txn {
+            id: telemetry::new_message_id(),
+            upstream: Upstream::Waiting(cmd),
+            transient: None,
+            from: from.address,
+            params,
+            rcpts: Vec::new(),
+            started: Instant::now(),
+            size_hint: from.size,
+        });
+        self.reply(&reply::SENDER_OK);
     }
 
     async fn rcpt(&mut self, to: smtp_proto::RcptTo<String>) {
@@ -620,19 +626,51 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         } else {
             to.address
         };
-        let Some(lease) = txn.lease.as_mut() else {
-            // Spool mode: recipients are checked by the upstream at delivery.
-            txn.rcpts.push(addr);
-            return self.reply(&reply::RECIPIENT_OK);
-        };
-        let r = lease.session().command(&format!("RCPT TO:<{addr}>")).await;
-        let reply = outcome::rcpt_reply(&r);
-        if reply.is_positive() {
-            txn.rcpts.push(addr);
+        if let Upstream::Waiting(mail) = &txn.upstream {
+            let result = self.ctx.pool.begin(&account_name(&self.user), mail).await;
+            let r = outcome::mail_reply(
+                &result
+                    .as_ref()
+                    .map(|(_, r)| r.clone())
+                    .map_err(Clone::clone),
+            );
+            txn.upstream = match result {
+                Ok((lease, _)) if r.is_positive() => Upstream::Ready(Box::new(lease)),
+                Ok((lease, _)) => {
+                    lease.release(true);
+                    Upstream::Failed(r)
+                }
+                Err(_) => {
+                    tracing::warn!(peer = %self.peer, account = %account_name(&self.user), reply = %r, "could not start an upstream transaction");
+                    Upstream::Failed(r)
+                }
+            };
         }
-        if lease.session().is_broken() {
-            // The upstream session is gone; so is the transaction.
-            self.txn = None;
+        let reply = match &mut txn.upstream {
+            Upstream::Spool => {
+                // Recipients are checked by the upstream at delivery.
+                txn.rcpts.push(addr);
+                reply::RECIPIENT_OK
+            }
+            Upstream::Failed(r) => r.clone(),
+            Upstream::Waiting(_) => reply::INTERNAL,
+            Upstream::Ready(lease) => {
+                let r = lease.session().command(&format!("RCPT TO:<{addr}>")).await;
+                let reply = outcome::rcpt_reply(&r);
+                if reply.is_positive() {
+                    txn.rcpts.push(addr);
+                } else if reply.code < 500 {
+                    txn.transient = Some(reply.clone());
+                }
+                if lease.session().is_broken() {
+                    // The upstream session is gone: so is this transaction upstream.
+                    txn.upstream = Upstream::Failed(reply.clone());
+                }
+                reply
+            }
+        };
+        if !reply.is_positive() && reply.code < 500 {
+            txn.transient = Some(reply.clone());
         }
         self.reply(&reply);
     }
@@ -643,11 +681,21 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             return Ok(());
         };
         if txn.rcpts.is_empty() {
-            self.reply(&reply::NO_VALID_RECIPIENTS);
+            let r = match (&txn.upstream, &txn.transient) {
+                (Upstream::Failed(r), _) => r.clone(),
+                (_, Some(r)) => r.clone(),
+                _ => reply::NO_VALID_RECIPIENTS,
+            };
+            // The transaction is over; the client starts again with MAIL.
+            self.reset().await;
+            self.reply(&r);
             return Ok(());
         }
         let hint = txn.size_hint;
-        let mut lease = txn.lease.take();
+        let mut lease = match std::mem::replace(&mut txn.upstream, Upstream::Spool) {
+            Upstream::Ready(l) => Some(*l),
+            _ => None,
+        };
         self.reply(&reply::START_DATA);
         // Sync mode: DATA goes upstream while the content arrives (one round trip less per
         // message); the upstream's answer to it is looked at once the content is complete.
@@ -843,10 +891,15 @@ enum Flow {
 
 /// Ends an open upstream transaction: RSET, and back to the pool if that worked.
 async fn abort_txn(txn: Txn) {
-    if let Some(mut lease) = txn.lease {
+    if let Upstream::Ready(mut lease) = txn.upstream {
         let ok = lease.session().command("RSET").await.is_ok();
         lease.release(ok);
     }
+}
+
+fn account_name(user: &Option<Arc<Account>>) -> String {
+    user.as_ref()
+        .map_or_else(String::new, |a| a.username.clone())
 }
 
 /// The error that ends a session after MAX_AUTH_FAILURES failed AUTH attempts.

@@ -396,3 +396,36 @@ async fn idle_upstream_sessions_are_closed_after_idle_secs() {
     );
     assert_eq!(env.upstream.connections(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstreams_verdict_on_mail_comes_with_the_first_rcpt() {
+    let env = start(Opts::default()).await;
+    env.upstream.set_mail_reply(Some(Reply::new(
+        550,
+        "5.7.60 SMTP; Client does not have permissions to send as this sender",
+    )));
+    let mut c = TcpSmtp::connect(env.addr).await;
+    c.login().await;
+    // MAIL passes the local checks; the session (and the upstream MAIL) is taken at RCPT.
+    c.expect(&format!("MAIL FROM:<{MAILBOX}>"), 250).await;
+    assert_eq!(env.upstream.connections(), 0);
+    let t = c.expect("RCPT TO:<a@fabrikam.com>", 550).await;
+    assert!(t.starts_with("5.7.60"), "{t}");
+    let t = c.expect("RCPT TO:<b@fabrikam.com>", 550).await;
+    assert!(t.starts_with("5.7.60"), "{t}");
+    let t = c.expect("DATA", 550).await;
+    assert!(t.starts_with("5.7.60"), "{t}");
+    // The transaction is over: a new one can start.
+    env.upstream.set_mail_reply(None);
+    let (code, t) = c.send_message(MAILBOX, &["a@fabrikam.com"], MSG).await;
+    assert_eq!(code, 250, "{t}");
+    // A temporary refusal of every recipient makes DATA temporary too (the client retries).
+    env.upstream.set_rcpt_reply(
+        "full@fabrikam.com",
+        Some(Reply::new(452, "4.2.2 Mailbox full")),
+    );
+    c.expect(&format!("MAIL FROM:<{MAILBOX}>"), 250).await;
+    c.expect("RCPT TO:<full@fabrikam.com>", 452).await;
+    let t = c.expect("DATA", 452).await;
+    assert!(t.starts_with("4.2.2"), "{t}");
+}
