@@ -34,6 +34,8 @@ pub struct Opts {
     pub extra: String,
     /// A delegated account with a client secret (a confidential "web" app registration).
     pub confidential: bool,
+    /// The upstream speaks TLS from the first byte (port 465 style); the config says so.
+    pub implicit_tls: bool,
 }
 
 impl Default for Opts {
@@ -46,6 +48,7 @@ impl Default for Opts {
             state: String::new(),
             extra: String::new(),
             confidential: false,
+            implicit_tls: false,
         }
     }
 }
@@ -90,6 +93,7 @@ pub async fn remote_ends(opts: &Opts) -> Env {
     let mut uo = FakeUpstreamOptions::new(cert, key);
     uo.tokens = Some(tokens.clone());
     uo.mailbox_ok = Some(vec![MAILBOX.to_string()]);
+    uo.implicit_tls = opts.implicit_tls;
     let upstream = FakeUpstream::start(bind().await, uo).await;
     let config_text = format!(
         r#"
@@ -101,6 +105,7 @@ host = "localhost"
 port = {port}
 ca_file = "upstream-ca.pem"
 {timeout}
+{security}
 {upstream_extra}
 [state]
 dir = "state"
@@ -125,6 +130,11 @@ device_authorization_url = "{device_url}"
         listen = opts.listen,
         port = upstream.addr().port(),
         upstream_extra = opts.upstream,
+        security = if opts.implicit_tls {
+            "security = \"tls\""
+        } else {
+            ""
+        },
         timeout = if opts.upstream.contains("timeout_secs") {
             ""
         } else {

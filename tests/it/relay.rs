@@ -429,3 +429,25 @@ async fn the_upstreams_verdict_on_mail_comes_with_the_first_rcpt() {
     let t = c.expect("DATA", 452).await;
     assert!(t.starts_with("4.2.2"), "{t}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implicit_tls_upstream_relays_byte_identical() {
+    let env = start(Opts {
+        implicit_tls: true,
+        ..Opts::default()
+    })
+    .await;
+    let mut c = TcpSmtp::connect(env.addr).await;
+    c.login().await;
+    for _ in 0..3 {
+        let (code, t) = c.send_message(MAILBOX, &["a@fabrikam.com"], MSG).await;
+        assert_eq!(code, 250, "{t}");
+    }
+    let got = env.upstream.wait_received(3, Duration::from_secs(5)).await;
+    assert!(got
+        .iter()
+        .all(|m| m.tls && m.data == MSG && m.auth_user == MAILBOX));
+    // No STARTTLS on an implicit-TLS session; one session carried all three.
+    assert!(!env.upstream.log().iter().any(|l| l.ends_with(" STARTTLS")));
+    assert_eq!(env.upstream.connections(), 1);
+}
