@@ -9,13 +9,19 @@ use crate::config::{Upstream, UpstreamSecurity};
 use crate::oauth::secret::Secret;
 use base64::Engine as _;
 use lettre::transport::smtp::client::{
-    AsyncSmtpConnection, Certificate, TlsParameters, TlsParametersBuilder,
+    AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters, TlsParametersBuilder,
 };
 use lettre::transport::smtp::extension::{ClientId, Extension};
 use lettre::transport::smtp::response::Response;
+use rustls::pki_types::ServerName;
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::TlsConnector;
 
 /// Chunk size when streaming message content to lettre (keeps its dot-stuffing copy small).
 const DATA_CHUNK: usize = 64 * 1024;
@@ -32,6 +38,8 @@ pub struct UpstreamTarget {
     pub security: UpstreamSecurity,
     pub timeout: Duration,
     tls: TlsParameters,
+    /// Implicit TLS: our own connector (lettre's socket would keep Nagle's algorithm on).
+    implicit: Option<(TlsConnector, ServerName<'static>)>,
     hello: ClientId,
 }
 
@@ -59,7 +67,12 @@ impl UpstreamTarget {
         let tls = b
             .build_rustls()
             .map_err(|e| format!("upstream TLS setup: {e}"))?;
+        let implicit = match cfg.security {
+            UpstreamSecurity::StartTls => None,
+            UpstreamSecurity::Tls => Some(implicit_connector(cfg)?),
+        };
         Ok(UpstreamTarget {
+            implicit,
             host: cfg.host.clone(),
             port: cfg.port,
             security: cfg.security,
@@ -71,6 +84,72 @@ impl UpstreamTarget {
 
     pub fn addr(&self) -> String {
         format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// A verifying rustls connector for implicit TLS: system roots plus `ca_file`.
+fn implicit_connector(cfg: &Upstream) -> Result<(TlsConnector, ServerName<'static>), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(p) = &cfg.ca_file {
+        let pem = std::fs::read(p).map_err(|e| format!("upstream.ca_file {}: {e}", p.display()))?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| format!("upstream.ca_file {}: {e}", p.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("upstream.ca_file {}: {e}", p.display()))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("upstream TLS setup: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = ServerName::try_from(cfg.host.clone())
+        .map_err(|e| format!("upstream.host {:?}: {e}", cfg.host))?;
+    Ok((TlsConnector::from(Arc::new(config)), name))
+}
+
+/// The implicit-TLS stream handed to lettre as its transport.
+struct TlsTransport(tokio_rustls::client::TlsStream<tokio::net::TcpStream>);
+
+impl fmt::Debug for TlsTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsTransport")
+    }
+}
+
+impl AsyncRead for TlsTransport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsTransport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+impl AsyncTokioStream for TlsTransport {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.get_ref().0.peer_addr()
     }
 }
 
@@ -200,14 +279,19 @@ impl UpstreamSession {
                 other => other,
             };
         let connect = async {
-            if implicit {
-                // Port 465 style: lettre opens the socket and the TLS session itself.
-                return AsyncSmtpConnection::connect_tokio1(
-                    (t.host.as_str(), t.port),
-                    Some(t.timeout),
+            // Our own socket, so that Nagle's algorithm is off (see below).
+            if let Some((connector, name)) = &t.implicit {
+                let tcp = tokio::net::TcpStream::connect((t.host.as_str(), t.port))
+                    .await
+                    .map_err(|e| UpstreamError::Connect(format!("{addr}: {e}")))?;
+                let _ = tcp.set_nodelay(true);
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| UpstreamError::Connect(format!("{addr}: TLS: {e}")))?;
+                return AsyncSmtpConnection::connect_with_transport(
+                    Box::new(TlsTransport(tls)),
                     &t.hello,
-                    Some(t.tls.clone()),
-                    None,
                 )
                 .await
                 .map_err(lettre_err);
@@ -250,7 +334,8 @@ impl UpstreamSession {
                 Ok(Ok(())) => {}
             }
         }
-        if !conn.is_encrypted() {
+        // (lettre sees the implicit-TLS transport as a plain stream; we know better.)
+        if !implicit && !conn.is_encrypted() {
             return Err(UpstreamError::Connect(format!(
                 "{}: session is not encrypted",
                 t.addr()

@@ -451,3 +451,33 @@ async fn implicit_tls_upstream_relays_byte_identical() {
     assert!(!env.upstream.log().iter().any(|l| l.ends_with(" STARTTLS")));
     assert_eq!(env.upstream.connections(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_certificate_we_do_not_trust_is_refused() {
+    for implicit_tls in [false, true] {
+        let mut env = remote_ends(&Opts {
+            implicit_tls,
+            ..Opts::default()
+        })
+        .await;
+        // Without upstream.ca_file the test CA is not trusted (only the system roots are).
+        env.config_text = env.config_text.replace("ca_file = \"upstream-ca.pem\"", "");
+        let bridge = smtp_oauth_bridge::bridge::Bridge::start(&load_config(&env), bind().await)
+            .await
+            .unwrap();
+        let mut c = TcpSmtp::connect(bridge.local_addr).await;
+        c.login().await;
+        let (code, t) = c.send_message(MAILBOX, &["a@fabrikam.com"], MSG).await;
+        assert_eq!(code, 451, "implicit={implicit_tls}: {t}");
+        assert!(t.starts_with("4.4.1"), "{t}");
+        assert!(
+            t.to_lowercase().contains("certificate") || t.contains("UnknownIssuer"),
+            "{t}"
+        );
+        assert_eq!(
+            env.upstream.auth_attempts(),
+            0,
+            "no credentials sent to an unverified server"
+        );
+    }
+}
