@@ -4,6 +4,7 @@
 use super::{CliError, ConfigArg};
 use smtp_oauth_bridge::config::Account;
 use smtp_oauth_bridge::oauth::manager::{TokenError, TokenManager};
+use smtp_oauth_bridge::relay::pool::{authenticate, BeginError};
 use smtp_oauth_bridge::relay::upstream::{UpReply, UpstreamError, UpstreamSession, UpstreamTarget};
 
 pub async fn run(config: &ConfigArg, only: Option<&str>) -> Result<(), CliError> {
@@ -62,37 +63,25 @@ async fn check_account(
         };
         (format!("token: {e}"), hint)
     };
-    let mut token = tokens.force_refresh(account).await.map_err(token_failed)?;
-    let mut refreshed = false;
-    loop {
-        let mut session = UpstreamSession::connect(target).await.map_err(|e| {
-            (
+    let token = tokens.force_refresh(account).await.map_err(token_failed)?;
+    // The same connect + STARTTLS + AUTH (with one refresh on 535 5.7.3) as serve.
+    let (mut session, _) = authenticate(target, tokens, account, mailbox, token)
+        .await
+        .map_err(|e| match e {
+            BeginError::Token(e) => token_failed(e),
+            BeginError::AuthRejected(rep) | BeginError::AuthDeferred(rep) => {
+                (format!("AUTH XOAUTH2: {rep}"), smtp_hint(&rep))
+            }
+            BeginError::Upstream(UpstreamError::Lost(m)) => (format!("AUTH XOAUTH2: {m}"), DROPPED.into()),
+            BeginError::Upstream(e) => (
                 e.to_string(),
                 "check upstream.host/port, the network path to it, and upstream.ca_file for private CAs".into(),
-            )
+            ),
+            BeginError::Busy => ("no upstream session free".into(), DROPPED.into()),
         })?;
-        let r = match session.auth_xoauth2(mailbox, &token.secret).await {
-            Ok(_) => send_as(&mut session, acc).await,
-            // A stored token the provider has since revoked: refresh once, as serve would.
-            Err(UpstreamError::Reply(rep))
-                if !refreshed && rep.code == 535 && rep.text.starts_with("5.7.3") =>
-            {
-                session.close().await;
-                refreshed = true;
-                token = tokens
-                    .refresh_rejected(account, token.generation)
-                    .await
-                    .map_err(token_failed)?;
-                continue;
-            }
-            Err(UpstreamError::Reply(rep)) => {
-                Err((format!("AUTH XOAUTH2: {rep}"), smtp_hint(&rep)))
-            }
-            Err(e) => Err((format!("AUTH XOAUTH2: {e}"), DROPPED.into())),
-        };
-        session.close().await;
-        return r;
-    }
+    let r = send_as(&mut session, acc).await;
+    session.close().await;
+    r
 }
 
 const DROPPED: &str = "the upstream dropped the session; try again";

@@ -436,7 +436,7 @@ impl Queue {
                 return (r.code, r.text, false);
             }
             Err(e) => {
-                let reply = outcome::mail_reply(&Err(e));
+                let reply = outcome::mail_reply(Err(&e));
                 return (0, reply.to_string(), true);
             }
         };

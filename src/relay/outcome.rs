@@ -116,8 +116,8 @@ fn token_failure(e: &TokenError) -> Reply {
     }
 }
 
-/// The local reply to MAIL FROM.
-pub fn mail_reply(r: &Result<UpReply, BeginError>) -> Reply {
+/// The local reply to MAIL FROM (given at the first RCPT, when the session is taken).
+pub fn mail_reply(r: Result<&UpReply, &BeginError>) -> Reply {
     match r {
         Ok(up) => pass_through(up, Stage::Mail),
         Err(BeginError::Busy) => Reply::new(
@@ -130,6 +130,11 @@ pub fn mail_reply(r: &Result<UpReply, BeginError>) -> Reply {
             454,
             "4.7.0",
             format!("Upstream refused the mailbox's OAuth authentication: {up}; run: smtp-oauth-bridge check"),
+        ),
+        Err(BeginError::AuthDeferred(up)) => Reply::new(
+            451,
+            "4.4.1",
+            format!("Upstream refused AUTH for now: {up}"),
         ),
         Err(BeginError::Upstream(e)) => upstream_failure(e, Stage::Mail),
     }
@@ -223,19 +228,22 @@ mod tests {
     #[test]
     fn our_own_failures_are_never_5xx() {
         let cases = [
-            mail_reply(&Err(BeginError::Busy)),
-            mail_reply(&Err(BeginError::Upstream(UpstreamError::Connect("refused".into())))),
-            mail_reply(&Err(BeginError::AuthRejected(up(535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.")))),
-            mail_reply(&Err(BeginError::Token(TokenError::NeedsLogin { account: "a".into(), reason: "r".into() }))),
-            mail_reply(&Err(BeginError::Token(TokenError::Provider { account: "a".into(), reason: "503".into() }))),
+            mail_reply(Err(&BeginError::Busy)),
+            mail_reply(Err(&BeginError::AuthDeferred(up(432, "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded")))),
+            mail_reply(Err(&BeginError::Upstream(UpstreamError::Connect("refused".into())))),
+            mail_reply(Err(&BeginError::AuthRejected(up(535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.")))),
+            mail_reply(Err(&BeginError::Token(TokenError::NeedsLogin { account: "a".into(), reason: "r".into() }))),
+            mail_reply(Err(&BeginError::Token(TokenError::Provider { account: "a".into(), reason: "503".into() }))),
         ];
         for r in &cases {
             assert!((400..500).contains(&r.code), "{r}");
             assert!(r.status.starts_with("4."), "{r}");
         }
         assert_eq!((cases[1].code, cases[1].status.as_ref()), (451, "4.4.1"));
-        assert_eq!((cases[3].code, cases[3].status.as_ref()), (454, "4.7.0"));
-        assert!(cases[3].text.contains("run: smtp-oauth-bridge login a"));
+        assert!(cases[1].text.contains("432 4.3.2"), "{}", cases[1]);
+        assert_eq!((cases[2].code, cases[2].status.as_ref()), (451, "4.4.1"));
+        assert_eq!((cases[4].code, cases[4].status.as_ref()), (454, "4.7.0"));
+        assert!(cases[4].text.contains("run: smtp-oauth-bridge login a"));
     }
 
     #[test]

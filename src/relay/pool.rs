@@ -28,6 +28,9 @@ pub enum BeginError {
     Token(TokenError),
     /// The upstream refused our (fresh) token: configuration or permission problem.
     AuthRejected(UpReply),
+    /// The upstream answered AUTH with a 4xx (432 4.3.2: too many sessions for the mailbox):
+    /// transient, not a verdict on the credentials.
+    AuthDeferred(UpReply),
     Upstream(UpstreamError),
 }
 
@@ -235,43 +238,65 @@ impl Pool {
         None
     }
 
-    /// A new authenticated session. A 535 5.7.3 (token rejected) triggers one forced refresh
-    /// and one more attempt on a new connection.
+    /// A new authenticated session with the account's current token.
     async fn connect(&self, mb: &Mailbox) -> Result<(UpstreamSession, AccessToken), BeginError> {
-        let tokens = &self.inner.tokens;
-        let mut token = tokens.token(&mb.account).await.map_err(BeginError::Token)?;
-        let mut retried = false;
-        loop {
-            let mut s = UpstreamSession::connect(&self.inner.target)
-                .await
-                .map_err(BeginError::Upstream)?;
-            match s.auth_xoauth2(&mb.mailbox, &token.secret).await {
-                Ok(_) => return Ok((s, token)),
-                Err(UpstreamError::Reply(r))
-                    if r.code == 535 && !retried && r.text.starts_with("5.7.3") =>
-                {
-                    tracing::info!(account = %mb.account, "upstream rejected the access token; refreshing once");
-                    retried = true;
-                    tokio::spawn(s.close());
-                    token = tokens
-                        .refresh_rejected(&mb.account, token.generation)
-                        .await
-                        .map_err(BeginError::Token)?;
-                }
-                // 432 4.3.2 (too many concurrent sessions for the mailbox) and other 4xx:
-                // transient, like a failed connection, not a verdict on our credentials.
-                Err(UpstreamError::Reply(r)) if r.code < 500 => {
-                    tokio::spawn(s.close());
-                    return Err(BeginError::Upstream(UpstreamError::Connect(format!(
-                        "AUTH refused for now: {r}"
-                    ))));
-                }
-                Err(UpstreamError::Reply(r)) => {
-                    tokio::spawn(s.close());
-                    return Err(BeginError::AuthRejected(r));
-                }
-                Err(e) => return Err(BeginError::Upstream(e)),
+        let token = self
+            .inner
+            .tokens
+            .token(&mb.account)
+            .await
+            .map_err(BeginError::Token)?;
+        authenticate(
+            &self.inner.target,
+            &self.inner.tokens,
+            &mb.account,
+            &mb.mailbox,
+            token,
+        )
+        .await
+    }
+}
+
+/// Connects, secures and authenticates a session for `account` with `token`. A 535 5.7.3
+/// (token rejected) triggers one forced refresh and one more attempt on a new connection.
+/// Used by the pool and by `check`.
+pub async fn authenticate(
+    target: &UpstreamTarget,
+    tokens: &TokenManager,
+    account: &str,
+    mailbox: &str,
+    mut token: AccessToken,
+) -> Result<(UpstreamSession, AccessToken), BeginError> {
+    let mut retried = false;
+    loop {
+        let mut s = UpstreamSession::connect(target)
+            .await
+            .map_err(BeginError::Upstream)?;
+        match s.auth_xoauth2(mailbox, &token.secret).await {
+            Ok(_) => return Ok((s, token)),
+            Err(UpstreamError::Reply(r))
+                if r.code == 535 && !retried && r.text.starts_with("5.7.3") =>
+            {
+                tracing::info!(
+                    account,
+                    "upstream rejected the access token; refreshing once"
+                );
+                retried = true;
+                tokio::spawn(s.close());
+                token = tokens
+                    .refresh_rejected(account, token.generation)
+                    .await
+                    .map_err(BeginError::Token)?;
             }
+            Err(UpstreamError::Reply(r)) => {
+                tokio::spawn(s.close());
+                return Err(if r.code < 500 {
+                    BeginError::AuthDeferred(r)
+                } else {
+                    BeginError::AuthRejected(r)
+                });
+            }
+            Err(e) => return Err(BeginError::Upstream(e)),
         }
     }
 }

@@ -102,7 +102,6 @@ pub const NOT_ALLOWED_FROM: Reply =
 pub const BAD_SEQUENCE_HELO: Reply = Reply::fixed(503, "5.5.1", "Send EHLO or HELO first");
 pub const BAD_SEQUENCE_MAIL: Reply = Reply::fixed(503, "5.5.1", "Send MAIL first");
 pub const BAD_SEQUENCE_NESTED_MAIL: Reply = Reply::fixed(503, "5.5.1", "Nested MAIL command");
-pub const BAD_SEQUENCE_RCPT: Reply = Reply::fixed(503, "5.5.1", "Send RCPT first");
 pub const NO_VALID_RECIPIENTS: Reply = Reply::fixed(554, "5.5.1", "No valid recipients");
 pub const TLS_ALREADY: Reply = Reply::fixed(503, "5.5.1", "TLS already active");
 pub const TLS_UNAVAILABLE: Reply = Reply::fixed(502, "5.5.1", "STARTTLS not available");
@@ -133,11 +132,6 @@ pub const TOO_MANY_AUTH_FAILURES: Reply = Reply::fixed(
     "Too many authentication failures, closing connection",
 );
 pub const IDLE_TIMEOUT: Reply = Reply::fixed(421, "4.4.2", "Idle timeout, closing connection");
-pub const SMTPUTF8_UNAVAILABLE: Reply = Reply::fixed(
-    553,
-    "5.6.7",
-    "The upstream does not accept SMTPUTF8 addresses",
-);
 pub const SPOOL_FULL: Reply = Reply::fixed(
     452,
     "4.3.1",

@@ -628,12 +628,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         };
         if let Upstream::Waiting(mail) = &txn.upstream {
             let result = self.ctx.pool.begin(&account_name(&self.user), mail).await;
-            let r = outcome::mail_reply(
-                &result
-                    .as_ref()
-                    .map(|(_, r)| r.clone())
-                    .map_err(Clone::clone),
-            );
+            let r = outcome::mail_reply(result.as_ref().map(|(_, r)| r));
             txn.upstream = match result {
                 Ok((lease, _)) if r.is_positive() => Upstream::Ready(Box::new(lease)),
                 Ok((lease, _)) => {
