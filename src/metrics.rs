@@ -45,7 +45,8 @@ pub struct Snapshot {
 
 #[derive(Debug, Default)]
 pub struct Metrics {
-    messages: Mutex<BTreeMap<(String, String), u64>>,
+    /// account -> outcome -> count
+    messages: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
     bytes: Mutex<BTreeMap<String, u64>>,
     upstream_replies: Mutex<BTreeMap<&'static str, u64>>,
     latency: Histogram,
@@ -68,11 +69,24 @@ impl Metrics {
     /// Writes the relay log line for a message and counts it.
     pub fn record(&self, e: &RelayEvent<'_>) {
         telemetry::relay_event(e);
-        *lock(&self.messages)
-            .entry((e.account.to_string(), e.outcome.to_string()))
-            .or_default() += 1;
+        // The account's entry is created once; later messages allocate nothing here.
+        {
+            let mut m = lock(&self.messages);
+            if !m.contains_key(e.account) {
+                m.insert(e.account.to_string(), BTreeMap::new());
+            }
+            if let Some(by_outcome) = m.get_mut(e.account) {
+                *by_outcome.entry(e.outcome).or_default() += 1;
+            }
+        }
         if e.outcome == "delivered" || e.outcome == "spooled" {
-            *lock(&self.bytes).entry(e.account.to_string()).or_default() += e.bytes as u64;
+            let mut b = lock(&self.bytes);
+            match b.get_mut(e.account) {
+                Some(n) => *n += e.bytes as u64,
+                None => {
+                    b.insert(e.account.to_string(), e.bytes as u64);
+                }
+            }
         }
         if e.outcome != "spooled" {
             let class = match e.upstream_code {
@@ -120,7 +134,10 @@ impl Metrics {
             "counter",
             "Messages by account and outcome (delivered, rejected, deferred, spooled, dead).",
         );
-        for ((account, outcome), n) in lock(&self.messages).iter() {
+        for (account, outcome, n) in lock(&self.messages)
+            .iter()
+            .flat_map(|(a, m)| m.iter().map(move |(o, n)| (a, o, n)))
+        {
             let _ = writeln!(
                 o,
                 "smtp_oauth_bridge_messages_total{{account=\"{}\",outcome=\"{}\"}} {n}",

@@ -76,7 +76,8 @@ pub struct RelayEvent<'a> {
     pub from: &'a str,
     pub rcpts: &'a [String],
     pub bytes: usize,
-    pub outcome: &'a str,
+    /// delivered, rejected, deferred, spooled or dead.
+    pub outcome: &'static str,
     /// 0 when the upstream gave no reply (connection failure, timeout).
     pub upstream_code: u16,
     pub upstream_reply: &'a str,

@@ -307,7 +307,7 @@ impl Queue {
         lock(&aq.items).remove(&(env.received_at, env.id.clone()));
     }
 
-    fn log(&self, env: &Envelope, started: Instant, outcome: &str, code: u16, reply: &str) {
+    fn log(&self, env: &Envelope, started: Instant, outcome: &'static str, code: u16, reply: &str) {
         self.metrics.record(&RelayEvent {
             id: &env.id,
             account: &env.account,

@@ -812,7 +812,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         Ok(())
     }
 
-    fn log_relay(&self, txn: &Txn, bytes: usize, outcome: &str, code: u16, reply: &str) {
+    fn log_relay(&self, txn: &Txn, bytes: usize, outcome: &'static str, code: u16, reply: &str) {
         self.ctx.metrics.record(&RelayEvent {
             id: &txn.id,
             account: self.user.as_ref().map_or("", |a| a.username.as_str()),
