@@ -8,10 +8,11 @@ use crate::metrics::Metrics;
 use crate::oauth::manager::TokenManager;
 use crate::relay::deliver::{Pacer, Queue};
 use crate::relay::pool::Pool;
+use crate::relay::transport::Transport;
 use crate::relay::upstream::{local_hostname, UpstreamTarget};
 use crate::smtp::auth::LocalAuth;
 use crate::smtp::session::{SessionContext, AUTH_FAILURE_DELAY};
-use crate::smtp::{server, tls};
+use crate::smtp::{listener as server, tls};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,7 +74,7 @@ impl Bridge {
                 Queue::start(
                     config,
                     q,
-                    pool.clone(),
+                    Transport::smtp(pool.clone()),
                     pacers.clone(),
                     metrics.clone(),
                     shutdown.clone(),
@@ -86,7 +87,8 @@ impl Bridge {
         let ctx = Arc::new(SessionContext {
             hostname: local_hostname(),
             auth: LocalAuth::new(config),
-            pool: pool.clone(),
+            transport: Transport::smtp(pool.clone()),
+            tokens: tokens.clone(),
             max_message_bytes: config.listen.max_message_bytes,
             max_recipients: config.listen.max_recipients,
             require_tls_for_auth: config.listen.require_tls_for_auth,

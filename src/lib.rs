@@ -14,10 +14,12 @@
 
 pub mod admin;
 pub mod bridge;
+pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod oauth;
 pub mod relay;
+pub mod secret;
 pub mod smtp;
 pub mod telemetry;
 pub mod testkit;

@@ -4,6 +4,7 @@
 use super::{CliError, ConfigArg};
 use smtp_oauth_bridge::config::Account;
 use smtp_oauth_bridge::oauth::manager::{TokenError, TokenManager};
+use smtp_oauth_bridge::relay::envelope::{self, Address, MailParams, ReversePath};
 use smtp_oauth_bridge::relay::pool::{authenticate, BeginError};
 use smtp_oauth_bridge::relay::upstream::{UpReply, UpstreamError, UpstreamSession, UpstreamTarget};
 
@@ -90,7 +91,15 @@ const DROPPED: &str = "the upstream dropped the session; try again";
 /// where the upstream reports them at MAIL. Nothing is sent.
 async fn send_as(session: &mut UpstreamSession, acc: &Account) -> Result<(), (String, String)> {
     for from in acc.allowed_from.iter().filter(|f| !f.starts_with("*@")) {
-        match session.command(&format!("MAIL FROM:<{from}>")).await {
+        let Ok(address) = Address::parse(from, true) else {
+            return Err((
+                format!("allowed_from {from:?}"),
+                "not a valid address".into(),
+            ));
+        };
+        let cmd =
+            envelope::mail_command(&ReversePath::Address(address), &MailParams::default(), None);
+        match session.command(&cmd).await {
             Ok(_) => {
                 let _ = session.command("RSET").await;
             }

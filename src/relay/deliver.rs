@@ -8,9 +8,11 @@
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::relay::envelope::{Address, MailParams, ReversePath};
 use crate::relay::outcome::{self, Outcome};
-use crate::relay::pool::{BeginError, Pool};
+use crate::relay::pool::BeginError;
 use crate::relay::spool::{Envelope, Progress, Spool};
+use crate::relay::transport::Transport;
 use crate::relay::upstream::UpstreamError;
 use crate::telemetry::RelayEvent;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -93,7 +95,7 @@ struct AccountQueue {
 /// The spool plus its delivery workers.
 pub struct Queue {
     spool: Spool,
-    pool: Pool,
+    transport: Transport,
     cfg: crate::config::Queue,
     per_minute: u32,
     accounts: HashMap<String, AccountQueue>,
@@ -115,7 +117,7 @@ impl Queue {
     pub fn start(
         config: &Config,
         q: &crate::config::Queue,
-        pool: Pool,
+        transport: Transport,
         pacers: Arc<HashMap<String, Pacer>>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
@@ -164,7 +166,7 @@ impl Queue {
         }
         let queue = Arc::new(Queue {
             spool,
-            pool,
+            transport,
             cfg: q.clone(),
             per_minute: config.upstream.messages_per_minute,
             accounts,
@@ -346,13 +348,20 @@ impl Queue {
                 );
             }
         };
-        let mut mail = format!("MAIL FROM:<{}> SIZE={}", env.from, body.len());
-        if !env.params.is_empty() {
-            mail.push(' ');
-            mail.push_str(&env.params);
-        }
+        let (from, params) = match (
+            ReversePath::parse_stored(&env.from),
+            MailParams::parse_stored(&env.params),
+        ) {
+            (Ok(f), Ok(p)) => (f, p),
+            (Err(e), _) | (_, Err(e)) => {
+                let reason = format!("invalid envelope in the spool: {e}");
+                return self.finish_dead(aq, &env, started, 0, &reason);
+            }
+        };
         progress.attempts += 1;
-        let (code, text, transient) = self.try_send(&env, &mut progress, &mail, &body).await;
+        let (code, text, transient) = self
+            .try_send(&env, &mut progress, (&from, &params), &body)
+            .await;
         if progress.pending(&env).next().is_none() {
             if progress.failed.is_empty() {
                 if let Err(e) = self.spool.remove(&env.id) {
@@ -398,7 +407,7 @@ impl Queue {
             tracing::error!(id = %env.id, error = %e, "cannot move the message to dead");
         }
         self.forget(aq, env);
-        self.log(env, started, "dead", code, reason);
+        self.log(env, started, Outcome::Dead.as_str(), code, reason);
     }
 
     /// Exponential backoff from retry_min to retry_max, with up to 25 % jitter.
@@ -420,12 +429,15 @@ impl Queue {
         &self,
         env: &Envelope,
         progress: &mut Progress,
-        mail: &str,
+        (from, params): (&ReversePath, &MailParams),
         body: &[u8],
     ) -> (u16, String, bool) {
-        let begun = self.pool.begin(&env.account, mail).await;
-        let mut lease = match begun {
-            Ok((lease, _)) => lease,
+        let begun = self
+            .transport
+            .begin(&env.account, from, params, Some(body.len()))
+            .await;
+        let mut txn = match begun {
+            Ok((txn, _)) => txn,
             Err(BeginError::Upstream(UpstreamError::Reply(r))) if r.code >= 500 => {
                 // The sender itself is refused: every pending recipient fails.
                 let why = r.to_string();
@@ -444,7 +456,13 @@ impl Queue {
         let mut accepted = Vec::new();
         let mut last = (0u16, String::new());
         for rcpt in pending {
-            match lease.session().command(&format!("RCPT TO:<{rcpt}>")).await {
+            let Ok(to) = Address::parse(&rcpt, true) else {
+                progress
+                    .failed
+                    .push((rcpt, "invalid recipient address in the spool".into()));
+                continue;
+            };
+            match txn.rcpt(&to).await {
                 Ok(_) => accepted.push(rcpt),
                 Err(UpstreamError::Reply(r)) if r.code >= 500 => {
                     progress.failed.push((rcpt, r.to_string()));
@@ -455,12 +473,14 @@ impl Queue {
             }
         }
         if accepted.is_empty() {
-            let ok = lease.session().command("RSET").await.is_ok();
-            lease.release(ok);
+            txn.abort().await;
             return (last.0, last.1, true);
         }
-        let r = lease.session().data(body).await;
-        lease.release(true);
+        let r = match txn.start_data().await {
+            Ok(_) => txn.send_content(body).await,
+            Err(e) => Err(e),
+        };
+        txn.finish();
         match r {
             Ok(up) => {
                 progress.delivered.extend(accepted);

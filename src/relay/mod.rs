@@ -2,7 +2,9 @@
 //! from upstream results to local replies.
 
 pub mod deliver;
+pub mod envelope;
 pub mod outcome;
 pub mod pool;
 pub mod spool;
+pub mod transport;
 pub mod upstream;

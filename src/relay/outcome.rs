@@ -18,6 +18,8 @@ pub enum Outcome {
     Delivered,
     Rejected,
     Deferred,
+    Spooled,
+    Dead,
 }
 
 impl Outcome {
@@ -26,6 +28,8 @@ impl Outcome {
             Outcome::Delivered => "delivered",
             Outcome::Rejected => "rejected",
             Outcome::Deferred => "deferred",
+            Outcome::Spooled => "spooled",
+            Outcome::Dead => "dead",
         }
     }
 }
@@ -100,13 +104,32 @@ fn upstream_failure(e: &UpstreamError, stage: Stage) -> Reply {
     }
 }
 
+/// An account whose refresh token the provider refused: 454 with the command that fixes it.
+pub fn needs_login(account: &str) -> Reply {
+    Reply::new(
+        454,
+        "4.7.0",
+        format!("Account {account} needs login; run: smtp-oauth-bridge login {account}"),
+    )
+}
+
+/// What DATA answers after the upstream connection broke during the envelope: the last
+/// transient reply, or 451 4.4.2 (never a 354 that nothing would follow up).
+pub fn transaction_lost(last: &Reply) -> Reply {
+    if (400..500).contains(&last.code) {
+        last.clone()
+    } else {
+        Reply::new(
+            451,
+            "4.4.2",
+            "Lost connection to upstream during the transaction",
+        )
+    }
+}
+
 fn token_failure(e: &TokenError) -> Reply {
     match e {
-        TokenError::NeedsLogin { account, .. } => Reply::new(
-            454,
-            "4.7.0",
-            format!("Account {account} needs login; run: smtp-oauth-bridge login {account}"),
-        ),
+        TokenError::NeedsLogin { account, .. } => needs_login(account),
         TokenError::Provider { reason, .. } => Reply::new(
             451,
             "4.7.0",

@@ -109,6 +109,12 @@ pub const UNKNOWN_COMMAND: Reply = Reply::fixed(500, "5.5.1", "Command unrecogni
 pub const NOT_IMPLEMENTED: Reply = Reply::fixed(502, "5.5.1", "Command not implemented");
 pub const BAD_COMMAND_BYTES: Reply = Reply::fixed(500, "5.5.2", "NUL or bare CR in command line");
 pub const LINE_TOO_LONG: Reply = Reply::fixed(500, "5.5.2", "Line too long");
+pub const AUTHZID_REFUSED: Reply = Reply::fixed(
+    535,
+    "5.7.8",
+    "Authorization identity must be empty or equal to the user",
+);
+pub const NEEDS_SMTPUTF8: Reply = Reply::fixed(553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
 pub const SYNTAX_SENDER: Reply = Reply::fixed(501, "5.1.7", "Bad sender address syntax");
 pub const SYNTAX_RECIPIENT: Reply = Reply::fixed(501, "5.1.3", "Bad recipient address syntax");
 pub const TOO_BIG: Reply = Reply::fixed(

@@ -1,4 +1,5 @@
-//! The accept loop: connection limit, STARTTLS upgrade, graceful shutdown.
+//! The accept loop: connection limit, STARTTLS upgrade, graceful shutdown. What a
+//! connection says is the session's business.
 //!
 //! The caller binds the listener and passes it in with the shutdown token (so tests use
 //! port 0 and run in parallel). On shutdown we stop accepting, sessions between

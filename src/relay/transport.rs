@@ -1,0 +1,83 @@
+//! What a local session or the spool asks of an upstream: open a transaction for an account
+//! and a sender, add recipients one by one (each with its own verdict), send the content,
+//! and finish or abort. The session and the spool deliverer speak only this interface; how
+//! a transport reaches Microsoft 365 (SMTP sessions from the pool today) is its own
+//! business, so another transport is a new variant here, not an edit of the session.
+
+use crate::relay::envelope::{self, Address, MailParams, ReversePath};
+use crate::relay::pool::{BeginError, Lease, Pool};
+use crate::relay::upstream::{UpReply, UpstreamError};
+
+/// The upstream transport of all accounts.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    pool: Pool,
+}
+
+impl Transport {
+    pub fn smtp(pool: Pool) -> Transport {
+        Transport { pool }
+    }
+
+    /// The SMTP session pool (for metrics and tests).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Opens a transaction: takes an authenticated session for `account` and sends MAIL.
+    /// `size` is the real message size when known (spool), else the client's SIZE=.
+    pub async fn begin(
+        &self,
+        account: &str,
+        from: &ReversePath,
+        params: &MailParams,
+        size: Option<usize>,
+    ) -> Result<(Transaction, UpReply), BeginError> {
+        let cmd = envelope::mail_command(from, params, size);
+        let (lease, reply) = self.pool.begin(account, &cmd).await?;
+        Ok((Transaction { lease }, reply))
+    }
+}
+
+/// One open upstream transaction (MAIL accepted).
+#[derive(Debug)]
+pub struct Transaction {
+    lease: Lease,
+}
+
+impl Transaction {
+    /// Adds a recipient; the upstream's verdict on it.
+    pub async fn rcpt(&mut self, to: &Address) -> Result<UpReply, UpstreamError> {
+        self.lease
+            .session()
+            .command(&envelope::rcpt_command(to))
+            .await
+    }
+
+    /// The upstream can no longer carry this transaction (the connection broke).
+    pub fn is_broken(&mut self) -> bool {
+        self.lease.session().is_broken()
+    }
+
+    /// Announces the content (SMTP: `DATA`, answered 354).
+    pub async fn start_data(&mut self) -> Result<UpReply, UpstreamError> {
+        self.lease.session().command("DATA").await
+    }
+
+    /// The content (unstuffed, CRLF line endings) after [`Transaction::start_data`]; the
+    /// final verdict. The transaction is complete either way.
+    pub async fn send_content(&mut self, content: &[u8]) -> Result<UpReply, UpstreamError> {
+        self.lease.session().body(content).await
+    }
+
+    /// After a final verdict: the session goes back to the pool (unless it broke).
+    pub fn finish(self) {
+        self.lease.release(true);
+    }
+
+    /// Abandons the transaction (RSET); the session is reused only if RSET worked.
+    pub async fn abort(mut self) {
+        let ok = self.lease.session().command("RSET").await.is_ok();
+        self.lease.release(ok);
+    }
+}

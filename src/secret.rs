@@ -1,0 +1,2 @@
+//! Secret values (temporary re-export until the move lands).
+pub use crate::oauth::secret::Secret;
