@@ -16,10 +16,11 @@ use crate::relay::outcome;
 use crate::relay::pool::{Lease, Pool};
 use crate::relay::spool::{Envelope, SPOOL_VERSION};
 use crate::relay::upstream::UpstreamError;
+use crate::reply::Reply;
 use crate::smtp::auth::LocalAuth;
 use crate::smtp::data::normalize_line_endings;
-use crate::smtp::reply::{self, Reply};
-use crate::telemetry::{self, RelayEvent};
+use crate::smtp::reply;
+use crate::telemetry::{self, Outcome, RelayEvent};
 use base64::Engine as _;
 use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
 use smtp_proto::{Request, AUTH_LOGIN, AUTH_PLAIN, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
@@ -711,7 +712,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     "message exceeds listen.max_message_bytes ({})",
                     self.ctx.max_message_bytes
                 );
-                self.log_relay(&txn, 0, "rejected", 0, &why);
+                self.log_relay(&txn, 0, Outcome::Rejected, 0, &why);
             }
             self.reply(&reply::TOO_BIG);
             return Ok(());
@@ -737,7 +738,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 _ = stop.cancelled() => {
                     // The grace period is over; the upstream's answer will not come in time.
                     drop(lease);
-                    self.log_relay(&txn, body.len(), "deferred", 0, "shut down before the upstream answered");
+                    self.log_relay(&txn, body.len(), Outcome::Deferred, 0, "shut down before the upstream answered");
                     return Err(std::io::Error::other(HARD_STOP));
                 }
             },
@@ -748,7 +749,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             Err(UpstreamError::Reply(r)) => (r.code, Cow::Borrowed(r.text.as_str())),
             Err(e) => (0, Cow::Owned(e.to_string())),
         };
-        self.log_relay(&txn, body.len(), outcome.as_str(), code, &text);
+        self.log_relay(&txn, body.len(), outcome, code, &text);
         // After any final DATA reply the upstream session is idle again, unless it broke.
         lease.release(true);
         if result.is_ok() {
@@ -797,7 +798,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         };
         match queue.accept(env, body) {
             Ok(()) => {
-                self.log_relay(&txn, body.len(), "spooled", 0, "");
+                self.log_relay(&txn, body.len(), Outcome::Spooled, 0, "");
                 self.reply(&Reply::new(
                     250,
                     "2.0.0",
@@ -812,7 +813,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         Ok(())
     }
 
-    fn log_relay(&self, txn: &Txn, bytes: usize, outcome: &'static str, code: u16, reply: &str) {
+    fn log_relay(&self, txn: &Txn, bytes: usize, outcome: Outcome, code: u16, reply: &str) {
         self.ctx.metrics.record(&RelayEvent {
             id: &txn.id,
             account: self.user.as_ref().map_or("", |a| a.username.as_str()),
