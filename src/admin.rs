@@ -5,7 +5,7 @@
 //! that is not ready and why. /metrics is the Prometheus text exposition from `metrics`.
 //! The caller binds the listener (loopback by default) and passes it in.
 
-use crate::metrics::{AccountSnapshot, Metrics, Snapshot};
+use crate::metrics::{AccountSnapshot, Metrics, Snapshot, CONTENT_TYPE};
 use crate::oauth::manager::{AccountStatus, TokenManager};
 use crate::relay::deliver::Queue;
 use crate::relay::pool::Pool;
@@ -105,10 +105,13 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&s.snapshot()),
-    )
+    match s.metrics.render(&s.snapshot()) {
+        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode the metrics");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }
 
 /// Serves until `shutdown`.

@@ -7,6 +7,7 @@
 //! - [`config`]: file -> validated configuration
 //! - [`smtp`]: the local listener (sessions, replies, local authentication, TLS)
 //! - [`relay`]: upstream sessions, the per-mailbox pool, and the reply mapping
+//! - [`reply`]: the SMTP reply value both sides use (relay maps to it, smtp sends it)
 //! - [`oauth`]: provider presets, token requests, token store and manager
 //! - [`telemetry`]: log setup and the relay log line
 //! - [`testkit`]: fake Microsoft 365 SMTP server and token endpoint (demo, tests, benches)
@@ -19,6 +20,7 @@ pub mod config;
 pub mod metrics;
 pub mod oauth;
 pub mod relay;
+pub mod reply;
 pub mod secret;
 pub mod smtp;
 pub mod telemetry;

@@ -1,7 +1,10 @@
 //! Logging setup (pretty or JSON, filtered by RUST_LOG) and the relay log event.
 //!
 //! The relay log is one INFO event per message, target `relay`, with the fields SPEC.md
-//! names. Libraries that could print protocol lines or HTTP bodies are capped at INFO here
+//! names; [`Outcome`] is the one typed list of its `outcome` values (also the `outcome`
+//! label of `smtp_oauth_bridge_messages_total`). It lives here, below relay and smtp, so
+//! that everything writing a relay log line can name it without an arrow running up;
+//! `relay::outcome` decides which one a message gets. Libraries that could print protocol lines or HTTP bodies are capped at INFO here
 //! whatever RUST_LOG says, so a token can never reach the log through them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,6 +71,54 @@ pub fn init(format: LogFormat, default: &str) -> tracing_appender::non_blocking:
     guard
 }
 
+/// What happened to a message: the relay log's `outcome` field (SPEC "Relay log").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The upstream accepted it.
+    Delivered,
+    /// Refused for good (an upstream 5xx, or too big): the client got a 5xx.
+    Rejected,
+    /// Not delivered for now (an upstream 4xx, no connection, shutdown): the client got a
+    /// 4xx, or the spool will retry.
+    Deferred,
+    /// Written to the spool; delivery follows later.
+    Spooled,
+    /// The spool gave up on it (5xx for every recipient, or too old): moved to `dead`.
+    Dead,
+    /// Removed from the spool by an operator (`queue delete`).
+    Deleted,
+}
+
+impl Outcome {
+    /// Every outcome, in the order SPEC lists them.
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Delivered,
+        Outcome::Rejected,
+        Outcome::Deferred,
+        Outcome::Spooled,
+        Outcome::Dead,
+        Outcome::Deleted,
+    ];
+
+    /// The value in the relay log and in the metric label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Rejected => "rejected",
+            Outcome::Deferred => "deferred",
+            Outcome::Spooled => "spooled",
+            Outcome::Dead => "dead",
+            Outcome::Deleted => "deleted",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The fields of one relay log line.
 #[derive(Debug)]
 pub struct RelayEvent<'a> {
@@ -76,8 +127,7 @@ pub struct RelayEvent<'a> {
     pub from: &'a str,
     pub rcpts: &'a [String],
     pub bytes: usize,
-    /// delivered, rejected, deferred, spooled or dead.
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     /// 0 when the upstream gave no reply (connection failure, timeout).
     pub upstream_code: u16,
     pub upstream_reply: &'a str,
@@ -93,7 +143,7 @@ pub fn relay_event(e: &RelayEvent<'_>) {
         from = e.from,
         rcpts = rcpts.as_str(),
         bytes = e.bytes,
-        outcome = e.outcome,
+        outcome = e.outcome.as_str(),
         upstream_code = e.upstream_code,
         upstream_reply = e.upstream_reply,
         ms = e.ms,
@@ -119,6 +169,31 @@ pub fn new_message_id() -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::Outcome;
+
+    #[test]
+    fn outcomes_have_the_relay_log_values() {
+        let values: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(
+            values,
+            [
+                "delivered",
+                "rejected",
+                "deferred",
+                "spooled",
+                "dead",
+                "deleted"
+            ]
+        );
+        assert_eq!(Outcome::Delivered.as_str(), "delivered");
+        assert_eq!(Outcome::Rejected.as_str(), "rejected");
+        assert_eq!(Outcome::Deferred.as_str(), "deferred");
+        assert_eq!(Outcome::Spooled.as_str(), "spooled");
+        assert_eq!(Outcome::Dead.as_str(), "dead");
+        assert_eq!(Outcome::Deleted.as_str(), "deleted");
+        assert_eq!(Outcome::Dead.to_string(), "dead");
+    }
+
     #[test]
     fn message_ids_are_unique_and_fixed_length() {
         let a = super::new_message_id();

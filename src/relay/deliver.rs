@@ -9,12 +9,12 @@
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::relay::envelope::{Address, MailParams, ReversePath};
-use crate::relay::outcome::{self, Outcome};
+use crate::relay::outcome;
 use crate::relay::pool::BeginError;
 use crate::relay::spool::{Envelope, Progress, Spool};
 use crate::relay::transport::Transport;
 use crate::relay::upstream::UpstreamError;
-use crate::telemetry::RelayEvent;
+use crate::telemetry::{Outcome, RelayEvent};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -309,7 +309,7 @@ impl Queue {
         lock(&aq.items).remove(&(env.received_at, env.id.clone()));
     }
 
-    fn log(&self, env: &Envelope, started: Instant, outcome: &'static str, code: u16, reply: &str) {
+    fn log(&self, env: &Envelope, started: Instant, outcome: Outcome, code: u16, reply: &str) {
         self.metrics.record(&RelayEvent {
             id: &env.id,
             account: &env.account,
@@ -368,7 +368,7 @@ impl Queue {
                     tracing::error!(id = %env.id, error = %e, "delivered, but cannot remove the spool file");
                 }
                 self.forget(aq, &env);
-                self.log(&env, started, Outcome::Delivered.as_str(), code, &text);
+                self.log(&env, started, Outcome::Delivered, code, &text);
             } else {
                 let reason = progress
                     .failed
@@ -391,7 +391,7 @@ impl Queue {
             self.cfg.retry_min
         };
         tracing::info!(id = %env.id, attempts = progress.attempts, retry_in_secs = delay.as_secs_f32(), "delivery deferred");
-        self.log(&env, started, Outcome::Deferred.as_str(), code, &text);
+        self.log(&env, started, Outcome::Deferred, code, &text);
         self.release(aq, &env, progress, Instant::now() + delay);
     }
 
@@ -407,7 +407,7 @@ impl Queue {
             tracing::error!(id = %env.id, error = %e, "cannot move the message to dead");
         }
         self.forget(aq, env);
-        self.log(env, started, Outcome::Dead.as_str(), code, reason);
+        self.log(env, started, Outcome::Dead, code, reason);
     }
 
     /// Exponential backoff from retry_min to retry_max, with up to 25 % jitter.

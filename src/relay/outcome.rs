@@ -1,5 +1,9 @@
 //! THE one place that maps an upstream result to the local reply (and the relay outcome).
 //!
+//! The reply is `crate::reply::Reply` and the outcome `crate::telemetry::Outcome` (the relay
+//! log's vocabulary lives with the relay log, below relay, so that metrics and telemetry,
+//! which relay calls, never import relay).
+//!
 //! Rules (SPEC "On the wire"):
 //! - the upstream's positive and 5xx replies are handed back with their code and text;
 //! - at DATA, 2xx becomes `250 2.0.0 <our id> <upstream text>`;
@@ -10,33 +14,12 @@
 use crate::oauth::manager::TokenError;
 use crate::relay::pool::BeginError;
 use crate::relay::upstream::{UpReply, UpstreamError};
-use crate::smtp::reply::Reply;
-
-/// What happened to a message, for the relay log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Delivered,
-    Rejected,
-    Deferred,
-    Spooled,
-    Dead,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Delivered => "delivered",
-            Outcome::Rejected => "rejected",
-            Outcome::Deferred => "deferred",
-            Outcome::Spooled => "spooled",
-            Outcome::Dead => "dead",
-        }
-    }
-}
+use crate::reply::Reply;
+use crate::telemetry::Outcome;
 
 /// Which command an upstream reply answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
+enum Stage {
     Mail,
     Rcpt,
     Data,
@@ -44,7 +27,7 @@ pub enum Stage {
 
 /// Splits "5.1.10 text" into ("5.1.10", "text") when the text starts with an enhanced code
 /// whose class matches the reply code's first digit.
-pub fn split_enhanced(code: u16, text: &str) -> (Option<&str>, &str) {
+fn split_enhanced(code: u16, text: &str) -> (Option<&str>, &str) {
     let (first, rest) = text.split_once(' ').unwrap_or((text, ""));
     let mut parts = first.split('.');
     let valid = matches!(
@@ -140,7 +123,7 @@ fn token_failure(e: &TokenError) -> Reply {
 }
 
 /// The local reply to MAIL FROM (given at the first RCPT, when the session is taken).
-pub fn mail_reply(r: Result<&UpReply, &BeginError>) -> Reply {
+pub(crate) fn mail_reply(r: Result<&UpReply, &BeginError>) -> Reply {
     match r {
         Ok(up) => pass_through(up, Stage::Mail),
         Err(BeginError::Busy) => Reply::new(
@@ -164,7 +147,7 @@ pub fn mail_reply(r: Result<&UpReply, &BeginError>) -> Reply {
 }
 
 /// The local reply to RCPT TO.
-pub fn rcpt_reply(r: &Result<UpReply, UpstreamError>) -> Reply {
+pub(crate) fn rcpt_reply(r: &Result<UpReply, UpstreamError>) -> Reply {
     match r {
         Ok(up) => pass_through(up, Stage::Rcpt),
         Err(e) => upstream_failure(e, Stage::Rcpt),
@@ -172,7 +155,7 @@ pub fn rcpt_reply(r: &Result<UpReply, UpstreamError>) -> Reply {
 }
 
 /// The local reply to the end of DATA, and what to log.
-pub fn data_reply(r: &Result<UpReply, UpstreamError>, id: &str) -> (Reply, Outcome) {
+pub(crate) fn data_reply(r: &Result<UpReply, UpstreamError>, id: &str) -> (Reply, Outcome) {
     match r {
         Ok(up) => {
             let (_, text) = split_enhanced(up.code, &up.text);

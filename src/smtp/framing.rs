@@ -5,7 +5,7 @@
 //! Knows nothing of commands or state: the session decides what a line means. Every way
 //! the connection can stop is a [`Stop`] value, never an error message to compare.
 
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

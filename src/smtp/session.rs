@@ -14,18 +14,19 @@ use crate::metrics::Metrics;
 use crate::oauth::manager::{AccountStatus, TokenManager};
 use crate::relay::deliver::{Pacer, Queue};
 use crate::relay::envelope::{self, Address, EnvelopeError, MailFrom};
-use crate::relay::outcome::{self, Outcome};
+use crate::relay::outcome;
 use crate::relay::spool::{Envelope, SPOOL_VERSION};
 use crate::relay::transport::{Transaction, Transport};
 use crate::relay::upstream::UpstreamError;
+use crate::reply::Reply;
 use crate::secret::Secret;
 use crate::smtp::auth::LocalAuth;
 use crate::smtp::data::normalize_line_endings;
 use crate::smtp::framing::{sanitize, trim_crlf, Framed, Line, Stop};
 use crate::smtp::policy;
-use crate::smtp::reply::{self, Reply};
+use crate::smtp::reply;
 use crate::smtp::sasl::{self, SaslError};
-use crate::telemetry::{self, RelayEvent};
+use crate::telemetry::{self, Outcome, RelayEvent};
 use smtp_proto::{Request, AUTH_LOGIN, AUTH_PLAIN};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -699,7 +700,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             from: &txn.mail.from.to_string(),
             rcpts: &txn.rcpt_strings(),
             bytes,
-            outcome: outcome.as_str(),
+            outcome,
             upstream_code: code,
             upstream_reply: reply,
             ms: txn.started.elapsed().as_millis() as u64,
