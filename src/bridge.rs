@@ -6,12 +6,14 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, ListenTls};
 use crate::metrics::Metrics;
 use crate::oauth::manager::TokenManager;
+use crate::oauth::store::StoreError;
 use crate::relay::deliver::{Pacer, Queue};
 use crate::relay::pool::Pool;
 use crate::relay::transport::Transport;
 use crate::relay::upstream::{local_hostname, UpstreamTarget};
 use crate::smtp::auth::LocalAuth;
 use crate::smtp::session::{SessionContext, AUTH_FAILURE_DELAY};
+use crate::smtp::tls::TlsSetupError;
 use crate::smtp::{listener as server, tls};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +22,24 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
+    #[error("token store: {0}")]
+    Tokens(#[from] StoreError),
+    #[error("{0}")]
+    Upstream(Box<dyn std::error::Error + Send + Sync>),
+    #[error("{0}")]
+    Tls(#[from] TlsSetupError),
+    #[error("spool {path}: {source}")]
+    Spool {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
 
 /// A running bridge.
 #[derive(Debug)]
@@ -38,7 +58,7 @@ pub struct Bridge {
 
 impl Bridge {
     /// Starts serving on `listener` (already bound by the caller).
-    pub async fn start(config: &Config, listener: TcpListener) -> Result<Bridge, String> {
+    pub async fn start(config: &Config, listener: TcpListener) -> Result<Bridge, StartError> {
         Self::start_with_admin(config, listener, None).await
     }
 
@@ -47,10 +67,11 @@ impl Bridge {
         config: &Config,
         listener: TcpListener,
         admin: Option<TcpListener>,
-    ) -> Result<Bridge, String> {
-        let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let tokens = TokenManager::new(config).map_err(|e| e.to_string())?;
-        let target = UpstreamTarget::new(&config.upstream)?;
+    ) -> Result<Bridge, StartError> {
+        let local_addr = listener.local_addr().map_err(StartError::Listener)?;
+        let tokens = TokenManager::new(config)?;
+        let target =
+            UpstreamTarget::new(&config.upstream).map_err(|e| StartError::Upstream(e.into()))?;
         let pool = Pool::new(config, target, tokens.clone());
         let acceptor = match config.listen.tls {
             ListenTls::Off => None,
@@ -79,7 +100,10 @@ impl Bridge {
                     metrics.clone(),
                     shutdown.clone(),
                 )
-                .map_err(|e| format!("spool {}: {e}", config.state.dir.join("spool").display()))?,
+                .map_err(|source| StartError::Spool {
+                    path: config.state.dir.join("spool"),
+                    source,
+                })?,
             ),
         };
         // Tokens are fetched at start (client credentials) and refreshed ahead of expiry.
@@ -115,7 +139,7 @@ impl Bridge {
         let admin_addr = match admin {
             None => None,
             Some(l) => {
-                let addr = l.local_addr().map_err(|e| e.to_string())?;
+                let addr = l.local_addr().map_err(StartError::Listener)?;
                 tokio::spawn(admin::serve(l, admin_state.clone(), shutdown.clone()));
                 tracing::info!(admin = %addr, "admin endpoint ready (/healthz /readyz /metrics)");
                 Some(addr)

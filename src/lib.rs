@@ -23,5 +23,6 @@ pub mod relay;
 pub mod reply;
 pub mod secret;
 pub mod smtp;
+pub mod sync;
 pub mod telemetry;
 pub mod testkit;

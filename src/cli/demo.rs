@@ -97,7 +97,7 @@ token_url = "{token_url}"
     };
     let bridge = Bridge::start(&config, listener)
         .await
-        .map_err(CliError::Runtime)?;
+        .map_err(|e| CliError::Runtime(e.to_string()))?;
     let addr = bridge.local_addr;
 
     // The legacy application: plain SMTP with AUTH PLAIN to the bridge.

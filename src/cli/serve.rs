@@ -25,7 +25,7 @@ pub async fn run(config: &ConfigArg, print_config: bool) -> Result<(), CliError>
     };
     let bridge = Bridge::start_with_admin(&config, listener, admin)
         .await
-        .map_err(CliError::Runtime)?;
+        .map_err(|e| CliError::Runtime(e.to_string()))?;
     wait_for_signal().await;
     tracing::info!("shutting down: no new connections; finishing transactions in flight");
     bridge.shutdown();

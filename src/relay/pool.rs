@@ -21,16 +21,21 @@ use tokio::time::Instant;
 const REAP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Why no upstream transaction could be started.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BeginError {
     /// Every session of the mailbox stayed busy for the upstream timeout.
+    #[error("every upstream session of the mailbox is busy")]
     Busy,
+    #[error("{0}")]
     Token(TokenError),
     /// The upstream refused our (fresh) token: configuration or permission problem.
+    #[error("upstream refused AUTH: {0}")]
     AuthRejected(UpReply),
     /// The upstream answered AUTH with a 4xx (432 4.3.2: too many sessions for the mailbox):
     /// transient, not a verdict on the credentials.
+    #[error("upstream deferred AUTH: {0}")]
     AuthDeferred(UpReply),
+    #[error("{0}")]
     Upstream(UpstreamError),
 }
 

@@ -1,21 +1,71 @@
-//! Local credentials: which local user name and password open which account.
+//! Local credentials: which local user name and password open which account, and the
+//! bounds on what verifying them may cost.
 //!
-//! Verification of argon2 hashes runs on the blocking pool (it is deliberately slow); a
-//! plain `password_env` password is compared in constant time. An unknown user costs the same
-//! as a known one. A successful argon2 verification is remembered as a keyed BLAKE2b hash of
-//! user and password under a random per-process key, so the same client's next AUTH costs
-//! microseconds while any other password still pays the full argon2 price. A wrong password
-//! never reaches the token store. Throttling of repeated failures and the SMTP dialogue are
-//! the session's business.
+//! argon2 verification is deliberately slow and takes ~19 MiB per check, so an outsider
+//! who sends wrong passwords must not be able to make us run many at once: checks run on
+//! a fixed set of [`VERIFIER_THREADS`] threads (so the memory they use is bounded and
+//! reused, not one allocator arena per blocking thread), fed by a queue of at most
+//! [`VERIFY_QUEUE`] waiting checks; beyond that an AUTH is answered 454 at once. A client
+//! address with too many recent failures ([`MAX_ADDRESS_FAILURES`], decaying) gets no
+//! further argon2 checks until its score decays: only a password already verified (the
+//! cache below) still works from there.
+//!
+//! Every failure costs one argon2 check, whether the user is unknown, has a
+//! `password_hash`, or a plain `password_env` (compared in constant time, then a dummy
+//! check), so timing does not reveal which user names exist. A successful verification is
+//! remembered as a keyed BLAKE2b hash of user and password under a random per-process key,
+//! so the same client's next AUTH costs microseconds while any other password still pays
+//! the full price. A wrong password never reaches the token store. The SMTP dialogue and the
+//! per-connection failure limit are the session's business.
 
 use crate::config::{Account, Config, LocalPassword};
-use crate::oauth::secret::Secret;
+use crate::secret::Secret;
+use crate::sync::lock;
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
-/// Verified against when the user name is unknown, so timing does not reveal user names.
+/// Verified against when the user name is unknown or its password is plain, so timing does
+/// not reveal user names.
 const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Jp1ow0uvWhc1W3f1KrGmwcdG7OcaI+UEmOsLVYaHy6k";
+
+/// Threads that run argon2 checks: about two per core (each check holds ~19 MiB while it
+/// runs); at least 2, at most 16.
+pub fn verifier_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get() * 2)
+        .clamp(2, 16)
+}
+/// Checks that may wait for a verifier thread; more are refused at once with 454.
+pub const VERIFY_QUEUE: usize = 64;
+/// Recent failed AUTHs from one client address before it gets no more argon2 checks.
+pub const MAX_ADDRESS_FAILURES: f64 = 30.0;
+/// How fast an address's failure score decays (one failure forgiven per this interval).
+pub const ADDRESS_FAILURE_DECAY: Duration = Duration::from_secs(10);
+/// Client addresses we remember failures of (oldest forgotten first beyond this).
+const MAX_TRACKED_ADDRESSES: usize = 10_000;
+
+/// The outcome of one AUTH.
+#[derive(Debug)]
+pub enum Verdict {
+    Ok(Arc<Account>),
+    /// Wrong user name or password.
+    Denied,
+    /// This client address failed too often recently; nothing was checked.
+    Throttled,
+    /// Too many checks are waiting; nothing was checked (try again later).
+    Busy,
+}
+
+struct Job {
+    hash: String,
+    password: Secret,
+    done: oneshot::Sender<bool>,
+}
 
 #[derive(Clone)]
 pub struct LocalAuth {
@@ -24,6 +74,9 @@ pub struct LocalAuth {
     key: Arc<[u8; 32]>,
     /// user -> keyed hash of the password that last verified.
     verified: Arc<Mutex<HashMap<String, [u8; 32]>>>,
+    /// Recent failures per client address: (score, when it was last updated).
+    failures: Arc<Mutex<HashMap<IpAddr, (f64, Instant)>>>,
+    jobs: mpsc::Sender<Job>,
 }
 
 impl std::fmt::Debug for LocalAuth {
@@ -45,6 +98,26 @@ fn fingerprint(key: &[u8; 32], user: &str, password: &Secret) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+/// Starts the verifier threads; they end when every sender (every `LocalAuth`) is gone.
+fn start_verifiers() -> mpsc::Sender<Job> {
+    let (tx, rx) = mpsc::channel::<Job>(VERIFY_QUEUE);
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..verifier_threads() {
+        let rx = rx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("argon2-{i}"))
+            .spawn(move || loop {
+                let job = lock(&rx).blocking_recv();
+                let Some(job) = job else { return };
+                let _ = job.done.send(verify_hash(&job.hash, &job.password));
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a password verifier thread");
+        }
+    }
+    tx
+}
+
 impl LocalAuth {
     pub fn new(config: &Config) -> LocalAuth {
         let mut key = [0u8; 32];
@@ -54,6 +127,8 @@ impl LocalAuth {
         LocalAuth {
             key: Arc::new(key),
             verified: Arc::new(Mutex::new(HashMap::new())),
+            failures: Arc::new(Mutex::new(HashMap::new())),
+            jobs: start_verifiers(),
             users: Arc::new(
                 config
                     .accounts
@@ -64,37 +139,87 @@ impl LocalAuth {
         }
     }
 
-    /// The account if `username` / `password` match, else `None`.
-    pub async fn verify(&self, username: &str, password: Secret) -> Option<Arc<Account>> {
+    /// Checks `username` / `password` from a client at `peer`.
+    pub async fn verify(&self, peer: IpAddr, username: &str, password: Secret) -> Verdict {
         let account = self.users.get(username).cloned();
-        let hash = match account.as_ref().map(|a| &a.password) {
-            Some(LocalPassword::Plain(expected)) => {
-                return ct_eq(expected.expose().as_bytes(), password.expose().as_bytes())
-                    .then(|| account.clone())
-                    .flatten();
-            }
-            Some(LocalPassword::Hash(h)) => h.expose().to_string(),
-            None => DUMMY_HASH.to_string(),
-        };
         let fp = fingerprint(&self.key, username, &password);
-        let cached = self.cache().get(username).is_some_and(|c| ct_eq(c, &fp));
-        if cached && account.is_some() {
-            return account;
+        if let Some(a) = &account {
+            if lock(&self.verified)
+                .get(username)
+                .is_some_and(|c| ct_eq(c, &fp))
+            {
+                return Verdict::Ok(a.clone());
+            }
         }
-        let ok = tokio::task::spawn_blocking(move || verify_hash(&hash, &password))
-            .await
-            .unwrap_or(false);
-        if ok && account.is_some() {
-            self.cache().insert(username.to_string(), fp);
-            account
-        } else {
-            None
+        if self.address_score(peer) >= MAX_ADDRESS_FAILURES {
+            return Verdict::Throttled;
+        }
+        let (hash, plain_ok) = match account.as_ref().map(|a| &a.password) {
+            Some(LocalPassword::Plain(expected)) => {
+                if ct_eq(expected.expose().as_bytes(), password.expose().as_bytes()) {
+                    return self.success(account, username, fp);
+                }
+                (DUMMY_HASH.to_string(), false)
+            }
+            Some(LocalPassword::Hash(h)) => (h.expose().to_string(), true),
+            None => (DUMMY_HASH.to_string(), false),
+        };
+        let (done, result) = oneshot::channel();
+        let job = Job {
+            hash,
+            password,
+            done,
+        };
+        if self.jobs.try_send(job).is_err() {
+            return Verdict::Busy;
+        }
+        // A closed channel (no verifier thread) is a failure, never a success.
+        let ok = result.await.unwrap_or(false) && plain_ok;
+        if ok {
+            return self.success(account, username, fp);
+        }
+        self.note_failure(peer);
+        Verdict::Denied
+    }
+
+    fn success(&self, account: Option<Arc<Account>>, username: &str, fp: [u8; 32]) -> Verdict {
+        match account {
+            Some(a) => {
+                lock(&self.verified).insert(username.to_string(), fp);
+                Verdict::Ok(a)
+            }
+            None => Verdict::Denied,
         }
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, [u8; 32]>> {
-        self.verified.lock().unwrap_or_else(|e| e.into_inner())
+    /// The address's failure score now (decayed).
+    fn address_score(&self, peer: IpAddr) -> f64 {
+        let now = Instant::now();
+        lock(&self.failures)
+            .get(&peer)
+            .map_or(0.0, |(score, at)| decayed(*score, *at, now))
     }
+
+    fn note_failure(&self, peer: IpAddr) {
+        let now = Instant::now();
+        let mut f = lock(&self.failures);
+        if f.len() >= MAX_TRACKED_ADDRESSES && !f.contains_key(&peer) {
+            // Forget addresses whose score has decayed away, then the stalest one.
+            f.retain(|_, (s, at)| decayed(*s, *at, now) >= 1.0);
+            if f.len() >= MAX_TRACKED_ADDRESSES {
+                if let Some(oldest) = f.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k) {
+                    f.remove(&oldest);
+                }
+            }
+        }
+        let e = f.entry(peer).or_insert((0.0, now));
+        *e = (decayed(e.0, e.1, now) + 1.0, now);
+    }
+}
+
+fn decayed(score: f64, at: Instant, now: Instant) -> f64 {
+    let forgiven = now.duration_since(at).as_secs_f64() / ADDRESS_FAILURE_DECAY.as_secs_f64();
+    (score - forgiven).max(0.0)
 }
 
 /// Verifies `password` against a PHC string (argon2id, argon2i or argon2d).
@@ -151,23 +276,106 @@ mod tests {
             Config::from_toml(&toml, "t", std::path::Path::new("."), &|_| Some("x".into()))
                 .unwrap();
         let auth = LocalAuth::new(&config);
-        assert!(auth.verify("u", Secret::new("wrong")).await.is_none());
-        assert!(auth.cache().is_empty(), "failures are not cached");
-        assert!(auth.verify("u", pw.clone()).await.is_some());
-        assert_eq!(auth.cache().len(), 1);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let ok = |v: Verdict| matches!(v, Verdict::Ok(_));
+        assert!(matches!(
+            auth.verify(ip, "u", Secret::new("wrong")).await,
+            Verdict::Denied
+        ));
+        assert!(lock(&auth.verified).is_empty(), "failures are not cached");
+        assert!(ok(auth.verify(ip, "u", pw.clone()).await));
+        assert_eq!(lock(&auth.verified).len(), 1);
         // The cached value is a keyed hash, not the password.
-        let cached = auth.cache()["u"];
+        let cached = lock(&auth.verified)["u"];
         assert_ne!(&cached[..6], b"s3cret");
         assert!(
-            auth.verify("u", pw.clone()).await.is_some(),
+            ok(auth.verify(ip, "u", pw.clone()).await),
             "second AUTH from the cache"
         );
         assert!(
-            auth.verify("u", Secret::new("wrong")).await.is_none(),
+            matches!(
+                auth.verify(ip, "u", Secret::new("wrong")).await,
+                Verdict::Denied
+            ),
             "a wrong password still fails"
         );
-        assert!(auth.verify("nobody", pw).await.is_none());
+        assert!(matches!(
+            auth.verify(ip, "nobody", pw).await,
+            Verdict::Denied
+        ));
         assert!(!format!("{auth:?}").contains("s3cret"));
+    }
+
+    fn config_with(accounts: &str) -> Config {
+        Config::from_toml(accounts, "t", std::path::Path::new("."), &|_| {
+            Some("plain-pw".into())
+        })
+        .unwrap()
+    }
+
+    const PLAIN_ACCOUNT: &str = "[[account]]\nusername = \"p\"\npassword_env = \"P\"\nmailbox = \"p@x.y\"\n[account.oauth]\nflow = \"client_credentials\"\ntenant = \"t\"\nclient_id = \"c\"\nclient_secret_env = \"S\"\n";
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_with_many_failures_gets_no_more_checks_until_it_decays() {
+        let auth = LocalAuth::new(&config_with(PLAIN_ACCOUNT));
+        let bad: IpAddr = "127.0.0.9".parse().unwrap();
+        let good: IpAddr = "127.0.0.10".parse().unwrap();
+        // The plain password is right: it was never cached, and it still works elsewhere.
+        for _ in 0..MAX_ADDRESS_FAILURES as usize {
+            assert!(matches!(
+                auth.verify(bad, "p", Secret::new("x")).await,
+                Verdict::Denied
+            ));
+        }
+        assert!(matches!(
+            auth.verify(bad, "p", Secret::new("x")).await,
+            Verdict::Throttled
+        ));
+        assert!(matches!(
+            auth.verify(bad, "p", Secret::new("plain-pw")).await,
+            Verdict::Throttled
+        ));
+        assert!(matches!(
+            auth.verify(good, "p", Secret::new("plain-pw")).await,
+            Verdict::Ok(_)
+        ));
+        // Once verified, the password is cached and works even from the throttled address.
+        assert!(matches!(
+            auth.verify(bad, "p", Secret::new("plain-pw")).await,
+            Verdict::Ok(_)
+        ));
+        // The score decays: a few intervals later the address is checked again.
+        tokio::time::advance(ADDRESS_FAILURE_DECAY * 2).await;
+        assert!(matches!(
+            auth.verify(bad, "p", Secret::new("y")).await,
+            Verdict::Denied
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_answers_busy_without_checking() {
+        let auth = LocalAuth::new(&config_with(PLAIN_ACCOUNT));
+        let mut tasks = Vec::new();
+        // Far more concurrent wrong AUTHs than threads + queue, each from its own address.
+        for i in 0..(VERIFY_QUEUE + verifier_threads() + 40) {
+            let auth = auth.clone();
+            let ip = IpAddr::from([10, 0, (i / 250) as u8, (i % 250) as u8]);
+            tasks.push(tokio::spawn(async move {
+                auth.verify(ip, "nobody", Secret::new("x")).await
+            }));
+        }
+        let mut busy = 0;
+        let mut denied = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Verdict::Busy => busy += 1,
+                Verdict::Denied => denied += 1,
+                v => panic!("unexpected {v:?}"),
+            }
+        }
+        assert!(busy >= 40, "busy {busy}, denied {denied}");
+        assert!(denied <= VERIFY_QUEUE + verifier_threads() + 40 - busy);
+        assert!(denied >= VERIFY_QUEUE, "denied {denied}");
     }
 
     #[test]

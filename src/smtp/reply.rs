@@ -51,6 +51,16 @@ pub const UNKNOWN_COMMAND: Reply = Reply::fixed(500, "5.5.1", "Command unrecogni
 pub const NOT_IMPLEMENTED: Reply = Reply::fixed(502, "5.5.1", "Command not implemented");
 pub const BAD_COMMAND_BYTES: Reply = Reply::fixed(500, "5.5.2", "NUL or bare CR in command line");
 pub const LINE_TOO_LONG: Reply = Reply::fixed(500, "5.5.2", "Line too long");
+pub const AUTH_BUSY: Reply = Reply::fixed(
+    454,
+    "4.7.0",
+    "Temporary authentication failure: too many logins in progress, try again later",
+);
+pub const AUTH_THROTTLED: Reply = Reply::fixed(
+    454,
+    "4.7.0",
+    "Too many failed logins from your address, try again later",
+);
 pub const AUTHZID_REFUSED: Reply = Reply::fixed(
     535,
     "5.7.8",

@@ -20,7 +20,7 @@ use crate::relay::transport::{Transaction, Transport};
 use crate::relay::upstream::UpstreamError;
 use crate::reply::Reply;
 use crate::secret::Secret;
-use crate::smtp::auth::LocalAuth;
+use crate::smtp::auth::{LocalAuth, Verdict};
 use crate::smtp::data::normalize_line_endings;
 use crate::smtp::framing::{sanitize, trim_crlf, Framed, Line, Stop};
 use crate::smtp::policy;
@@ -428,36 +428,47 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             Err(SaslError::BadBase64) => return Ok(Some(reply::AUTH_BAD_BASE64)),
             Err(SaslError::AuthzidMismatch) => return Ok(Some(reply::AUTHZID_REFUSED)),
         };
-        match self.ctx.auth.verify(&user, pass).await {
-            Some(account) => {
-                if let Some(AccountStatus::NeedsLogin(_)) =
-                    self.ctx.tokens.status(&account.username)
-                {
-                    tracing::warn!(peer = %self.peer, account = %account.username, "authenticated, but the account needs login");
-                    return Ok(Some(outcome::needs_login(&account.username)));
-                }
-                tracing::debug!(peer = %self.peer, account = %account.username, "local client authenticated");
-                self.user = Some(account);
-                Ok(Some(reply::AUTH_OK))
+        let account = match self.ctx.auth.verify(self.peer.ip(), &user, pass).await {
+            Verdict::Ok(account) => account,
+            Verdict::Busy => {
+                tracing::warn!(peer = %self.peer, "too many password checks waiting; AUTH deferred");
+                return Ok(Some(reply::AUTH_BUSY));
             }
-            None => {
+            Verdict::Throttled => {
+                self.ctx.metrics.auth_failed();
+                tracing::warn!(peer = %self.peer, user = %sanitize(&user), "too many failed AUTHs from this address; not checked");
+                self.auth_failures += 1;
+                return self.after_failure(reply::AUTH_THROTTLED).await;
+            }
+            Verdict::Denied => {
                 self.ctx.metrics.auth_failed();
                 self.auth_failures += 1;
                 tracing::warn!(peer = %self.peer, user = %sanitize(&user), failures = self.auth_failures, "local authentication failed");
-                // Slow down guessing: each failure on this connection waits longer; the
-                // delay only ever holds back the failing client.
-                let delay = self
-                    .ctx
-                    .auth_failure_delay
-                    .saturating_mul(1 << (self.auth_failures - 1).min(8))
-                    .min(MAX_AUTH_FAILURE_DELAY);
-                tokio::time::sleep(delay).await;
-                if self.auth_failures >= MAX_AUTH_FAILURES {
-                    return Err(Stop::AuthFailures);
-                }
-                Ok(Some(reply::AUTH_FAILED))
+                return self.after_failure(reply::AUTH_FAILED).await;
             }
+        };
+        if let Some(AccountStatus::NeedsLogin(_)) = self.ctx.tokens.status(&account.username) {
+            tracing::warn!(peer = %self.peer, account = %account.username, "authenticated, but the account needs login");
+            return Ok(Some(outcome::needs_login(&account.username)));
         }
+        tracing::debug!(peer = %self.peer, account = %account.username, "local client authenticated");
+        self.user = Some(account);
+        Ok(Some(reply::AUTH_OK))
+    }
+
+    /// Slows down guessing: each failure on this connection waits longer before its reply
+    /// (the delay only ever holds back the failing client); too many end the connection.
+    async fn after_failure(&mut self, r: Reply) -> Result<Option<Reply>, Stop> {
+        let delay = self
+            .ctx
+            .auth_failure_delay
+            .saturating_mul(1 << self.auth_failures.saturating_sub(1).min(8))
+            .min(MAX_AUTH_FAILURE_DELAY);
+        tokio::time::sleep(delay).await;
+        if self.auth_failures >= MAX_AUTH_FAILURES {
+            return Err(Stop::AuthFailures);
+        }
+        Ok(Some(r))
     }
 
     fn mail(&mut self, args: &[u8]) {

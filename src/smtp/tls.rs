@@ -9,64 +9,110 @@ use std::fs::OpenOptions;
 use std::io::Write;
 #[cfg(unix)]
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
 
+/// Why the listener's TLS could not be set up; each names the key and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{key} {path}: {source}")]
+    Read {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("listen.tls_cert/tls_key {cert} {key}: {source}")]
+    Pem {
+        cert: PathBuf,
+        key: PathBuf,
+        source: PemError,
+    },
+    #[error("cannot generate a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What is wrong with a PEM certificate/key pair.
+#[derive(Debug, thiserror::Error)]
+pub enum PemError {
+    #[error("bad certificate PEM: {0}")]
+    BadCertificate(std::io::Error),
+    #[error("no certificate in PEM")]
+    NoCertificate,
+    #[error("bad key PEM: {0}")]
+    BadKey(std::io::Error),
+    #[error("no private key in PEM")]
+    NoKey,
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+}
+
 /// Builds the acceptor from PEM files, generating them first if both are absent.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
     if !cert.exists() && !key.exists() {
         generate_self_signed(cert, key)?;
         tracing::info!(cert = %cert.display(), "generated a self-signed localhost certificate for STARTTLS");
     }
-    let cert_pem =
-        std::fs::read(cert).map_err(|e| format!("listen.tls_cert {}: {e}", cert.display()))?;
-    let key_pem =
-        std::fs::read(key).map_err(|e| format!("listen.tls_key {}: {e}", key.display()))?;
-    acceptor_from_pem(&cert_pem, &key_pem).map_err(|e| {
-        format!(
-            "listen.tls_cert/tls_key {} {}: {e}",
-            cert.display(),
-            key.display()
-        )
+    let read = |k: &'static str, p: &Path| {
+        std::fs::read(p).map_err(|source| TlsSetupError::Read {
+            key: k,
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let cert_pem = read("listen.tls_cert", cert)?;
+    let key_pem = read("listen.tls_key", key)?;
+    acceptor_from_pem(&cert_pem, &key_pem).map_err(|source| TlsSetupError::Pem {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        source,
     })
 }
 
-pub fn acceptor_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor, String> {
+pub fn acceptor_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor, PemError> {
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("bad certificate PEM: {e}"))?;
+        .map_err(PemError::BadCertificate)?;
     if certs.is_empty() {
-        return Err("no certificate in PEM".into());
+        return Err(PemError::NoCertificate);
     }
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| format!("bad key PEM: {e}"))?
-        .ok_or("no private key in PEM")?;
+        .map_err(PemError::BadKey)?
+        .ok_or(PemError::NoKey)?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
+    .with_safe_default_protocol_versions()?
     .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| e.to_string())?;
+    .with_single_cert(certs, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-fn generate_self_signed(cert: &Path, key: &Path) -> Result<(), String> {
+fn generate_self_signed(cert: &Path, key: &Path) -> Result<(), TlsSetupError> {
     let ck = rcgen::generate_simple_self_signed(vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
         "::1".to_string(),
-    ])
-    .map_err(|e| format!("cannot generate a certificate: {e}"))?;
+    ])?;
     for (path, body, mode) in [
         (cert, ck.cert.pem(), 0o644),
         (key, ck.signing_key.serialize_pem(), 0o600),
     ] {
+        let write_err = |source| TlsSetupError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.exists() {
-                create_private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                create_private_dir(dir).map_err(|source| TlsSetupError::Write {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
             }
         }
         let mut opts = OpenOptions::new();
@@ -77,7 +123,7 @@ fn generate_self_signed(cert: &Path, key: &Path) -> Result<(), String> {
         let _ = mode;
         opts.open(path)
             .and_then(|mut f| f.write_all(body.as_bytes()))
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            .map_err(write_err)?;
     }
     Ok(())
 }
