@@ -7,7 +7,8 @@
 //! - [`config`]: file -> validated configuration
 //! - [`smtp`]: the local listener (sessions, replies, local authentication, TLS)
 //! - [`relay`]: upstream sessions, the per-mailbox pool, and the reply mapping
-//! - [`oauth`]: provider presets, token requests, token store and manager
+//! - [`oauth`]: token requests, token store and manager
+//! - [`secret`]: secret values with redacted Debug/Display, zeroed on drop
 //! - [`telemetry`]: log setup and the relay log line
 //! - [`testkit`]: fake Microsoft 365 SMTP server and token endpoint (demo, tests, benches)
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ pub mod config;
 pub mod metrics;
 pub mod oauth;
 pub mod relay;
+pub mod secret;
 pub mod smtp;
 pub mod telemetry;
 pub mod testkit;

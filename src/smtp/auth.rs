@@ -9,7 +9,7 @@
 //! the session's business.
 
 use crate::config::{Account, Config, LocalPassword};
-use crate::oauth::secret::Secret;
+use crate::secret::Secret;
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -10,12 +10,12 @@
 use crate::config::Account;
 use crate::metrics::Metrics;
 use crate::oauth::manager::AccountStatus;
-use crate::oauth::secret::Secret;
 use crate::relay::deliver::{Pacer, Queue};
 use crate::relay::outcome;
 use crate::relay::pool::{Lease, Pool};
 use crate::relay::spool::{Envelope, SPOOL_VERSION};
 use crate::relay::upstream::UpstreamError;
+use crate::secret::Secret;
 use crate::smtp::auth::LocalAuth;
 use crate::smtp::data::normalize_line_endings;
 use crate::smtp::reply::{self, Reply};
