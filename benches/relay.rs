@@ -13,7 +13,7 @@ use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParametersBuilder};
 use lettre::transport::smtp::extension::ClientId;
-use smtp_oauth_bridge::oauth::secret::Secret;
+use smtp_oauth_bridge::secret::Secret;
 use smtp_oauth_bridge::smtp::auth::hash_password;
 use smtp_oauth_bridge::testkit::{
     FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions,

@@ -8,7 +8,8 @@
 //! - [`smtp`]: the local listener (sessions, replies, local authentication, TLS)
 //! - [`relay`]: upstream sessions, the per-mailbox pool, and the reply mapping
 //! - [`reply`]: the SMTP reply value both sides use (relay maps to it, smtp sends it)
-//! - [`oauth`]: provider presets, token requests, token store and manager
+//! - [`oauth`]: token requests, token store and manager
+//! - [`secret`]: secret values with redacted Debug/Display, zeroed on drop
 //! - [`telemetry`]: log setup and the relay log line
 //! - [`testkit`]: fake Microsoft 365 SMTP server and token endpoint (demo, tests, benches)
 #![forbid(unsafe_code)]

@@ -11,7 +11,7 @@ use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::extension::ClientId;
 use smtp_oauth_bridge::bridge::Bridge;
 use smtp_oauth_bridge::config::Config;
-use smtp_oauth_bridge::oauth::secret::Secret;
+use smtp_oauth_bridge::secret::Secret;
 use smtp_oauth_bridge::smtp::auth::hash_password;
 use smtp_oauth_bridge::telemetry::LogFormat;
 use smtp_oauth_bridge::testkit::{

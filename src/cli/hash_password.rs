@@ -2,7 +2,7 @@
 //! an argon2id PHC string for `password_hash`.
 
 use super::CliError;
-use smtp_oauth_bridge::oauth::secret::Secret;
+use smtp_oauth_bridge::secret::Secret;
 use smtp_oauth_bridge::smtp::auth::hash_password;
 use std::io::{BufRead, IsTerminal};
 

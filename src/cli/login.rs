@@ -3,9 +3,9 @@
 //! `serve` notices the new token in the store and recovers without a restart.
 
 use super::{CliError, ConfigArg};
+use smtp_oauth_bridge::config::Flow;
 use smtp_oauth_bridge::oauth::flows::{self, DevicePrompt};
-use smtp_oauth_bridge::oauth::provider::Flow;
-use smtp_oauth_bridge::oauth::store::{StoredTokens, TokenStore};
+use smtp_oauth_bridge::oauth::store::{StateKey, StoredTokens, TokenStore};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub async fn run(
@@ -69,7 +69,10 @@ pub async fn run(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let store = TokenStore::new(&config.state.dir, config.state.key.clone());
+    let store = TokenStore::new(
+        &config.state.dir,
+        config.state.key.as_ref().map(|k| StateKey::from(&k.value)),
+    );
     store
         .save(
             account,

@@ -6,7 +6,10 @@ use smtp_oauth_bridge::bridge::Bridge;
 pub async fn run(config: &ConfigArg, print_config: bool) -> Result<(), CliError> {
     let config = config.load()?;
     if print_config {
-        print!("{}", config.redacted_toml());
+        let text = config
+            .to_toml()
+            .map_err(|e| CliError::Runtime(e.to_string()))?;
+        print!("{text}");
         return Ok(());
     }
     let listener = tokio::net::TcpListener::bind(config.listen.smtp)

@@ -6,7 +6,7 @@
 //! single-flight are the manager's business.
 
 use crate::config::OAuth;
-use crate::oauth::secret::Secret;
+use crate::secret::Secret;
 use oauth2::basic::{BasicClient, BasicErrorResponseType};
 use oauth2::{
     AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope, TokenResponse as _,

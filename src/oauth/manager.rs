@@ -13,11 +13,10 @@
 //! without a restart. An upstream that rejects a token calls `refresh_rejected` with the
 //! rejected generation, so N sessions that saw the same rejection cause one refresh.
 
-use crate::config::{Account, Config};
+use crate::config::{Account, Config, Flow};
 use crate::oauth::flows::{self, FlowError, TokenGrant, TokenResponse};
-use crate::oauth::provider::Flow;
-use crate::oauth::secret::Secret;
-use crate::oauth::store::{StoreError, StoredTokens, TokenStore};
+use crate::oauth::store::{StateKey, StoreError, StoredTokens, TokenStore};
+use crate::secret::Secret;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -165,7 +164,10 @@ fn login_hint(name: &str) -> String {
 impl TokenManager {
     /// Loads every account's stored tokens. A corrupt or undecryptable store is an error.
     pub fn new(config: &Config) -> Result<TokenManager, StoreError> {
-        let store = TokenStore::new(&config.state.dir, config.state.key.clone());
+        let store = TokenStore::new(
+            &config.state.dir,
+            config.state.key.as_ref().map(|k| StateKey::from(&k.value)),
+        );
         let mut accounts = HashMap::new();
         for a in &config.accounts {
             let store_seen = store.modified(&a.username);

@@ -1,9 +1,8 @@
-//! OAuth 2.0: provider presets, token requests, the token store and the token manager.
+//! OAuth 2.0: token requests, the token store and the token manager (provider presets are
+//! configuration defaults: [`crate::config`]).
 //!
 //! Tokens flow one way: provider -> [`manager::TokenManager`] -> upstream sessions.
 
 pub mod flows;
 pub mod manager;
-pub mod provider;
-pub mod secret;
 pub mod store;

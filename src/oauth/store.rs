@@ -7,7 +7,7 @@
 //! associated data, so a file cannot be moved to another account); a wrong key is a clear
 //! error. What the tokens mean and when to refresh them is the manager's business.
 
-use crate::oauth::secret::Secret;
+use crate::secret::{Secret, SecretKey};
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
@@ -63,25 +63,10 @@ impl std::fmt::Debug for StateKey {
     }
 }
 
-impl StateKey {
-    /// Parses a key written as base64 (standard or URL-safe) of 32 bytes.
-    pub fn from_base64(text: &str) -> Result<StateKey, String> {
-        let t = text.trim();
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(t)
-            .or_else(|_| {
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t.trim_end_matches('='))
-            })
-            .map_err(|_| {
-                "is not base64 (create one with: head -c 32 /dev/urandom | base64)".to_string()
-            })?;
-        if bytes.len() != 32 {
-            return Err(format!(
-                "decodes to {} bytes; 32 are needed (create one with: head -c 32 /dev/urandom | base64)",
-                bytes.len()
-            ));
-        }
-        Ok(StateKey(*Key::from_slice(&bytes)))
+impl From<&SecretKey> for StateKey {
+    /// The configured key bytes (validated by the configuration loader).
+    fn from(key: &SecretKey) -> StateKey {
+        StateKey(*Key::from_slice(key.expose()))
     }
 }
 
@@ -349,10 +334,14 @@ mod tests {
         assert_eq!(fs::read(store.path("a")).unwrap(), b"{not json");
     }
 
+    fn state_key(b64: &str) -> StateKey {
+        StateKey::from(&SecretKey::from_base64(b64).unwrap())
+    }
+
     #[test]
     fn encrypted_store_round_trip_wrong_key_and_missing_key() {
         let tmp = tempfile::tempdir().unwrap();
-        let key = StateKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        let key = state_key("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=");
         let sealed = TokenStore::new(tmp.path(), Some(key));
         let t = StoredTokens {
             access_token: Some(Secret::new("at-secret-value")),
@@ -369,7 +358,7 @@ mod tests {
         let back = sealed.load("acct").unwrap().unwrap();
         assert_eq!(back.refresh_token.unwrap().expose(), "rt-secret-value");
 
-        let other = StateKey::from_base64("HwECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        let other = state_key("HwECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=");
         let e = TokenStore::new(tmp.path(), Some(other))
             .load("acct")
             .unwrap_err();
@@ -385,14 +374,10 @@ mod tests {
             StoreError::WrongKey { .. }
         ));
 
-        assert!(StateKey::from_base64("c2hvcnQ=")
-            .unwrap_err()
-            .contains("32 are needed"));
-        assert!(StateKey::from_base64("not base64 at all!").is_err());
         assert_eq!(
             format!(
                 "{:?}",
-                StateKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap()
+                state_key("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
             ),
             "StateKey([redacted])"
         );

@@ -6,7 +6,7 @@
 //! and reply mapping live in `pool` and `outcome`.
 
 use crate::config::{Upstream, UpstreamSecurity};
-use crate::oauth::secret::Secret;
+use crate::secret::Secret;
 use base64::Engine as _;
 use lettre::transport::smtp::client::{
     AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters, TlsParametersBuilder,

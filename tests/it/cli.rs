@@ -121,7 +121,7 @@ fn hash_password_reads_stdin_and_the_hash_authenticates() {
     let phc = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(phc.starts_with("$argon2id$v=19$"), "{phc}");
     assert!(!phc.contains(PASSWORD));
-    let secret = smtp_oauth_bridge::oauth::secret::Secret::new(PASSWORD);
+    let secret = smtp_oauth_bridge::secret::Secret::new(PASSWORD);
     assert!(smtp_oauth_bridge::smtp::auth::verify_hash(&phc, &secret));
 }
 
@@ -131,7 +131,7 @@ async fn password_hash_accounts_authenticate_over_the_wire() {
     // A UTF-8 password, as AUTH PLAIN carries it.
     const UTF8_PASSWORD: &str = "Pässwörd-ÆØÅ-密码";
     let hash = smtp_oauth_bridge::smtp::auth::hash_password(
-        &smtp_oauth_bridge::oauth::secret::Secret::new(UTF8_PASSWORD),
+        &smtp_oauth_bridge::secret::Secret::new(UTF8_PASSWORD),
     )
     .unwrap();
     env.config_text = env.config_text.replace(

@@ -5,8 +5,8 @@
 use crate::harness::*;
 use smtp_oauth_bridge::bridge::Bridge;
 use smtp_oauth_bridge::oauth::manager::{AccountStatus, TokenManager};
-use smtp_oauth_bridge::oauth::secret::Secret;
 use smtp_oauth_bridge::oauth::store::{StoredTokens, TokenStore};
+use smtp_oauth_bridge::secret::Secret;
 use smtp_oauth_bridge::testkit::Reply;
 use std::io::BufRead;
 use std::process::{Command, Stdio};

@@ -1,67 +1,10 @@
-//! Endpoint presets per provider and the default scopes per flow.
-//!
-//! A preset fills the token, authorize and device-authorization URLs from the tenant and
-//! names the provider's SMTP host. Every URL can be overridden in the account's config.
+//! Provider presets: the endpoint URLs (from the tenant), the SMTP host and the default
+//! scopes per flow. They are configuration defaults, filled in at validation; every URL can
+//! be overridden in the account's `[account.oauth]`.
 
-/// Which OAuth 2.0 grant obtains the account's tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flow {
-    AuthorizationCode,
-    DeviceCode,
-    ClientCredentials,
-}
-
-impl Flow {
-    pub fn parse(s: &str) -> Option<Flow> {
-        match s {
-            "authorization_code" => Some(Flow::AuthorizationCode),
-            "device_code" => Some(Flow::DeviceCode),
-            "client_credentials" => Some(Flow::ClientCredentials),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Flow::AuthorizationCode => "authorization_code",
-            Flow::DeviceCode => "device_code",
-            Flow::ClientCredentials => "client_credentials",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Provider {
-    Microsoft,
-    MicrosoftUsGov,
-    MicrosoftChina,
-    Google,
-}
+use super::model::{Flow, Provider};
 
 impl Provider {
-    pub fn parse(s: &str) -> Option<Provider> {
-        match s {
-            "microsoft" => Some(Provider::Microsoft),
-            "microsoft-us-gov" => Some(Provider::MicrosoftUsGov),
-            "microsoft-china" => Some(Provider::MicrosoftChina),
-            "google" => Some(Provider::Google),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Provider::Microsoft => "microsoft",
-            Provider::MicrosoftUsGov => "microsoft-us-gov",
-            Provider::MicrosoftChina => "microsoft-china",
-            Provider::Google => "google",
-        }
-    }
-
-    pub fn is_microsoft(self) -> bool {
-        !matches!(self, Provider::Google)
-    }
-
     fn login_host(self) -> &'static str {
         match self {
             Provider::Microsoft => "https://login.microsoftonline.com",
@@ -72,7 +15,7 @@ impl Provider {
     }
 
     /// The SMTP submission host of the provider (upstream.host's default).
-    pub fn smtp_host(self) -> &'static str {
+    pub(crate) fn smtp_host(self) -> &'static str {
         match self {
             Provider::Microsoft => "smtp.office365.com",
             Provider::MicrosoftUsGov => "smtp.office365.us",
@@ -81,21 +24,21 @@ impl Provider {
         }
     }
 
-    pub fn token_url(self, tenant: &str) -> String {
+    pub(crate) fn token_url(self, tenant: &str) -> String {
         match self {
             Provider::Google => "https://oauth2.googleapis.com/token".into(),
             _ => format!("{}/{tenant}/oauth2/v2.0/token", self.login_host()),
         }
     }
 
-    pub fn authorize_url(self, tenant: &str) -> String {
+    pub(crate) fn authorize_url(self, tenant: &str) -> String {
         match self {
             Provider::Google => "https://accounts.google.com/o/oauth2/v2/auth".into(),
             _ => format!("{}/{tenant}/oauth2/v2.0/authorize", self.login_host()),
         }
     }
 
-    pub fn device_authorization_url(self, tenant: &str) -> String {
+    pub(crate) fn device_authorization_url(self, tenant: &str) -> String {
         match self {
             Provider::Google => "https://oauth2.googleapis.com/device/code".into(),
             _ => format!("{}/{tenant}/oauth2/v2.0/devicecode", self.login_host()),
@@ -103,7 +46,7 @@ impl Provider {
     }
 
     /// Scopes used when the account does not list its own.
-    pub fn default_scopes(self, flow: Flow) -> &'static [&'static str] {
+    pub(crate) fn default_scopes(self, flow: Flow) -> &'static [&'static str] {
         match (self, flow) {
             (Provider::Google, _) => &["https://mail.google.com/"],
             (Provider::Microsoft, Flow::ClientCredentials) => {

@@ -1,0 +1,260 @@
+//! The validated configuration: the types the rest of the bridge reads.
+//!
+//! Every value here has passed validation (see `validate.rs`), defaults are filled in and
+//! relative paths are resolved. Secrets are held as [`Secret`]/[`SecretKey`] together with
+//! the `*_env` / `*_file` key they came from, so the configuration can be printed back
+//! without them (`print.rs`). Provider endpoint presets are in `presets.rs`.
+
+use crate::secret::{Secret, SecretKey};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Microsoft 365's message size limit (35 MiB): what we advertise in SIZE by default.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 36_700_160;
+/// Microsoft 365's recipient limit per message.
+pub const DEFAULT_MAX_RECIPIENTS: usize = 500;
+/// Local connections held at once; beyond this new clients get 421.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+/// Microsoft 365 allows 3 concurrent SMTP sessions per mailbox.
+pub const DEFAULT_MAX_SESSIONS_PER_MAILBOX: usize = 3;
+
+/// `listen.tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenTls {
+    Off,
+    StartTls,
+}
+
+impl ListenTls {
+    pub(crate) fn parse(s: &str) -> Option<ListenTls> {
+        match s {
+            "off" => Some(ListenTls::Off),
+            "starttls" => Some(ListenTls::StartTls),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ListenTls::Off => "off",
+            ListenTls::StartTls => "starttls",
+        }
+    }
+}
+
+/// `upstream.security`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamSecurity {
+    /// Plain connect, STARTTLS required before anything else.
+    StartTls,
+    /// Implicit TLS from the first byte (port 465 style).
+    Tls,
+}
+
+impl UpstreamSecurity {
+    pub(crate) fn parse(s: &str) -> Option<UpstreamSecurity> {
+        match s {
+            "starttls" => Some(UpstreamSecurity::StartTls),
+            "tls" => Some(UpstreamSecurity::Tls),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            UpstreamSecurity::StartTls => "starttls",
+            UpstreamSecurity::Tls => "tls",
+        }
+    }
+}
+
+/// Which OAuth 2.0 grant obtains the account's tokens (`account.oauth.flow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    AuthorizationCode,
+    DeviceCode,
+    ClientCredentials,
+}
+
+impl Flow {
+    pub(crate) fn parse(s: &str) -> Option<Flow> {
+        match s {
+            "authorization_code" => Some(Flow::AuthorizationCode),
+            "device_code" => Some(Flow::DeviceCode),
+            "client_credentials" => Some(Flow::ClientCredentials),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Flow::AuthorizationCode => "authorization_code",
+            Flow::DeviceCode => "device_code",
+            Flow::ClientCredentials => "client_credentials",
+        }
+    }
+}
+
+/// The identity provider (`account.oauth.provider`); its presets are in `presets.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    Microsoft,
+    MicrosoftUsGov,
+    MicrosoftChina,
+    Google,
+}
+
+impl Provider {
+    pub(crate) fn parse(s: &str) -> Option<Provider> {
+        match s {
+            "microsoft" => Some(Provider::Microsoft),
+            "microsoft-us-gov" => Some(Provider::MicrosoftUsGov),
+            "microsoft-china" => Some(Provider::MicrosoftChina),
+            "google" => Some(Provider::Google),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Provider::Microsoft => "microsoft",
+            Provider::MicrosoftUsGov => "microsoft-us-gov",
+            Provider::MicrosoftChina => "microsoft-china",
+            Provider::Google => "google",
+        }
+    }
+
+    pub(crate) fn is_microsoft(self) -> bool {
+        !matches!(self, Provider::Google)
+    }
+}
+
+/// Where a secret was read from: the `*_env` or `*_file` key's value (a variable name or a
+/// resolved path; neither is secret, and they are what `--print-config` shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+}
+
+/// A secret value with the place it was read from.
+#[derive(Debug, Clone)]
+pub struct Sourced<T> {
+    pub source: SecretSource,
+    pub value: T,
+}
+
+impl Sourced<Secret> {
+    /// The plain value. Callers must not log or format it.
+    pub fn expose(&self) -> &str {
+        self.value.expose()
+    }
+}
+
+/// A secret read from the environment variable a `*_env` key names.
+#[derive(Debug, Clone)]
+pub struct EnvSecret {
+    /// The variable's name (not secret).
+    pub var: String,
+    pub value: Secret,
+}
+
+impl EnvSecret {
+    /// The plain value. Callers must not log or format it.
+    pub fn expose(&self) -> &str {
+        self.value.expose()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub smtp: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub tls: ListenTls,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub require_tls_for_auth: bool,
+    pub max_message_bytes: usize,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    /// After SIGTERM, how long transactions in flight may take before they get 421.
+    pub shutdown_grace: Duration,
+    /// A command line (and each read during DATA) must arrive within this.
+    pub command_timeout: Duration,
+    /// A session is ended with 421 at the next command boundary after this.
+    pub session_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub security: UpstreamSecurity,
+    pub ca_file: Option<PathBuf>,
+    pub timeout: Duration,
+    pub max_sessions_per_mailbox: usize,
+    pub idle: Duration,
+    /// Messages per minute per mailbox: held in spool mode, reported in sync mode; 0 = no limit.
+    pub messages_per_minute: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct State {
+    pub dir: PathBuf,
+    /// Seals the token files when set (`state.key_file` or `state.key_env`).
+    pub key: Option<Sourced<SecretKey>>,
+}
+
+/// How a local password is checked.
+#[derive(Debug, Clone)]
+pub enum LocalPassword {
+    /// An argon2 PHC string (`password_hash`); kept out of Debug output like a password.
+    Hash(Secret),
+    /// A plain password read from an environment variable (`password_env`).
+    Plain(EnvSecret),
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuth {
+    pub provider: Provider,
+    pub tenant: String,
+    pub flow: Flow,
+    pub client_id: String,
+    /// `client_secret_env` or `client_secret_file`.
+    pub client_secret: Option<Sourced<Secret>>,
+    pub scopes: Vec<String>,
+    pub token_url: String,
+    pub authorize_url: String,
+    pub device_authorization_url: String,
+    pub redirect_port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub username: String,
+    pub password: LocalPassword,
+    pub mailbox: String,
+    pub allowed_from: Vec<String>,
+    pub oauth: OAuth,
+}
+
+/// `[queue] mode = "spool"`: accept after fsync, deliver in the background.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    pub max_age: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration came from (for messages).
+    pub source: String,
+    pub listen: Listen,
+    pub upstream: Upstream,
+    pub state: State,
+    /// `None`: synchronous relay (the default).
+    pub queue: Option<Queue>,
+    pub accounts: Vec<Account>,
+}
