@@ -9,15 +9,18 @@
 //! - [`relay`]: upstream sessions, the per-mailbox pool, and the reply mapping
 //! - [`oauth`]: provider presets, token requests, token store and manager
 //! - [`telemetry`]: log setup and the relay log line
+//! - [`clock`]: the one clock (tokio's monotonic time and the wall clock), `unix_now`
 //! - [`testkit`]: fake Microsoft 365 SMTP server and token endpoint (demo, tests, benches)
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod bridge;
+pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod oauth;
 pub mod relay;
 pub mod smtp;
+pub(crate) mod sync;
 pub mod telemetry;
 pub mod testkit;

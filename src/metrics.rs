@@ -7,6 +7,7 @@
 //! [`Metrics::render`]. The exposition is written by hand: a few dozen series whose values
 //! mostly come from live state would otherwise need a custom registry collector.
 
+use crate::sync::lock;
 use crate::telemetry::{self, RelayEvent};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -52,10 +53,6 @@ pub struct Metrics {
     latency: Histogram,
     local_sessions: AtomicI64,
     auth_failures: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Escapes a label value for the text format.

@@ -3,10 +3,10 @@
 //! `serve` notices the new token in the store and recovers without a restart.
 
 use super::{CliError, ConfigArg};
+use smtp_oauth_bridge::clock::unix_now;
 use smtp_oauth_bridge::oauth::flows::{self, DevicePrompt};
 use smtp_oauth_bridge::oauth::provider::Flow;
 use smtp_oauth_bridge::oauth::store::{StoredTokens, TokenStore};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 pub async fn run(
     config: &ConfigArg,
@@ -65,10 +65,7 @@ pub async fn run(
             "login for {account}: the provider returned no refresh token; include the offline_access scope"
         )));
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = unix_now();
     let store = TokenStore::new(&config.state.dir, config.state.key.clone());
     store
         .save(

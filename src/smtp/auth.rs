@@ -93,7 +93,7 @@ impl LocalAuth {
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, [u8; 32]>> {
-        self.verified.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.verified)
     }
 }
 

@@ -789,10 +789,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             from: txn.from.clone(),
             params: txn.params.clone(),
             rcpts: txn.rcpts.clone(),
-            received_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            received_at: crate::clock::unix_now(),
             bytes: body.len(),
         };
         match queue.accept(env, body) {
