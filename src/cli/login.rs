@@ -26,7 +26,7 @@ pub async fn run(
     } else {
         acc.oauth.flow
     };
-    let http = flows::http_client();
+    let http = flows::http_client().map_err(|e| CliError::Runtime(e.to_string()))?;
     let result = match flow {
         Flow::ClientCredentials => {
             return Err(CliError::Usage(format!(
