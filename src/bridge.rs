@@ -5,8 +5,7 @@
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ListenTls};
 use crate::metrics::Metrics;
-use crate::oauth::manager::TokenManager;
-use crate::oauth::store::StoreError;
+use crate::oauth::manager::{ManagerError, TokenManager};
 use crate::relay::deliver::{Pacer, Queue};
 use crate::relay::pool::Pool;
 use crate::relay::transport::Transport;
@@ -28,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 pub enum StartError {
     #[error("listener: {0}")]
     Listener(std::io::Error),
-    #[error("token store: {0}")]
-    Tokens(#[from] StoreError),
+    #[error("token manager: {0}")]
+    Tokens(#[from] ManagerError),
     #[error("{0}")]
     Upstream(Box<dyn std::error::Error + Send + Sync>),
     #[error("{0}")]

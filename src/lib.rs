@@ -11,6 +11,7 @@
 //! - [`oauth`]: token requests, token store and manager
 //! - [`secret`]: secret values with redacted Debug/Display, zeroed on drop
 //! - [`telemetry`]: log setup and the relay log line
+//! - [`clock`]: the one clock (tokio's monotonic time and the wall clock), `unix_now`
 //! - [`testkit`]: fake Microsoft 365 SMTP server and token endpoint (demo, tests, benches)
 #![forbid(unsafe_code)]
 
@@ -24,6 +25,6 @@ pub mod relay;
 pub mod reply;
 pub mod secret;
 pub mod smtp;
-pub mod sync;
+pub(crate) mod sync;
 pub mod telemetry;
 pub mod testkit;

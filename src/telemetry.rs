@@ -8,7 +8,6 @@
 //! whatever RUST_LOG says, so a token can never reach the log through them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 use tracing_subscriber::filter::{EnvFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -155,10 +154,7 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// A message id, unique within this host: seconds since the epoch and a counter, in hex
 /// (Postfix-like, sorts by time).
 pub fn new_message_id() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = crate::clock::unix_now();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!(
         "{:09X}{:07X}",

@@ -3,10 +3,10 @@
 //! `serve` notices the new token in the store and recovers without a restart.
 
 use super::{CliError, ConfigArg};
+use smtp_oauth_bridge::clock::unix_now;
 use smtp_oauth_bridge::config::Flow;
 use smtp_oauth_bridge::oauth::flows::{self, DevicePrompt};
 use smtp_oauth_bridge::oauth::store::{StateKey, StoredTokens, TokenStore};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 pub async fn run(
     config: &ConfigArg,
@@ -26,7 +26,7 @@ pub async fn run(
     } else {
         acc.oauth.flow
     };
-    let http = flows::http_client();
+    let http = flows::http_client().map_err(|e| CliError::Runtime(e.to_string()))?;
     let result = match flow {
         Flow::ClientCredentials => {
             return Err(CliError::Usage(format!(
@@ -65,10 +65,7 @@ pub async fn run(
             "login for {account}: the provider returned no refresh token; include the offline_access scope"
         )));
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = unix_now();
     let store = TokenStore::new(
         &config.state.dir,
         config.state.key.as_ref().map(|k| StateKey::from(&k.value)),

@@ -9,10 +9,11 @@ use crate::config::OAuth;
 use crate::secret::Secret;
 use oauth2::basic::{BasicClient, BasicErrorResponseType};
 use oauth2::{
-    AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope, TokenResponse as _,
-    TokenUrl,
+    AuthType, ClientId, ClientSecret, EndpointNotSet, EndpointSet, RefreshToken, RequestTokenError,
+    Scope, TokenResponse as _, TokenUrl,
 };
 use std::collections::HashMap;
+use std::fmt;
 use std::time::Duration;
 
 /// Used when the provider does not say how long a token lives (Microsoft always does).
@@ -41,28 +42,112 @@ pub struct TokenResponse {
     pub expires_in: Duration,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+/// An OAuth error answer (`error`, and the first line of `error_description` with
+/// Microsoft's AADSTS code), from the token endpoint or the login redirect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderError {
+    pub error: String,
+    pub description: Option<String>,
+}
+
+impl fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.error)?;
+        if let Some(d) = &self.description {
+            write!(f, ": {d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ProviderError {}
+
+/// The transport error of an HTTP request made through `oauth2` over reqwest.
+type HttpError = oauth2::HttpClientError<reqwest::Error>;
+
+/// Why a token request or a login failed. Never carries a token, a secret or a response body.
+#[derive(Debug, thiserror::Error)]
 pub enum FlowError {
     /// The provider refused the grant (revoked or expired refresh token).
     #[error("{0}")]
-    InvalidGrant(String),
-    /// Any other error response from the provider (invalid_client, invalid_scope, ...).
+    InvalidGrant(ProviderError),
+    /// Any other error answer from the provider (invalid_client, invalid_scope, ...), or a
+    /// login the user declined.
     #[error("{0}")]
-    Provider(String),
-    /// Network failure, timeout or an unparseable answer.
+    Provider(ProviderError),
+    /// Network failure or timeout.
+    #[error("{what} unreachable: {source}")]
+    Unreachable {
+        what: &'static str,
+        #[source]
+        source: Box<HttpError>,
+    },
+    /// An answer that is not what OAuth says it should be (the JSON path that failed).
+    #[error("unexpected answer from the {what} (at {path})")]
+    UnexpectedAnswer { what: &'static str, path: String },
+    /// Any other failure `oauth2` reports (e.g. a device code that expired while polling).
     #[error("{0}")]
-    Transport(String),
-    #[error("{0}")]
-    Config(String),
+    Other(String),
+    /// `login` waited for the browser's redirect in vain.
+    #[error("no redirect within {} s", .0.as_secs())]
+    LoginTimedOut(Duration),
+    /// A configured URL that `oauth2` does not accept.
+    #[error("{key}: {source}")]
+    BadUrl {
+        key: &'static str,
+        #[source]
+        source: url::ParseError,
+    },
+    /// The loopback listener for the login redirect.
+    #[error("cannot listen on 127.0.0.1:{port} for the login redirect: {source}")]
+    RedirectListener {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    HttpClient(#[from] HttpClientError),
 }
 
-/// The HTTP client for token requests: no redirects (a token endpoint never redirects).
-pub fn http_client() -> reqwest::Client {
+/// The HTTP client for token requests could not be built (e.g. the TLS backend or the
+/// system's root certificates failed to load).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client for token requests: {0}")]
+pub struct HttpClientError(#[source] reqwest::Error);
+
+/// The HTTP client for token requests: no redirects (a token endpoint never redirects) and a
+/// timeout. Fails rather than fall back to a default client (which follows redirects and
+/// never times out).
+pub fn http_client() -> Result<reqwest::Client, HttpClientError> {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(TOKEN_REQUEST_TIMEOUT)
         .build()
-        .unwrap_or_default()
+        .map_err(HttpClientError)
+}
+
+/// A client that can ask the token endpoint.
+type TokenClient =
+    BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+
+/// The one place the `oauth2` client for the token endpoint is set up: client id, token URL,
+/// credentials in the request body (as Microsoft expects), and the client secret if any.
+fn token_client(oauth: &OAuth) -> Result<TokenClient, FlowError> {
+    let token_url = TokenUrl::new(oauth.token_url.clone()).map_err(|source| FlowError::BadUrl {
+        key: "token_url",
+        source,
+    })?;
+    let client = BasicClient::new(ClientId::new(oauth.client_id.clone()))
+        .set_token_uri(token_url)
+        .set_auth_type(AuthType::RequestBody);
+    Ok(match &oauth.client_secret {
+        Some(s) => client.set_client_secret(ClientSecret::new(s.expose().to_string())),
+        None => client,
+    })
+}
+
+fn scopes(oauth: &OAuth) -> impl Iterator<Item = Scope> + '_ {
+    oauth.scopes.iter().map(|s| Scope::new(s.clone()))
 }
 
 pub async fn request_token(
@@ -70,20 +155,12 @@ pub async fn request_token(
     oauth: &OAuth,
     grant: &TokenGrant,
 ) -> Result<TokenResponse, FlowError> {
-    let token_url = TokenUrl::new(oauth.token_url.clone())
-        .map_err(|e| FlowError::Config(format!("token_url: {e}")))?;
-    let mut client = BasicClient::new(ClientId::new(oauth.client_id.clone()))
-        .set_token_uri(token_url)
-        .set_auth_type(AuthType::RequestBody);
-    if let Some(s) = &oauth.client_secret {
-        client = client.set_client_secret(ClientSecret::new(s.expose().to_string()));
-    }
-    let scopes = oauth.scopes.iter().map(|s| Scope::new(s.clone()));
+    let client = token_client(oauth)?;
     let result = match grant {
         TokenGrant::ClientCredentials => {
             client
                 .exchange_client_credentials()
-                .add_scopes(scopes)
+                .add_scopes(scopes(oauth))
                 .request_async(http)
                 .await
         }
@@ -91,7 +168,7 @@ pub async fn request_token(
             let rt = RefreshToken::new(rt.expose().to_string());
             client
                 .exchange_refresh_token(&rt)
-                .add_scopes(scopes)
+                .add_scopes(scopes(oauth))
                 .request_async(http)
                 .await
         }
@@ -115,22 +192,24 @@ pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_REDIRECT_REQUEST: usize = 16 * 1024;
 
 /// Maps an oauth2 request error; never includes a response body (it may carry tokens).
-fn flow_error<RE, T>(
-    e: RequestTokenError<RE, oauth2::StandardErrorResponse<T>>,
-    what: &str,
+fn flow_error<T>(
+    e: RequestTokenError<HttpError, oauth2::StandardErrorResponse<T>>,
+    what: &'static str,
 ) -> FlowError
 where
-    RE: std::error::Error + 'static,
     T: oauth2::ErrorResponseType + std::fmt::Display + 'static,
 {
     match e {
         RequestTokenError::ServerResponse(e) => FlowError::Provider(server_error(&e)),
-        RequestTokenError::Request(e) => FlowError::Transport(format!("{what} unreachable: {e}")),
-        RequestTokenError::Parse(e, _body) => FlowError::Transport(format!(
-            "unexpected answer from the {what} (at {})",
-            e.path()
-        )),
-        RequestTokenError::Other(m) => FlowError::Transport(m),
+        RequestTokenError::Request(e) => FlowError::Unreachable {
+            what,
+            source: Box::new(e),
+        },
+        RequestTokenError::Parse(e, _body) => FlowError::UnexpectedAnswer {
+            what,
+            path: e.path().to_string(),
+        },
+        RequestTokenError::Other(m) => FlowError::Other(m),
     }
 }
 
@@ -144,13 +223,13 @@ fn token_response(r: &oauth2::basic::BasicTokenResponse) -> TokenResponse {
 
 fn server_error<T: oauth2::ErrorResponseType + std::fmt::Display>(
     e: &oauth2::StandardErrorResponse<T>,
-) -> String {
-    let mut text = e.error().to_string();
-    if let Some(d) = e.error_description() {
-        text.push_str(": ");
-        text.push_str(d.lines().next().unwrap_or(d).trim());
+) -> ProviderError {
+    ProviderError {
+        error: e.error().to_string(),
+        description: e
+            .error_description()
+            .map(|d| d.lines().next().unwrap_or(d).trim().to_string()),
     }
-    text
 }
 
 /// An authorization-code login in progress: the URL to open and the loopback listener
@@ -159,7 +238,9 @@ fn server_error<T: oauth2::ErrorResponseType + std::fmt::Display>(
 pub struct AuthCodeLogin {
     pub url: String,
     pub redirect_uri: String,
-    listeners: Vec<tokio::net::TcpListener>,
+    v4: tokio::net::TcpListener,
+    /// Browsers may resolve localhost to ::1 first; we listen there too when we can.
+    v6: Option<tokio::net::TcpListener>,
     verifier: Secret,
     state: Secret,
 }
@@ -167,43 +248,37 @@ pub struct AuthCodeLogin {
 /// Binds the loopback redirect listener (`redirect_port`, 0 = any free port) and builds the
 /// authorize URL with PKCE (S256) and a random state.
 pub async fn start_auth_code(oauth: &OAuth) -> Result<AuthCodeLogin, FlowError> {
+    let listen_error = |source| FlowError::RedirectListener {
+        port: oauth.redirect_port,
+        source,
+    };
     let v4 = tokio::net::TcpListener::bind(("127.0.0.1", oauth.redirect_port))
         .await
-        .map_err(|e| {
-            FlowError::Config(format!(
-                "cannot listen on 127.0.0.1:{} for the login redirect: {e}",
-                oauth.redirect_port
-            ))
-        })?;
-    let port = v4
-        .local_addr()
-        .map_err(|e| FlowError::Config(e.to_string()))?
-        .port();
-    let mut listeners = vec![v4];
-    // Browsers may resolve localhost to ::1 first; listen there too when possible.
-    if let Ok(v6) = tokio::net::TcpListener::bind(("::1", port)).await {
-        listeners.push(v6);
-    }
+        .map_err(listen_error)?;
+    let port = v4.local_addr().map_err(listen_error)?.port();
+    let v6 = tokio::net::TcpListener::bind(("::1", port)).await.ok();
     let redirect_uri = format!("http://localhost:{port}/");
     let client = BasicClient::new(ClientId::new(oauth.client_id.clone()))
         .set_auth_uri(
-            oauth2::AuthUrl::new(oauth.authorize_url.clone())
-                .map_err(|e| FlowError::Config(format!("authorize_url: {e}")))?,
+            oauth2::AuthUrl::new(oauth.authorize_url.clone()).map_err(|source| {
+                FlowError::BadUrl {
+                    key: "authorize_url",
+                    source,
+                }
+            })?,
         )
-        .set_redirect_uri(
-            oauth2::RedirectUrl::new(redirect_uri.clone())
-                .map_err(|e| FlowError::Config(format!("redirect: {e}")))?,
-        );
+        .set_redirect_uri(redirect_url(&redirect_uri)?);
     let (challenge, verifier) = oauth2::PkceCodeChallenge::new_random_sha256();
     let (url, state) = client
         .authorize_url(oauth2::CsrfToken::new_random)
-        .add_scopes(oauth.scopes.iter().map(|s| Scope::new(s.clone())))
+        .add_scopes(scopes(oauth))
         .set_pkce_challenge(challenge)
         .url();
     Ok(AuthCodeLogin {
         url: url.to_string(),
         redirect_uri,
-        listeners,
+        v4,
+        v6,
         verifier: Secret::new(verifier.secret().clone()),
         state: Secret::new(state.secret().clone()),
     })
@@ -219,23 +294,9 @@ impl AuthCodeLogin {
     ) -> Result<TokenResponse, FlowError> {
         let code = tokio::time::timeout(LOGIN_TIMEOUT, self.wait_for_code())
             .await
-            .map_err(|_| {
-                FlowError::Transport(format!("no redirect within {} s", LOGIN_TIMEOUT.as_secs()))
-            })??;
-        let mut client = BasicClient::new(ClientId::new(oauth.client_id.clone()))
-            .set_token_uri(
-                TokenUrl::new(oauth.token_url.clone())
-                    .map_err(|e| FlowError::Config(format!("token_url: {e}")))?,
-            )
-            .set_redirect_uri(
-                oauth2::RedirectUrl::new(self.redirect_uri.clone())
-                    .map_err(|e| FlowError::Config(format!("redirect: {e}")))?,
-            )
-            .set_auth_type(AuthType::RequestBody);
-        if let Some(s) = &oauth.client_secret {
-            client = client.set_client_secret(ClientSecret::new(s.expose().to_string()));
-        }
-        let r = client
+            .map_err(|_| FlowError::LoginTimedOut(LOGIN_TIMEOUT))??;
+        let r = token_client(oauth)?
+            .set_redirect_uri(redirect_url(&self.redirect_uri)?)
             .exchange_code(oauth2::AuthorizationCode::new(code.expose().to_string()))
             .set_pkce_verifier(oauth2::PkceCodeVerifier::new(
                 self.verifier.expose().to_string(),
@@ -248,10 +309,9 @@ impl AuthCodeLogin {
 
     async fn wait_for_code(&self) -> Result<Secret, FlowError> {
         loop {
-            let accepted = match self.listeners.as_slice() {
-                [a] => a.accept().await,
-                [a, b, ..] => tokio::select! { r = a.accept() => r, r = b.accept() => r },
-                [] => return Err(FlowError::Config("no redirect listener".into())),
+            let accepted = match &self.v6 {
+                None => self.v4.accept().await,
+                Some(v6) => tokio::select! { r = self.v4.accept() => r, r = v6.accept() => r },
             };
             let Ok((stream, _)) = accepted else { continue };
             match handle_redirect(stream, self.state.expose()).await {
@@ -263,9 +323,16 @@ impl AuthCodeLogin {
     }
 }
 
+fn redirect_url(uri: &str) -> Result<oauth2::RedirectUrl, FlowError> {
+    oauth2::RedirectUrl::new(uri.to_string()).map_err(|source| FlowError::BadUrl {
+        key: "redirect",
+        source,
+    })
+}
+
 enum Redirect {
     Code(Secret),
-    Error(String),
+    Error(ProviderError),
     Ignored,
 }
 
@@ -310,11 +377,17 @@ async fn handle_redirect(mut stream: tokio::net::TcpStream, expected_state: &str
             .get("error_description")
             .map(String::as_str)
             .unwrap_or("");
-        let text = format!("{err}: {}", desc.lines().next().unwrap_or(""));
+        let e = ProviderError {
+            error: err.clone(),
+            description: Some(desc.lines().next().unwrap_or("").to_string()),
+        };
         (
             "200 OK",
-            format!("<h1>Sign-in failed</h1><p>{}</p>", html_escape(&text)),
-            Redirect::Error(text),
+            format!(
+                "<h1>Sign-in failed</h1><p>{}</p>",
+                html_escape(&e.to_string())
+            ),
+            Redirect::Error(e),
         )
     } else {
         let code = query.get("code").cloned().unwrap_or_default();
@@ -345,7 +418,6 @@ fn html_escape(s: &str) -> String {
 pub struct DevicePrompt {
     pub verification_uri: String,
     pub user_code: String,
-    pub message: Option<String>,
     pub expires_in: Duration,
 }
 
@@ -356,22 +428,17 @@ pub async fn device_code(
     oauth: &OAuth,
     prompt: impl FnOnce(&DevicePrompt),
 ) -> Result<TokenResponse, FlowError> {
-    let mut client = BasicClient::new(ClientId::new(oauth.client_id.clone()))
-        .set_device_authorization_url(
-            oauth2::DeviceAuthorizationUrl::new(oauth.device_authorization_url.clone())
-                .map_err(|e| FlowError::Config(format!("device_authorization_url: {e}")))?,
-        )
-        .set_token_uri(
-            TokenUrl::new(oauth.token_url.clone())
-                .map_err(|e| FlowError::Config(format!("token_url: {e}")))?,
-        )
-        .set_auth_type(AuthType::RequestBody);
-    if let Some(s) = &oauth.client_secret {
-        client = client.set_client_secret(ClientSecret::new(s.expose().to_string()));
-    }
+    let client = token_client(oauth)?.set_device_authorization_url(
+        oauth2::DeviceAuthorizationUrl::new(oauth.device_authorization_url.clone()).map_err(
+            |source| FlowError::BadUrl {
+                key: "device_authorization_url",
+                source,
+            },
+        )?,
+    );
     let details: oauth2::StandardDeviceAuthorizationResponse = match client
         .exchange_device_code()
-        .add_scopes(oauth.scopes.iter().map(|s| Scope::new(s.clone())))
+        .add_scopes(scopes(oauth))
         .request_async(http)
         .await
     {
@@ -381,7 +448,6 @@ pub async fn device_code(
     prompt(&DevicePrompt {
         verification_uri: details.verification_uri().to_string(),
         user_code: details.user_code().secret().clone(),
-        message: None,
         expires_in: details.expires_in(),
     });
     match client

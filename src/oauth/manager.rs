@@ -12,14 +12,19 @@
 //! not asked again until the store file changes (`login` wrote a new token), which is picked up
 //! without a restart. An upstream that rejects a token calls `refresh_rejected` with the
 //! rejected generation, so N sessions that saw the same rejection cause one refresh.
+//!
+//! Time comes from the injected [`Clock`] (tokio's clock, so unit tests run under
+//! `tokio::time::pause` and `advance`); token requests are `flows`' business.
 
+use crate::clock::Clock;
 use crate::config::{Account, Config, Flow};
-use crate::oauth::flows::{self, FlowError, TokenGrant, TokenResponse};
+use crate::oauth::flows::{self, FlowError, HttpClientError, TokenGrant, TokenResponse};
 use crate::oauth::store::{StateKey, StoreError, StoredTokens, TokenStore};
 use crate::secret::Secret;
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +72,16 @@ pub enum TokenError {
     UnknownAccount(String),
 }
 
+/// Why the token manager could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// A corrupt or undecryptable token store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    HttpClient(#[from] HttpClientError),
+}
+
 /// What /readyz and `check` report for an account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AccountStatus {
@@ -100,8 +115,7 @@ struct AccountTokens {
 
 impl AccountTokens {
     fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this short lock cannot leave the data half-written.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     fn name(&self) -> &str {
@@ -126,13 +140,7 @@ struct Inner {
     accounts: HashMap<String, AccountTokens>,
     store: TokenStore,
     http: reqwest::Client,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    clock: Clock,
 }
 
 fn margin(lifetime: Duration) -> Duration {
@@ -140,13 +148,13 @@ fn margin(lifetime: Duration) -> Duration {
 }
 
 /// An access token read from the store, if still valid.
-fn token_from_store(stored: &StoredTokens, generation: u64) -> Option<AccessToken> {
+fn token_from_store(stored: &StoredTokens, generation: u64, clock: &Clock) -> Option<AccessToken> {
     let secret = stored.access_token.clone()?;
-    let left = Duration::from_secs(stored.expires_at.checked_sub(unix_now())?);
+    let left = Duration::from_secs(stored.expires_at.checked_sub(clock.unix_now())?);
     if left.is_zero() {
         return None;
     }
-    let now = Instant::now();
+    let now = clock.now();
     // The original lifetime is unknown here; assume about an hour.
     let refresh_at = now + left.saturating_sub(margin(Duration::from_secs(3600)).min(left / 2));
     Some(AccessToken {
@@ -163,7 +171,12 @@ fn login_hint(name: &str) -> String {
 
 impl TokenManager {
     /// Loads every account's stored tokens. A corrupt or undecryptable store is an error.
-    pub fn new(config: &Config) -> Result<TokenManager, StoreError> {
+    pub fn new(config: &Config) -> Result<TokenManager, ManagerError> {
+        Self::with_clock(config, Clock::system())
+    }
+
+    /// As [`TokenManager::new`], with time from `clock`.
+    pub fn with_clock(config: &Config, clock: Clock) -> Result<TokenManager, ManagerError> {
         let store = TokenStore::new(
             &config.state.dir,
             config.state.key.as_ref().map(|k| StateKey::from(&k.value)),
@@ -172,7 +185,7 @@ impl TokenManager {
         for a in &config.accounts {
             let store_seen = store.modified(&a.username);
             let stored = store.load(&a.username)?.unwrap_or_default();
-            let current = token_from_store(&stored, 1);
+            let current = token_from_store(&stored, 1, &clock);
             let status = if current.is_some() {
                 AccountStatus::Ready
             } else if a.oauth.flow != Flow::ClientCredentials && stored.refresh_token.is_none() {
@@ -203,9 +216,14 @@ impl TokenManager {
             inner: Arc::new(Inner {
                 accounts,
                 store,
-                http: flows::http_client(),
+                http: flows::http_client()?,
+                clock,
             }),
         })
+    }
+
+    fn now(&self) -> Instant {
+        self.inner.clock.now()
     }
 
     fn get(&self, account: &str) -> Result<&AccountTokens, TokenError> {
@@ -225,10 +243,7 @@ impl TokenManager {
         let st = acc.state();
         Some(match &st.status {
             Some(AccountStatus::Ready) | None
-                if !st
-                    .current
-                    .as_ref()
-                    .is_some_and(|t| t.is_valid(Instant::now())) =>
+                if !st.current.as_ref().is_some_and(|t| t.is_valid(self.now())) =>
             {
                 AccountStatus::NoTokenYet
             }
@@ -243,7 +258,7 @@ impl TokenManager {
         let st = acc.state();
         st.current
             .as_ref()
-            .map(|t| t.expires_at.saturating_duration_since(Instant::now()))
+            .map(|t| t.expires_at.saturating_duration_since(self.now()))
     }
 
     /// Account names, token requests that succeeded and failed, for metrics.
@@ -271,10 +286,7 @@ impl TokenManager {
         }
         let st = acc.state();
         !matches!(st.status, Some(AccountStatus::NeedsLogin(_)))
-            && st
-                .current
-                .as_ref()
-                .is_some_and(|t| t.is_valid(Instant::now()))
+            && st.current.as_ref().is_some_and(|t| t.is_valid(self.now()))
     }
 
     /// Adopts tokens that another process (`login`) wrote to the store since we last looked.
@@ -303,7 +315,7 @@ impl TokenManager {
             return false;
         }
         st.generation += 1;
-        st.current = token_from_store(&stored, st.generation);
+        st.current = token_from_store(&stored, st.generation, &self.inner.clock);
         st.refresh_token = stored.refresh_token;
         st.status = Some(if st.current.is_some() {
             AccountStatus::Ready
@@ -333,7 +345,7 @@ impl TokenManager {
 
     /// The cached token if no refresh is needed (or none may be attempted yet).
     fn usable(&self, acc: &AccountTokens) -> Option<AccessToken> {
-        let now = Instant::now();
+        let now = self.now();
         let st = acc.state();
         let t = st.current.as_ref()?;
         let backing_off = st.next_attempt.is_some_and(|n| now < n);
@@ -353,7 +365,7 @@ impl TokenManager {
             .state()
             .current
             .clone()
-            .filter(|t| t.generation != generation && t.is_fresh(Instant::now()))
+            .filter(|t| t.generation != generation && t.is_fresh(self.now()))
         {
             return Ok(t);
         }
@@ -395,7 +407,7 @@ impl TokenManager {
                 reason,
             });
         }
-        let now = Instant::now();
+        let now = self.now();
         if let Some(next) = acc.state().next_attempt.filter(|n| now < *n) {
             let reason = format!(
                 "provider failing; next attempt in {} ms",
@@ -420,7 +432,7 @@ impl TokenManager {
                 }
             },
         };
-        let started = Instant::now();
+        let started = self.now();
         match flows::request_token(&self.inner.http, &acc.account.oauth, &grant).await {
             Ok(resp) => Ok(self.adopt(acc, resp, started)),
             Err(FlowError::InvalidGrant(reason)) if grant.is_refresh() => {
@@ -440,10 +452,10 @@ impl TokenManager {
                 let mut st = acc.state();
                 st.failures += 1;
                 st.backoff = (st.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
-                st.next_attempt = Some(Instant::now() + st.backoff);
+                st.next_attempt = Some(self.now() + st.backoff);
                 st.status = Some(AccountStatus::Failing(reason.clone()));
                 tracing::warn!(account = %name, %reason, retry_in_ms = st.backoff.as_millis() as u64, "token request failed");
-                let fallback = st.current.clone().filter(|t| t.is_valid(Instant::now()));
+                let fallback = st.current.clone().filter(|t| t.is_valid(self.now()));
                 drop(st);
                 fallback.ok_or(TokenError::Provider {
                     account: name,
@@ -463,7 +475,7 @@ impl TokenManager {
             .or_else(|| acc.state().refresh_token.clone());
         let stored = StoredTokens {
             access_token: Some(resp.access_token.clone()),
-            expires_at: unix_now() + lifetime.as_secs(),
+            expires_at: self.inner.clock.unix_now() + lifetime.as_secs(),
             refresh_token: refresh_token.clone(),
         };
         if let Err(e) = self.inner.store.save(name, &stored) {
@@ -522,7 +534,7 @@ impl TokenManager {
         if acc.needs_login().is_some() {
             return STORE_POLL;
         }
-        let now = Instant::now();
+        let now = self.now();
         let st = acc.state();
         let due = match &st.current {
             Some(t) => t.refresh_at,
@@ -533,5 +545,366 @@ impl TokenManager {
             _ => due,
         };
         due.saturating_duration_since(now)
+    }
+}
+
+/// The token manager under paused time, against testkit's fake token endpoint over real
+/// (loopback) HTTP. Time moves only by `tokio::time::advance`: see [`tests::Frozen`].
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{FakeTokenEndpoint, TokenOptions};
+
+    const USER: &str = "u";
+    const HOUR: Duration = Duration::from_secs(3600);
+    const MS: Duration = Duration::from_millis(1);
+
+    /// While alive, tokio's paused clock does not jump ahead by itself (a running blocking
+    /// task inhibits auto-advance): real HTTP to the fake endpoint cannot make a timeout
+    /// fire, and time moves only by `advance`.
+    struct Frozen(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
+
+    fn freeze() -> Frozen {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        tokio::task::spawn_blocking(move || {
+            let _ = rx.recv();
+        });
+        Frozen(tx)
+    }
+
+    struct Setup {
+        tokens: FakeTokenEndpoint,
+        manager: TokenManager,
+        config: Config,
+        clock: Clock,
+        _dir: tempfile::TempDir,
+        _frozen: Frozen,
+    }
+
+    impl Setup {
+        /// `flow` is "client_credentials" or "authorization_code" (then the store holds a
+        /// refresh token the fake endpoint accepts).
+        async fn new(lifetime: Duration, flow: &str) -> Setup {
+            let frozen = freeze();
+            let delegated = flow != "client_credentials";
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let tokens = FakeTokenEndpoint::start(
+                listener,
+                TokenOptions {
+                    lifetime,
+                    client_secret: (!delegated).then(|| "test-secret".to_string()),
+                    ..TokenOptions::default()
+                },
+            )
+            .await;
+            let dir = tempfile::tempdir().expect("tempdir");
+            let secret = if delegated {
+                ""
+            } else {
+                "client_secret_env = \"SECRET\"\n"
+            };
+            let toml = format!(
+                "[upstream]\nhost = \"127.0.0.1\"\nport = 9\n[state]\ndir = \"state\"\n\
+                 [[account]]\nusername = \"{USER}\"\npassword_env = \"PW\"\nmailbox = \"u@example.com\"\n\
+                 [account.oauth]\nflow = \"{flow}\"\ntenant = \"t\"\nclient_id = \"test-client\"\n\
+                 {secret}token_url = \"{}\"\n",
+                tokens.token_url()
+            );
+            let config = Config::from_toml(&toml, "t.toml", dir.path(), &|k| {
+                Some(if k == "SECRET" { "test-secret" } else { "pw" }.to_string())
+            })
+            .expect("test config");
+            if delegated {
+                store_refresh_token(&config, tokens.issue_refresh_token());
+            }
+            let clock = Clock::following_tokio();
+            let manager = TokenManager::with_clock(&config, clock).expect("manager");
+            Setup {
+                tokens,
+                manager,
+                config,
+                clock,
+                _dir: dir,
+                _frozen: frozen,
+            }
+        }
+
+        fn requests(&self) -> usize {
+            self.tokens.requests()
+        }
+
+        async fn token(&self) -> AccessToken {
+            self.manager.token(USER).await.expect("a token")
+        }
+    }
+
+    /// What `login` does: a new refresh token in the store.
+    fn store_refresh_token(config: &Config, refresh_token: String) {
+        TokenStore::new(
+            &config.state.dir,
+            config.state.key.as_ref().map(|k| StateKey::from(&k.value)),
+        )
+        .save(
+            USER,
+            &StoredTokens {
+                access_token: None,
+                expires_at: 0,
+                refresh_token: Some(Secret::new(refresh_token)),
+            },
+        )
+        .expect("save");
+    }
+
+    /// Runs other tasks (and their loopback HTTP) until `f` holds; 10 s of real time at most.
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_is_due_a_quarter_of_the_lifetime_before_expiry_and_at_most_5_minutes() {
+        // (lifetime, margin): a quarter of 400 s is 100 s; of an hour, capped at 5 minutes.
+        for (lifetime, margin) in [
+            (Duration::from_secs(400), Duration::from_secs(100)),
+            (HOUR, Duration::from_secs(300)),
+        ] {
+            let s = Setup::new(lifetime, "client_credentials").await;
+            let t0 = tokio::time::Instant::now();
+            let first = s.token().await;
+            assert_eq!(s.requests(), 1);
+            assert_eq!(first.expires_at - t0, lifetime);
+            assert_eq!(first.expires_at - first.refresh_at, margin);
+
+            tokio::time::advance(lifetime - margin - MS).await;
+            let same = s.token().await;
+            assert_eq!((same.generation, s.requests()), (first.generation, 1));
+            assert!(same.is_fresh(tokio::time::Instant::now()));
+
+            tokio::time::advance(MS).await;
+            let next = s.token().await;
+            assert_eq!(s.requests(), 2, "refreshed at {lifetime:?} - {margin:?}");
+            assert_eq!(next.generation, first.generation + 1);
+            assert_ne!(next.secret.expose(), first.secret.expose());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_refresher_fetches_at_start_and_again_at_the_refresh_point_without_callers() {
+        let s = Setup::new(HOUR, "client_credentials").await;
+        let stop = CancellationToken::new();
+        s.manager.spawn_refresher(stop.clone());
+        until("the start-up token", || s.manager.is_usable(USER)).await;
+        assert_eq!(s.requests(), 1);
+        let started = tokio::time::Instant::now();
+
+        tokio::time::advance(HOUR - Duration::from_secs(300) - MS).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(s.requests(), 1, "nothing before the refresh point");
+        tokio::time::advance(MS).await;
+        until("the refresh", || s.manager.counts()[0].1 == 2).await;
+        assert_eq!(s.requests(), 2);
+        let t = s.manager.inner.accounts[USER]
+            .state()
+            .current
+            .clone()
+            .unwrap();
+        assert_eq!(
+            t.expires_at - started,
+            HOUR + HOUR - Duration::from_secs(300)
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_from_a_quarter_second_to_a_minute_while_the_old_token_is_used() {
+        let s = Setup::new(HOUR, "client_credentials").await;
+        let old = s.token().await;
+        tokio::time::advance(old.refresh_at - tokio::time::Instant::now()).await;
+        let failures = 11;
+        s.tokens.fail_next(
+            failures,
+            503,
+            r#"{"error":"temporarily_unavailable","error_description":"AADSTS50196: try again"}"#,
+        );
+        let expected: Vec<Duration> = [250, 500, 1000, 2000, 4000, 8000, 16000, 32000]
+            .into_iter()
+            .chain([60_000; 3])
+            .map(Duration::from_millis)
+            .collect();
+        assert_eq!(expected.len(), failures);
+        for (i, backoff) in expected.iter().enumerate() {
+            // Due: one request, which fails; the old token is still valid and is used.
+            let t = s.token().await;
+            assert_eq!(s.requests(), 2 + i, "failure {i}");
+            assert_eq!(t.generation, old.generation);
+            assert_eq!(t.secret.expose(), old.secret.expose());
+            assert!(matches!(
+                s.manager.status(USER),
+                Some(AccountStatus::Failing(r)) if r.contains("temporarily_unavailable")
+            ));
+            // No request until the backoff is over.
+            s.token().await;
+            tokio::time::advance(*backoff - MS).await;
+            assert_eq!(s.token().await.generation, old.generation);
+            assert_eq!(s.requests(), 2 + i, "no request within {backoff:?}");
+            tokio::time::advance(MS).await;
+        }
+        // The provider is back: the next request gets a new token.
+        let new = s.token().await;
+        assert_eq!(s.requests(), 2 + failures);
+        assert_eq!(new.generation, old.generation + 1);
+        assert_eq!(s.manager.status(USER), Some(AccountStatus::Ready));
+        assert_eq!(
+            s.manager.counts(),
+            vec![(USER.to_string(), 2, failures as u64)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_valid_token_a_failing_provider_is_an_error() {
+        let s = Setup::new(HOUR, "client_credentials").await;
+        s.tokens.fail_next(
+            1,
+            500,
+            r#"{"error":"server_error","error_description":"boom"}"#,
+        );
+        match s.manager.token(USER).await {
+            Err(TokenError::Provider { account, reason }) => {
+                assert_eq!(account, USER);
+                assert!(reason.starts_with("server_error: boom"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Backing off: not asked again at once, and the caller is told when.
+        match s.manager.token(USER).await {
+            Err(TokenError::Provider { reason, .. }) => {
+                assert_eq!(reason, "provider failing; next attempt in 250 ms")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.requests(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fifty_callers_with_an_expired_token_cause_exactly_one_token_request() {
+        let s = Setup::new(HOUR, "client_credentials").await;
+        let first = s.token().await;
+        assert_eq!(s.requests(), 1);
+        tokio::time::advance(HOUR + MS).await;
+        assert!(!first.is_valid(tokio::time::Instant::now()));
+
+        let callers: Vec<_> = (0..50)
+            .map(|_| {
+                let m = s.manager.clone();
+                tokio::spawn(async move { m.token(USER).await.map(|t| t.generation) })
+            })
+            .collect();
+        for c in callers {
+            assert_eq!(c.await.unwrap().unwrap(), first.generation + 1);
+        }
+        assert_eq!(s.requests(), 2, "one request for fifty callers");
+
+        // Fifty sessions whose upstream rejected the same token: one refresh.
+        let rejected = first.generation + 1;
+        let callers: Vec<_> = (0..50)
+            .map(|_| {
+                let m = s.manager.clone();
+                tokio::spawn(async move {
+                    m.refresh_rejected(USER, rejected)
+                        .await
+                        .map(|t| t.generation)
+                })
+            })
+            .collect();
+        for c in callers {
+            assert_eq!(c.await.unwrap().unwrap(), rejected + 1);
+        }
+        assert_eq!(s.requests(), 3, "one request for fifty rejections");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalid_grant_means_needs_login_and_the_provider_is_not_asked_again() {
+        let s = Setup::new(HOUR, "authorization_code").await;
+        let first = s.token().await;
+        assert_eq!(s.tokens.requests_by_grant("refresh_token"), 1);
+        s.tokens.revoke_refresh_tokens();
+        tokio::time::advance(HOUR + MS).await;
+
+        match s.manager.token(USER).await {
+            Err(TokenError::NeedsLogin { account, reason }) => {
+                assert_eq!(account, USER);
+                assert!(reason.starts_with("invalid_grant"), "{reason}");
+                assert!(
+                    reason.ends_with("run: smtp-oauth-bridge login u"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.requests(), 2);
+        assert!(matches!(
+            s.manager.status(USER),
+            Some(AccountStatus::NeedsLogin(_))
+        ));
+        assert!(!s.manager.is_usable(USER));
+
+        // Callers, rejections, forced refreshes and the refresher over ten minutes: no request.
+        let stop = CancellationToken::new();
+        s.manager.spawn_refresher(stop.clone());
+        for _ in 0..60 {
+            tokio::time::advance(Duration::from_secs(10)).await;
+            assert!(matches!(
+                s.manager.token(USER).await,
+                Err(TokenError::NeedsLogin { .. })
+            ));
+        }
+        assert!(s
+            .manager
+            .refresh_rejected(USER, first.generation)
+            .await
+            .is_err());
+        assert!(s.manager.force_refresh(USER).await.is_err());
+        assert_eq!(s.requests(), 2, "the provider was asked again");
+
+        // `login` stores a new refresh token: the next caller gets a token, without a restart.
+        store_refresh_token(&s.config, s.tokens.issue_refresh_token());
+        let t = s.token().await;
+        assert_eq!(s.requests(), 3);
+        assert!(t.generation > first.generation);
+        assert_eq!(s.manager.status(USER), Some(AccountStatus::Ready));
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stored_token_is_used_until_its_refresh_point_by_the_wall_clock() {
+        let s = Setup::new(HOUR, "client_credentials").await;
+        let t = s.token().await;
+        assert_eq!(s.requests(), 1);
+        // A restart 50 minutes later finds the token in the store with 10 minutes left.
+        tokio::time::advance(Duration::from_secs(50 * 60)).await;
+        let again = TokenManager::with_clock(&s.config, s.clock).unwrap();
+        assert!(again.is_usable(USER));
+        assert_eq!(again.expires_in(USER), Some(Duration::from_secs(600)));
+        let stored = again.token(USER).await.unwrap();
+        assert_eq!(stored.secret.expose(), t.secret.expose());
+        assert_eq!(s.requests(), 1);
+        // Its lifetime is unknown: refreshed when half of what is left (5 minutes) is left.
+        tokio::time::advance(Duration::from_secs(300) - MS).await;
+        again.token(USER).await.unwrap();
+        assert_eq!(s.requests(), 1);
+        tokio::time::advance(MS).await;
+        let new = again.token(USER).await.unwrap();
+        assert_eq!(s.requests(), 2);
+        assert_ne!(new.secret.expose(), t.secret.expose());
     }
 }

@@ -6,6 +6,7 @@
 //! backoff and jitter; permanent refusals and `max_age` move the message to `dead/`. Every
 //! outcome is a relay log line. Storage is `spool`'s job; upstream sessions are the pool's.
 
+use crate::clock::unix_now;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::relay::envelope::{Address, MailParams, ReversePath};
@@ -14,10 +15,11 @@ use crate::relay::pool::BeginError;
 use crate::relay::spool::{Envelope, Progress, Spool};
 use crate::relay::transport::Transport;
 use crate::relay::upstream::UpstreamError;
+use crate::sync::lock;
 use crate::telemetry::{Outcome, RelayEvent};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -25,17 +27,6 @@ use tokio_util::task::TaskTracker;
 
 /// The window over which `messages_per_minute` is counted.
 const PACING_WINDOW: Duration = Duration::from_secs(60);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// Sends per mailbox in the last minute (sliding window).
 #[derive(Debug, Default)]

@@ -54,7 +54,7 @@ struct Mailbox {
 
 impl Mailbox {
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.idle)
     }
 }
 

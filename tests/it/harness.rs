@@ -340,13 +340,20 @@ pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A tool's absolute path, or None (and a printed reason) when it is not installed.
+/// A tool's absolute path, or None (and a printed reason) when it is not installed. Under CI
+/// (`CI` set), where .ci/run installs every tool the tests use, a missing tool is a failure,
+/// not a skip.
 pub fn tool(name: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    let found = std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file());
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
     if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is not installed, and .ci/run should have installed it"
+        );
         println!("SKIPPED: {name} is not installed (CI installs it; see .ci/run)");
     }
     found

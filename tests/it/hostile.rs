@@ -99,14 +99,14 @@ async fn smuggling_attempts_never_become_a_second_message() {
         );
         c.expect("QUIT", 221).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(env.upstream.received().len(), 4);
+    // One more message through the same pool: a smuggled one would have arrived before it.
+    still_relays(&env).await;
+    assert_eq!(env.upstream.received().len(), 5);
     assert!(env
         .upstream
         .received()
         .iter()
         .all(|m| !m.rcpts.contains(&"victim@fabrikam.com".to_string())));
-    still_relays(&env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,11 +266,13 @@ async fn a_byte_a_second_client_is_cut_off_and_long_sessions_end() {
 async fn repeated_wrong_passwords_slow_down_then_421_others_unaffected() {
     let env = start(Opts::default()).await;
     let addr = env.addr;
+    let (first_refusal, refused) = tokio::sync::oneshot::channel();
     let attacker = tokio::spawn(async move {
         let mut c = TcpSmtp::connect(addr).await;
         c.expect("EHLO attacker", 250).await;
         let started = Instant::now();
         let mut codes = Vec::new();
+        let mut first_refusal = Some(first_refusal);
         for i in 0..6 {
             match c
                 .try_send(
@@ -285,11 +287,15 @@ async fn repeated_wrong_passwords_slow_down_then_421_others_unaffected() {
                 true => codes.push(c.try_reply().await),
                 false => codes.push(None),
             }
+            if let Some(tx) = first_refusal.take() {
+                let _ = tx.send(());
+            }
         }
         (codes, started.elapsed())
     });
-    // Meanwhile a legitimate client (same address) authenticates and sends.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the attacker is being slowed down, a legitimate client (same address)
+    // authenticates and sends.
+    refused.await.expect("the attacker's first reply");
     still_relays(&env).await;
     let (codes, took) = attacker.await.unwrap();
     assert_eq!(
@@ -307,18 +313,35 @@ async fn repeated_wrong_passwords_slow_down_then_421_others_unaffected() {
 async fn tls_client_hello_on_the_plaintext_port() {
     let env = start(Opts::default()).await;
     let mut c = TcpSmtp::connect(env.addr).await;
-    // The first bytes of a TLS 1.2/1.3 ClientHello record, with a LF inside as real ones can have.
+    // The first bytes of a TLS 1.2/1.3 ClientHello record, with a LF inside as real ones can
+    // have (byte 21), NUL bytes before it, and a bare CR and bytes over 127 after it.
     let mut hello = vec![
         0x16, 0x03, 0x01, 0x00, 0xf1, 0x01, 0x00, 0x00, 0xed, 0x03, 0x03,
     ];
     hello.extend((0u8..=255).cycle().take(237));
     c.send(&hello).await;
-    // Whatever the bridge makes of it, it answers with well-formed replies or waits; it
-    // never crashes and keeps serving.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    drop(c);
-    still_relays(&env).await;
-    // A real TLS client against the plaintext port fails cleanly.
+    // Up to the LF it is a command line with NUL bytes: refused as exactly that, with a
+    // well-formed reply (no echo of the bytes, no other reply, the connection stays).
+    let bad_line = (500, "5.5.2 NUL or bare CR in command line".to_string());
+    assert_eq!(c.reply().await, bad_line);
+    // The rest of the record ends at our CRLF: refused the same way. The session is still in
+    // step: the next command gets its own reply, and the same session relays a message.
+    c.send(b"\r\n").await;
+    assert_eq!(c.reply().await, bad_line);
+    c.expect("NOOP", 250).await;
+    c.login().await;
+    let (code, t) = c.send_message(MAILBOX, &["a@fabrikam.com"], MSG).await;
+    assert_eq!(code, 250, "{t}");
+    c.expect("QUIT", 221).await;
+    assert_eq!(
+        env.upstream
+            .wait_received(1, Duration::from_secs(5))
+            .await
+            .len(),
+        1
+    );
+    // A real TLS client reads the plaintext greeting where it expects a TLS record and gives
+    // up; the listener keeps serving.
     let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
     let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -329,7 +352,11 @@ async fn tls_client_hello_on_the_plaintext_port() {
     .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await;
-    assert!(matches!(r, Ok(Err(_))), "handshake must fail");
+    let err = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+        .await
+        .expect("the handshake ends within 5 s")
+        .expect_err("a TLS handshake with an SMTP greeting");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    assert!(err.to_string().contains("InvalidContentType"), "{err}");
     still_relays(&env).await;
 }

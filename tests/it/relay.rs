@@ -249,7 +249,15 @@ async fn idle_session_closed_by_upstream_is_replaced_transparently() {
         250
     );
     env.upstream.close_idle_sessions();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The upstream has closed the pooled session before the next message.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while env.upstream.open_sessions() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle session still open"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(
         c.send_message(MAILBOX, &["a@fabrikam.com"], MSG).await.0,
         250

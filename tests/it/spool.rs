@@ -31,6 +31,17 @@ fn files(dir: &std::path::Path, ext: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Stops the in-process bridge and waits until it is done (sessions drained, spool workers
+/// stopped): after this nothing more reaches the upstream.
+async fn stop(env: &mut Env) {
+    let bridge = env.bridge.take().expect("an in-process bridge");
+    bridge.shutdown();
+    tokio::time::timeout(Duration::from_secs(40), bridge.wait())
+        .await
+        .expect("the bridge stops within its grace period");
+}
+
+/// Polls `f` (an observable condition) until it holds, for up to `timeout`.
 async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -89,8 +100,14 @@ async fn spool_survives_kill_9_and_delivers_every_message_exactly_once() {
     env.upstream
         .wait_received(200, Duration::from_secs(60))
         .await;
-    // Give a duplicate the chance to show up before counting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for("empty spool", Duration::from_secs(5), || {
+        files(&spool, "msg") == 0
+    })
+    .await;
+    assert_eq!(files(&env.dir.path().join("state/dead"), "msg"), 0);
+    // Count once the process is gone: no duplicate can arrive later.
+    let (status, log) = second.stop();
+    assert!(status.success());
     let ids = env.upstream.message_ids();
     assert_eq!(ids.len(), 200, "delivered exactly 200 times");
     let unique: BTreeSet<&String> = ids.iter().collect();
@@ -103,13 +120,6 @@ async fn spool_survives_kill_9_and_delivers_every_message_exactly_once() {
         unique.into_iter().cloned().collect::<BTreeSet<_>>(),
         expected
     );
-    wait_for("empty spool", Duration::from_secs(5), || {
-        files(&spool, "msg") == 0
-    })
-    .await;
-    assert_eq!(files(&env.dir.path().join("state/dead"), "msg"), 0);
-    let (status, log) = second.stop();
-    assert!(status.success());
     // The relay log shows spooled -> delivered for the same id (the second process logs
     // deliveries of messages the first one spooled).
     let delivered = log
@@ -171,7 +181,7 @@ async fn upstream_closing_mid_data_sync_451_then_retry_and_spool_delivers_once()
     );
 
     // Spool: accepted once, delivered once.
-    let env = start(spool_opts()).await;
+    let mut env = start(spool_opts()).await;
     env.upstream.close_mid_data(1);
     let mut c = TcpSmtp::connect(env.addr).await;
     c.login().await;
@@ -182,7 +192,12 @@ async fn upstream_closing_mid_data_sync_451_then_retry_and_spool_delivers_once()
         250
     );
     env.upstream.wait_received(1, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spool = env.dir.path().join("state/spool");
+    wait_for("empty spool", Duration::from_secs(5), || {
+        files(&spool, "msg") == 0
+    })
+    .await;
+    stop(&mut env).await;
     assert_eq!(env.upstream.message_ids(), vec!["<spool@test>".to_string()]);
     assert_eq!(env.upstream.data_faults(), 1);
 }
@@ -215,7 +230,11 @@ async fn throttling_sync_returns_the_upstream_4xx_and_spool_delivers_after_it_li
             250
         );
     }
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Five throttled first attempts, and retries that are throttled again.
+    wait_for("throttled retries", Duration::from_secs(30), || {
+        env.upstream.data_faults() >= 6
+    })
+    .await;
     assert!(env.upstream.received().is_empty());
     env.upstream.set_throttle(None);
     assert_eq!(
@@ -333,7 +352,7 @@ async fn a_partial_delivery_is_not_sent_twice_to_the_same_recipient() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwritable_spool_gets_452_and_nothing_is_accepted() {
-    let env = start(spool_opts()).await;
+    let mut env = start(spool_opts()).await;
     let tmp = env.dir.path().join("state/spool/tmp");
     std::fs::remove_dir(&tmp).unwrap();
     std::fs::write(&tmp, b"not a directory").unwrap(); // like a full or broken disk
@@ -345,8 +364,9 @@ async fn unwritable_spool_gets_452_and_nothing_is_accepted() {
     assert_eq!(code, 452, "{t}");
     assert!(t.starts_with("4.3.1"), "{t}");
     assert_eq!(files(&env.dir.path().join("state/spool"), "msg"), 0);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop(&mut env).await;
     assert!(env.upstream.received().is_empty());
+    assert_eq!(env.upstream.connections(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,13 +426,20 @@ async fn sigterm_during_transfers(spool: bool) {
     env.upstream.set_delay(Duration::from_millis(100));
     let bridge = BridgeProcess::start(&env.config_path, "info");
     let addr = bridge.addr;
+    let handed_over = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..50 {
+        let handed_over = handed_over.clone();
         tasks.push(tokio::spawn(async move {
-            (i, one_transfer(addr, i).await.unwrap_or(0))
+            (i, one_transfer(addr, i, &handed_over).await)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM while transfers are in flight: once ten messages are written in full (their
+    // final replies may still be due).
+    wait_for("ten messages handed over", Duration::from_secs(30), || {
+        handed_over.load(std::sync::atomic::Ordering::SeqCst) >= 10
+    })
+    .await;
     let stopped = Instant::now();
     let (status, log) = bridge.stop();
     let took = stopped.elapsed();
@@ -421,12 +448,28 @@ async fn sigterm_during_transfers(spool: bool) {
     // write their 421 (at most 5 s); typically just over 3 s.
     assert!(took < Duration::from_secs(3 + 5), "exit took {took:?}");
     let mut accepted = Vec::new();
+    let mut before_sigterm = Vec::new();
     for t in tasks {
-        let (i, code) = t.await.unwrap();
-        if code == 250 {
-            accepted.push(format!("<sig{i}@test>"));
+        let (i, (code, sent_at)) = t.await.unwrap();
+        let id = format!("<sig{i}@test>");
+        if code == Some(250) {
+            accepted.push(id.clone());
+        }
+        if sent_at.is_some_and(|at| at < stopped) {
+            before_sigterm.push((id, code));
         }
     }
+    // A transaction in flight at SIGTERM is finished within the grace period: every message
+    // written in full before the signal was accepted (so at least ten were).
+    assert!(before_sigterm.len() >= 10, "{before_sigterm:?}");
+    for (id, code) in &before_sigterm {
+        assert_eq!(
+            *code,
+            Some(250),
+            "{id} was written in full before SIGTERM: {log}"
+        );
+    }
+    assert!(accepted.len() >= before_sigterm.len());
     let upstream: BTreeSet<String> = env.upstream.message_ids().into_iter().collect();
     let mut spooled = BTreeSet::new();
     if spool {
@@ -466,7 +509,7 @@ async fn sigterm_during_50_transfers_spool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_mode_paces_messages_per_minute() {
-    let env = start(Opts {
+    let mut env = start(Opts {
         extra: SPOOL.into(),
         upstream: "messages_per_minute = 3".into(),
         ..Opts::default()
@@ -483,16 +526,34 @@ async fn spool_mode_paces_messages_per_minute() {
         );
     }
     env.upstream.wait_received(3, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Stopped well within the minute: what was not sent by then waits in the spool.
+    let queue = env.bridge.as_ref().unwrap().queue.clone().unwrap();
+    stop(&mut env).await;
     assert_eq!(env.upstream.received().len(), 3, "held at 3 per minute");
-    let (depth, oldest) = env.bridge.as_ref().unwrap().queue.as_ref().unwrap().depth();
+    let (depth, oldest) = queue.depth();
     assert_eq!(depth, 2);
     assert!(oldest.is_some());
+    assert_eq!(files(&env.dir.path().join("state/spool"), "msg"), 2);
 }
 
-/// One message on a new connection; the final reply code, or None when the bridge went
-/// away before answering.
-async fn one_transfer(addr: std::net::SocketAddr, i: usize) -> Option<u16> {
+/// One message on a new connection: the final reply code (None when the bridge went away
+/// before answering) and when the message was written in full (counted in `handed_over`).
+async fn one_transfer(
+    addr: std::net::SocketAddr,
+    i: usize,
+    handed_over: &std::sync::atomic::AtomicUsize,
+) -> (Option<u16>, Option<Instant>) {
+    let mut sent_at = None;
+    let code = transfer(addr, i, handed_over, &mut sent_at).await;
+    (code, sent_at)
+}
+
+async fn transfer(
+    addr: std::net::SocketAddr,
+    i: usize,
+    handed_over: &std::sync::atomic::AtomicUsize,
+    sent_at: &mut Option<Instant>,
+) -> Option<u16> {
     let s = tokio::net::TcpStream::connect(addr).await.ok()?;
     let mut c = Smtp::over(s);
     let script: [(String, u16); 5] = [
@@ -529,6 +590,8 @@ async fn one_transfer(addr: std::net::SocketAddr, i: usize) -> Option<u16> {
     if !c.try_send(&data).await {
         return None;
     }
+    *sent_at = Some(Instant::now());
+    handed_over.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     c.try_reply().await
 }
 
