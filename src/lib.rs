@@ -9,7 +9,6 @@
 //! - [`relay`]: upstream sessions, the per-mailbox pool, and the reply mapping
 //! - [`oauth`]: provider presets, token requests, token store and manager
 //! - [`telemetry`]: log setup and the relay log line
-//! - [`testkit`]: fake Microsoft 365 SMTP server and token endpoint (demo, tests, benches)
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -20,4 +19,3 @@ pub mod oauth;
 pub mod relay;
 pub mod smtp;
 pub mod telemetry;
-pub mod testkit;
