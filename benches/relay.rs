@@ -15,14 +15,12 @@ use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParam
 use lettre::transport::smtp::extension::ClientId;
 use smtp_oauth_bridge::secret::Secret;
 use smtp_oauth_bridge::smtp::auth::hash_password;
-use smtp_oauth_bridge::testkit::{
-    FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions,
-};
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use testkit::{FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions};
 
 const MAILBOX: &str = "bench@contoso.com";
 const PASSWORD: &str = "bench-password";

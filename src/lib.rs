@@ -12,7 +12,6 @@
 //! - [`secret`]: secret values with redacted Debug/Display, zeroed on drop
 //! - [`telemetry`]: log setup and the relay log line
 //! - [`clock`]: the one clock (tokio's monotonic time and the wall clock), `unix_now`
-//! - [`testkit`]: fake Microsoft 365 SMTP server and token endpoint (demo, tests, benches)
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -27,4 +26,3 @@ pub mod secret;
 pub mod smtp;
 pub(crate) mod sync;
 pub mod telemetry;
-pub mod testkit;

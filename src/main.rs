@@ -58,6 +58,7 @@ enum Command {
     /// Read a password and print an argon2id hash for `password_hash`
     HashPassword,
     /// Run the whole pipeline on loopback with an embedded upstream and token endpoint
+    #[cfg(feature = "demo")]
     Demo,
 }
 
@@ -100,6 +101,8 @@ fn main() {
 }
 
 async fn run(command: Command, config: &cli::ConfigArg, format: LogFormat) -> Result<(), CliError> {
+    #[cfg(not(feature = "demo"))]
+    let _ = format; // only `demo` prints in the chosen format itself
     match command {
         Command::Serve { print_config } => cli::serve::run(config, print_config).await,
         Command::Check { account } => cli::check::run(config, account.as_deref()).await,
@@ -108,6 +111,7 @@ async fn run(command: Command, config: &cli::ConfigArg, format: LogFormat) -> Re
             device,
             no_browser,
         } => cli::login::run(config, &account, device, no_browser).await,
+        #[cfg(feature = "demo")]
         Command::Demo => cli::demo::run(format).await,
         Command::HashPassword => cli::hash_password::run(),
     }

@@ -14,10 +14,8 @@ use smtp_oauth_bridge::config::Config;
 use smtp_oauth_bridge::secret::Secret;
 use smtp_oauth_bridge::smtp::auth::hash_password;
 use smtp_oauth_bridge::telemetry::LogFormat;
-use smtp_oauth_bridge::testkit::{
-    FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions,
-};
 use std::time::Duration;
+use testkit::{FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions};
 use tokio::net::TcpListener;
 
 const DEMO_USER: &str = "scanner";

@@ -2,6 +2,7 @@
 //! (0 success, 1 runtime failure, 2 bad usage or invalid configuration).
 
 pub mod check;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod hash_password;
 pub mod login;

@@ -553,7 +553,7 @@ impl TokenManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::{FakeTokenEndpoint, TokenOptions};
+    use testkit::{FakeTokenEndpoint, TokenOptions};
 
     const USER: &str = "u";
     const HOUR: Duration = Duration::from_secs(3600);

@@ -4,12 +4,10 @@
 
 use smtp_oauth_bridge::bridge::Bridge;
 use smtp_oauth_bridge::config::Config;
-use smtp_oauth_bridge::testkit::{
-    FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions,
-};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+use testkit::{FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions};
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
 };
@@ -381,9 +379,20 @@ impl BridgeProcess {
 
     /// Runs the binary with `args` and extra environment `envs` (in `cwd` if given).
     pub fn spawn(args: &[&str], envs: &[(String, String)], cwd: Option<&Path>) -> BridgeProcess {
+        let bin = Path::new(env!("CARGO_BIN_EXE_smtp-oauth-bridge"));
+        Self::spawn_bin(bin, args, envs, cwd)
+    }
+
+    /// Like [`BridgeProcess::spawn`], for another build of the binary at `bin`.
+    pub fn spawn_bin(
+        bin: &Path,
+        args: &[&str],
+        envs: &[(String, String)],
+        cwd: Option<&Path>,
+    ) -> BridgeProcess {
         use std::io::{BufRead, Read};
         use std::process::{Command, Stdio};
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_smtp-oauth-bridge"));
+        let mut cmd = Command::new(bin);
         cmd.args(args)
             .env(PW_ENV, PASSWORD)
             .env(SECRET_ENV, CLIENT_SECRET);

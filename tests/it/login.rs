@@ -7,10 +7,10 @@ use smtp_oauth_bridge::bridge::Bridge;
 use smtp_oauth_bridge::oauth::manager::{AccountStatus, TokenManager};
 use smtp_oauth_bridge::oauth::store::{StoredTokens, TokenStore};
 use smtp_oauth_bridge::secret::Secret;
-use smtp_oauth_bridge::testkit::Reply;
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use testkit::Reply;
 
 const MSG: &[u8] = b"Subject: login test\r\n\r\nhello\r\n";
 
@@ -503,7 +503,7 @@ async fn encrypted_store_with_wrong_key_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_code_expired_or_declined_fails_clearly_and_stores_nothing() {
-    use smtp_oauth_bridge::testkit::token::DeviceOutcome;
+    use testkit::token::DeviceOutcome;
     let env = remote_ends(&Opts {
         flow: "device_code",
         ..Opts::default()

@@ -5,6 +5,7 @@
 mod cli;
 mod clients;
 mod deploy;
+mod features;
 mod harness;
 mod hostile;
 mod limits;

@@ -3,8 +3,8 @@
 
 use crate::harness::*;
 use smtp_oauth_bridge::bridge::Bridge;
-use smtp_oauth_bridge::testkit::Reply;
 use std::time::{Duration, Instant};
+use testkit::Reply;
 
 const MSG: &[u8] = b"Subject: metrics\r\n\r\nhello\r\n";
 

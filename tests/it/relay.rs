@@ -2,8 +2,8 @@
 //! protocol order, per-recipient replies, failures and recovery.
 
 use crate::harness::*;
-use smtp_oauth_bridge::testkit::Reply;
 use std::time::Duration;
+use testkit::Reply;
 
 const MSG: &[u8] = b"From: Scanner <scanner@contoso.com>\r\nTo: a@fabrikam.com\r\nSubject: t\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nlast\r\n";
 

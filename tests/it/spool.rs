@@ -2,10 +2,10 @@
 //! shutdown, in both relay modes.
 
 use crate::harness::*;
-use smtp_oauth_bridge::testkit::upstream::Stall;
-use smtp_oauth_bridge::testkit::Reply;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
+use testkit::upstream::Stall;
+use testkit::Reply;
 
 const SPOOL: &str = "[queue]\nmode = \"spool\"\nretry_min_secs = 1\nretry_max_secs = 2\n";
 

@@ -413,7 +413,6 @@ mod tests {
             query: String::new(),
             headers,
             body: body.as_bytes().to_vec(),
-            http11: true,
         }
     }
 

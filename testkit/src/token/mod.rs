@@ -1,10 +1,10 @@
 //! Fake OAuth 2.0 endpoints (Microsoft identity platform v2.0 shaped), served over real
-//! HTTP/1.1 on a listener the caller bound: token, authorize (authorization code + PKCE)
+//! HTTP/1.1 (axum on hyper) on a listener the caller bound: token, authorize (authorization code + PKCE)
 //! and device authorization.
 //!
 //! Owns the public handle [`FakeTokenEndpoint`]: start, URLs, counters, the issued tokens and
 //! the knobs tests turn (lifetime, canned failures, revocation, the fake user's answers).
-//! Grant logic is in `grant.rs`, `authorize.rs` and `device.rs`, HTTP framing in `http.rs`.
+//! Grant logic is in `grant.rs`, `authorize.rs` and `device.rs`; `http.rs` adapts them to axum.
 //! Routing is by the end of the request path: `/token`, `/authorize`, `/devicecode`;
 //! everything else is 404. Time is `tokio::time::Instant`, so `tokio::time::pause` applies.
 
@@ -32,8 +32,6 @@ use http::{Request, Response};
 
 /// Default access token lifetime, as Microsoft issues them (about an hour).
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
-/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// How the fake endpoint is set up.
 #[derive(Clone)]
@@ -108,7 +106,14 @@ impl FakeTokenEndpoint {
             state: Mutex::new(State::new(opts.lifetime)),
             requests: AtomicUsize::new(0),
         });
-        tokio::spawn(accept_loop(listener, inner.clone()));
+        let app = http::router(inner.clone(), Inner::handle);
+        tokio::spawn(async move {
+            // axum's accept loop retries failed accepts itself; it only returns on a
+            // listener that cannot serve at all.
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::warn!(error = %e, "fake token endpoint: server stopped");
+            }
+        });
         FakeTokenEndpoint { inner }
     }
 
@@ -274,26 +279,6 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let inner = inner.clone();
-                tokio::spawn(async move {
-                    let served = http::serve_connection(stream, |req| inner.handle(req)).await;
-                    if let Err(e) = served {
-                        tracing::debug!(error = %e, "fake token endpoint: connection ended");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "fake token endpoint: accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,6 +290,14 @@ mod tests {
         FakeTokenEndpoint::start(listener, opts).await
     }
 
+    /// The value of header `name` in a response head (names are case-insensitive).
+    fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+        head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
     /// Reads one response (head + Content-Length body) from `s`; returns (status, body).
     async fn read_response(s: &mut TcpStream) -> (u16, serde_json::Value) {
         let mut buf = Vec::new();
@@ -312,9 +305,7 @@ mod tests {
         loop {
             if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                let len: usize = header(&head, "content-length")
                     .expect("content-length")
                     .parse()
                     .expect("number");
@@ -469,6 +460,104 @@ mod tests {
         s.read_to_end(&mut all).await.expect("server closes");
         let text = String::from_utf8_lossy(&all);
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-        assert!(text.contains("Connection: close\r\n"), "{text}");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head");
+        assert_eq!(header(head, "connection"), Some("close"), "{text}");
+        assert_eq!(header(head, "cache-control"), Some("no-store, no-cache"));
+        assert_eq!(header(head, "pragma"), Some("no-cache"));
+        assert_eq!(
+            header(head, "content-type"),
+            Some("application/json; charset=utf-8")
+        );
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(v["token_type"], "Bearer", "{v}");
+        assert_eq!(ep.requests(), 1);
+    }
+
+    /// Sends `raw` on a fresh connection and returns what the server sent before closing.
+    /// The server may answer and close before reading everything (a refused oversized
+    /// request): write errors are ignored and reading stops at end of stream or reset.
+    async fn exchange(ep: &FakeTokenEndpoint, raw: &[u8]) -> String {
+        let s = TcpStream::connect(ep.inner.addr).await.expect("connect");
+        let (mut r, mut w) = s.into_split();
+        let raw = raw.to_vec();
+        let writer = tokio::spawn(async move {
+            let _ = w.write_all(&raw).await;
+            w // keep the write half open until reading is done
+        });
+        let mut all = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let read = async {
+            while let Ok(n @ 1..) = r.read(&mut chunk).await {
+                all.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("server answers and closes within 10 s");
+        drop(writer);
+        String::from_utf8_lossy(&all).into_owned()
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_and_http10() {
+        let ep = endpoint(TokenOptions::default()).await;
+        let (a, b) = CC.split_at(20);
+        let chunked = format!(
+            "POST /t/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+            a.len(),
+            b.len()
+        );
+        let text = exchange(&ep, chunked.as_bytes()).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("\"access_token\":\"eyJ0"), "{text}");
+
+        // HTTP/1.0 without keep-alive: answered, then closed.
+        let text = exchange(
+            &ep,
+            form_post("/t/token", CC)
+                .replace("HTTP/1.1", "HTTP/1.0")
+                .as_bytes(),
+        )
+        .await;
+        assert!(text.contains(" 200 OK\r\n"), "{text}");
+        assert_eq!(ep.requests(), 2);
+        assert_eq!(ep.issued().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn malformed_and_oversized_requests_are_refused() {
+        let ep = endpoint(TokenOptions::default()).await;
+        let text = exchange(&ep, b"GARBAGE\r\n\r\n").await;
+        assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+
+        // A body over the limit is refused before the handler sees it.
+        let head = format!(
+            "POST /t/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+            2 * 1024 * 1024
+        );
+        let text = exchange(&ep, head.as_bytes()).await;
+        assert!(text.starts_with("HTTP/1.1 413 "), "{text}");
+        assert!(
+            text.ends_with(r#"{"error":"invalid_request","error_description":"body too large"}"#),
+            "{text}"
+        );
+        // Chunked, so only counting finds it too large.
+        let chunk = "a".repeat(64 * 1024);
+        let mut chunked = String::from("POST /t/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n");
+        for _ in 0..17 {
+            chunked.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+        }
+        chunked.push_str("0\r\n\r\n");
+        let text = exchange(&ep, chunked.as_bytes()).await;
+        assert!(text.starts_with("HTTP/1.1 413 "), "{text}");
+
+        // A head larger than any token request.
+        let huge = format!(
+            "GET /t/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(1024 * 1024)
+        );
+        let text = exchange(&ep, huge.as_bytes()).await;
+        assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+        assert_eq!(ep.requests(), 0, "nothing reached the token handler");
     }
 }

@@ -231,7 +231,7 @@ fn user_code() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::token::grant::{token_request, DEVICE_CODE_GRANT};
+    use crate::token::grant::{token_request, DEVICE_CODE_GRANT};
 
     #[test]
     fn device_codes_expire_after_fifteen_minutes() {

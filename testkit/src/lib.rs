@@ -5,6 +5,10 @@
 //!
 //! Callers bind the listeners (e.g. `127.0.0.1:0`) and pass them in; each fake runs in
 //! spawned tasks until the tokio runtime shuts down.
+//!
+//! Its own crate (`publish = false`), importing nothing of the bridge: the bridge binary
+//! uses it only through its default `demo` feature, so a `--no-default-features` build holds
+//! none of it; `tests/` and `benches/` use it as a dev-dependency.
 
 pub mod ca;
 pub mod token;

@@ -13,7 +13,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::{FakeUpstream, FakeUpstreamOptions, Reply};
-use crate::testkit::{FakeTokenEndpoint, TestCa, TokenOptions};
+use crate::{FakeTokenEndpoint, TestCa, TokenOptions};
 
 pub(super) const STEP: Duration = Duration::from_secs(2);
 

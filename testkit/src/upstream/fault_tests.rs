@@ -10,7 +10,7 @@ use tokio_rustls::client::TlsStream;
 
 use super::tests::{closed, cmd, read_reply, start, tls, xoauth2, STEP};
 use super::{message_id, FakeUpstream, FakeUpstreamOptions, Reply, Stall};
-use crate::testkit::TestCa;
+use crate::TestCa;
 
 /// How long "no reply" is waited for.
 const QUIET: Duration = Duration::from_millis(300);

@@ -265,7 +265,7 @@ fn redirect_to(redirect_uri: &str, params: &[(&str, &str)], state: Option<&str>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::token::grant::token_request;
+    use crate::token::grant::token_request;
 
     #[test]
     fn codes_expire_after_ten_minutes() {
