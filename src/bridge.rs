@@ -50,7 +50,7 @@ impl Bridge {
     ) -> Result<Bridge, String> {
         let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
         let tokens = TokenManager::new(config).map_err(|e| e.to_string())?;
-        let target = UpstreamTarget::new(&config.upstream)?;
+        let target = UpstreamTarget::new(&config.upstream).map_err(|e| e.to_string())?;
         let pool = Pool::new(config, target, tokens.clone());
         let acceptor = match config.listen.tls {
             ListenTls::Off => None,
