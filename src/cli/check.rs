@@ -19,7 +19,8 @@ pub async fn run(config: &ConfigArg, only: Option<&str>) -> Result<(), CliError>
         }
     }
     let tokens = TokenManager::new(&config).map_err(|e| CliError::Runtime(e.to_string()))?;
-    let target = UpstreamTarget::new(&config.upstream).map_err(CliError::Usage)?;
+    let target =
+        UpstreamTarget::new(&config.upstream).map_err(|e| CliError::Usage(e.to_string()))?;
     let mut failed = 0;
     let mut checked = 0;
     for a in config

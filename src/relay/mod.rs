@@ -5,6 +5,7 @@ pub mod deliver;
 pub mod envelope;
 pub mod outcome;
 pub mod pool;
+mod smtp;
 pub mod spool;
 pub mod transport;
 pub mod upstream;

@@ -360,3 +360,108 @@ async fn tls_client_hello_on_the_plaintext_port() {
     assert!(err.to_string().contains("InvalidContentType"), "{err}");
     still_relays(&env).await;
 }
+
+/// What a hostile upstream (or anyone on the path) appends to its `220` to STARTTLS, in
+/// plaintext: a reply a careless client would read inside TLS as the answer to a later
+/// command.
+const STARTTLS_INJECTION: &[u8] = b"250 2.0.0 Queued mail for delivery\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_starttls_response_injection_is_refused_in_sync_mode() {
+    let env = start(Opts::default()).await;
+    env.upstream
+        .set_starttls_inject(Some(STARTTLS_INJECTION.to_vec()));
+    // Were the injected reply taken, every later reply would be off by one and this 554
+    // would never be seen.
+    env.upstream
+        .set_data_reply(Some(testkit::Reply::new(554, "5.6.0 refused")));
+    let mut c = TcpSmtp::connect(env.addr).await;
+    c.login().await;
+    c.expect(&format!("MAIL FROM:<{MAILBOX}>"), 250).await;
+    let (code, t) = c.cmd("RCPT TO:<a@fabrikam.com>").await;
+    assert_eq!(code, 451, "{t}");
+    assert!(
+        t.starts_with("4.4.1") && t.contains("after its STARTTLS reply"),
+        "{t}"
+    );
+    let (code, t) = c.cmd("DATA").await;
+    assert_eq!(code, 451, "{t}");
+    assert!(env.upstream.data_faults() >= 1, "the injection was made");
+    assert_eq!(env.upstream.auth_attempts(), 0, "no token to that session");
+    assert!(
+        !env.upstream
+            .log()
+            .iter()
+            .any(|l| l.contains("MAIL FROM") || l.contains("AUTH")),
+        "{:?}",
+        env.upstream.log()
+    );
+    assert!(env.upstream.received().is_empty());
+    c.expect("QUIT", 221).await;
+    env.upstream.set_starttls_inject(None);
+    env.upstream.set_data_reply(None);
+    still_relays(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_starttls_response_injection_is_deferred_in_spool_mode() {
+    let env = remote_ends(&Opts {
+        extra: "[queue]\nmode = \"spool\"\nretry_min_secs = 1\nretry_max_secs = 1\n".into(),
+        upstream: "messages_per_minute = 0".into(),
+        ..Opts::default()
+    })
+    .await;
+    env.upstream
+        .set_starttls_inject(Some(STARTTLS_INJECTION.to_vec()));
+    let bridge = BridgeProcess::start(&env.config_path, "info");
+    let mut c = TcpSmtp::connect(bridge.addr).await;
+    c.login().await;
+    let (code, t) = c.send_message(MAILBOX, &["a@fabrikam.com"], MSG).await;
+    assert_eq!(code, 250, "spooled: {t}");
+    let id = t.split_whitespace().nth(1).unwrap_or_default().to_string();
+    let relay_outcomes = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "relay" && v["id"] == id.as_str())
+            .map(|v| v["outcome"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !relay_outcomes(&bridge.log())
+        .iter()
+        .any(|o| o == "deferred")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no deferred line:\n{}",
+            bridge.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(env.upstream.received().is_empty());
+    assert_eq!(env.upstream.auth_attempts(), 0, "no token to that session");
+    // A clean upstream gets the message, once.
+    env.upstream.set_starttls_inject(None);
+    let got = env.upstream.wait_received(1, Duration::from_secs(15)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, MSG);
+    let (_, log) = bridge.stop();
+    let outcomes = relay_outcomes(&log);
+    assert_eq!(
+        outcomes.first().map(String::as_str),
+        Some("spooled"),
+        "{log}"
+    );
+    assert_eq!(
+        outcomes.last().map(String::as_str),
+        Some("delivered"),
+        "{log}"
+    );
+    assert!(
+        outcomes[1..outcomes.len() - 1]
+            .iter()
+            .all(|o| o == "deferred"),
+        "{log}"
+    );
+    assert_eq!(env.upstream.received().len(), 1);
+}

@@ -272,6 +272,14 @@ impl Conn {
         self.stream.flush().await
     }
 
+    /// Writes one reply followed by `extra` raw bytes, in one write, and flushes.
+    pub(super) async fn write_reply_and(&mut self, reply: &Reply, extra: &[u8]) -> io::Result<()> {
+        let mut out = reply.to_wire().into_bytes();
+        out.extend_from_slice(extra);
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await
+    }
+
     /// Orderly close (TLS close_notify, then FIN).
     pub(super) async fn shutdown(&mut self) -> io::Result<()> {
         self.stream.shutdown().await

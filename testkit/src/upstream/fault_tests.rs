@@ -337,3 +337,33 @@ fn message_id_parsing() {
     assert_eq!(message_id(b"X-Message-ID: <no@b>\r\n\r\n"), "");
     assert_eq!(message_id(b""), "");
 }
+
+#[tokio::test]
+async fn starttls_inject_follows_the_220_in_plaintext() {
+    let ca = TestCa::new();
+    let up = upstream(&ca).await;
+    up.set_starttls_inject(Some(b"250 2.0.0 Queued\r\n".to_vec()));
+    let mut buf = Vec::new();
+    let mut tcp = TcpStream::connect(up.addr()).await.expect("connect");
+    assert_eq!(read_reply(&mut tcp, &mut buf).await.0, 220);
+    assert_eq!(cmd(&mut tcp, &mut buf, "EHLO c").await.0, 250);
+    assert_eq!(
+        cmd(&mut tcp, &mut buf, "STARTTLS").await,
+        (220, "2.0.0 SMTP server ready".to_string())
+    );
+    // The injected bytes come in plaintext, before any TLS record.
+    assert_eq!(
+        read_reply(&mut tcp, &mut buf).await,
+        (250, "2.0.0 Queued".to_string())
+    );
+    assert!(buf.is_empty());
+    assert_eq!(up.data_faults(), 1);
+    // The handshake then proceeds as usual.
+    let mut s = tls(&ca, "localhost", tcp).await;
+    assert_eq!(cmd(&mut s, &mut buf, "EHLO c").await.0, 250);
+
+    up.set_starttls_inject(None);
+    let mut s = login(&up, &ca, "m@x").await;
+    assert_eq!(send_message(&mut s, "<ok@x>").await.0, 250);
+    assert_eq!(up.data_faults(), 1);
+}

@@ -191,6 +191,7 @@ struct Script {
     stall: Option<Stall>,
     throttle: Option<Reply>,
     max_sessions: Option<usize>,
+    starttls_inject: Option<Vec<u8>>,
 }
 
 pub(super) struct Inner {
@@ -473,8 +474,17 @@ impl FakeUpstream {
         lock(&self.inner.script).max_sessions = n;
     }
 
+    /// While set, every `220` to STARTTLS is followed, in the same write and still in
+    /// plaintext, by these bytes (e.g. `b"250 2.0.0 Queued\r\n"`): STARTTLS response
+    /// injection by the server or by anyone on the path. The handshake then proceeds as
+    /// usual; a client that keeps the bytes would read them as replies inside TLS. Each
+    /// counts one fault.
+    pub fn set_starttls_inject(&self, bytes: Option<Vec<u8>>) {
+        lock(&self.inner.script).starttls_inject = bytes;
+    }
+
     /// Faults injected so far, of every kind: mid-DATA drops, stalled sessions, failed TLS
-    /// handshakes, throttled MAIL FROMs and session-limit AUTH refusals.
+    /// handshakes, STARTTLS injections, throttled MAIL FROMs and session-limit AUTH refusals.
     pub fn data_faults(&self) -> usize {
         self.inner.faults.load(Ordering::SeqCst)
     }

@@ -146,6 +146,15 @@ impl Session<'_> {
         conn.write_reply(r).await
     }
 
+    /// [`Session::send`], with `extra` raw bytes right after the reply in the same write.
+    async fn send_with(&self, conn: &mut Conn, r: &Reply, extra: &[u8]) -> io::Result<()> {
+        let delay = self.inner.script().delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        conn.write_reply_and(r, extra).await
+    }
+
     async fn command(
         &mut self,
         conn: &mut Conn,
@@ -172,8 +181,15 @@ impl Session<'_> {
             "STARTTLS" if !self.inner.offer_starttls => reply(454, "4.7.0 TLS not available"),
             "STARTTLS" if !arg.is_empty() => reply(501, "5.5.4 Syntax error in parameters"),
             "STARTTLS" => {
-                self.send(conn, &reply(220, "2.0.0 SMTP server ready"))
-                    .await?;
+                let inject = self.inner.script().starttls_inject.clone();
+                let ready = reply(220, "2.0.0 SMTP server ready");
+                match inject {
+                    Some(bytes) => {
+                        self.inner.fault();
+                        self.send_with(conn, &ready, &bytes).await?;
+                    }
+                    None => self.send(conn, &ready).await?,
+                }
                 return Ok(Next::StartTls);
             }
             "AUTH" => {

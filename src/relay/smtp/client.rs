@@ -1,0 +1,396 @@
+//! The upstream connection under the session: our own TCP socket (TCP_NODELAY), the TLS
+//! upgrade (STARTTLS or implicit), buffered reply reading through the bounded parser, and
+//! writing commands and dot-stuffed content.
+//!
+//! Two rules keep replies matched to commands: a reply is only read when we sent a command
+//! that waits for one, and bytes the server sends that no command asked for (after a
+//! complete reply, or before a command is sent) are a protocol error, never a later
+//! command's reply. STARTTLS is the sharpest case: whatever follows the `220` in plaintext
+//! would otherwise be read as a reply inside TLS (response injection), so
+//! [`Connection::starttls`] refuses to upgrade while any byte is buffered or waiting.
+//!
+//! Knows the wire, not the SMTP dialogue; `session.rs` decides what to send when.
+
+use super::reply::{excerpt, Reply, ReplyError, ReplyParser, MAX_LINE};
+use rustls::pki_types::ServerName;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use zeroize::Zeroize;
+
+/// Size of one write of message content.
+const WRITE_CHUNK: usize = 64 * 1024;
+/// How much is read at most at once while waiting for a reply.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// What went wrong on the wire.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("connection closed by the server")]
+    Closed,
+    #[error(transparent)]
+    Reply(#[from] ReplyError),
+    /// The server sent bytes no command of ours asked for.
+    #[error("server sent data we did not ask for (\"{0}\")")]
+    Unsolicited(String),
+}
+
+/// The transport, before or after TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One connection to the upstream: the stream and the input not yet consumed.
+pub(crate) struct Connection {
+    stream: Stream,
+    /// Received bytes; only the unconsumed part of one reply line (at most [`MAX_LINE`])
+    /// plus one read stays here between reads.
+    buf: Vec<u8>,
+    /// Command line being written (zeroed after each write: AUTH lines carry a token).
+    line: Vec<u8>,
+}
+
+impl Connection {
+    /// Opens the TCP connection (Nagle's algorithm off: commands and the end of the
+    /// content are small writes that must not wait for a delayed ACK).
+    pub(crate) async fn connect(host: &str, port: u16) -> io::Result<Connection> {
+        let tcp = TcpStream::connect((host, port)).await?;
+        tcp.set_nodelay(true)?;
+        Ok(Connection::new(Stream::Plain(tcp)))
+    }
+
+    fn new(stream: Stream) -> Connection {
+        Connection {
+            stream,
+            buf: Vec::with_capacity(READ_CHUNK),
+            line: Vec::new(),
+        }
+    }
+
+    /// Implicit TLS (port 465 style): the handshake before anything else.
+    pub(crate) async fn tls(
+        self,
+        connector: &TlsConnector,
+        name: &ServerName<'static>,
+    ) -> Result<Connection, ClientError> {
+        let Stream::Plain(tcp) = self.stream else {
+            return Err(io::Error::other("TLS is already active").into());
+        };
+        let tls = connector.connect(name.clone(), tcp).await?;
+        Ok(Connection::new(Stream::Tls(Box::new(tls))))
+    }
+
+    /// Upgrades after the server's `220` to STARTTLS. Refused if the server sent anything
+    /// after that reply: those bytes would otherwise be taken as replies inside TLS.
+    pub(crate) async fn starttls(
+        mut self,
+        connector: &TlsConnector,
+        name: &ServerName<'static>,
+    ) -> Result<Connection, ClientError> {
+        self.ensure_quiet()?;
+        self.tls(connector, name).await
+    }
+
+    /// Fails if the server sent anything since its last reply (already buffered, or ready
+    /// on the socket right now): a reply no command asked for. Also reports a connection
+    /// the server closed meanwhile.
+    pub(crate) fn ensure_quiet(&mut self) -> Result<(), ClientError> {
+        if !self.buf.is_empty() {
+            return Err(ClientError::Unsolicited(excerpt(&self.buf)));
+        }
+        let mut scratch = [0u8; 256];
+        let mut rb = ReadBuf::new(&mut scratch);
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(&mut self.stream).poll_read(&mut cx, &mut rb) {
+            Poll::Pending => Ok(()),
+            Poll::Ready(Err(e)) => Err(e.into()),
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => Err(ClientError::Closed),
+            Poll::Ready(Ok(())) => Err(ClientError::Unsolicited(excerpt(rb.filled()))),
+        }
+    }
+
+    /// Sends one command line (CRLF is added) in one write.
+    pub(crate) async fn send_line(&mut self, line: &[u8]) -> Result<(), ClientError> {
+        self.ensure_quiet()?;
+        self.line.clear();
+        self.line.extend_from_slice(line);
+        self.line.extend_from_slice(b"\r\n");
+        let r = write_flush(&mut self.stream, &self.line).await;
+        self.line.zeroize();
+        r.map_err(ClientError::from)
+    }
+
+    /// Reads one reply. Bytes after it (a second reply we did not ask for) are an error.
+    pub(crate) async fn read_reply(&mut self) -> Result<Reply, ClientError> {
+        let mut parser = ReplyParser::default();
+        loop {
+            let (used, reply) = parser.feed(&self.buf)?;
+            self.buf.drain(..used);
+            if let Some(reply) = reply {
+                if !self.buf.is_empty() {
+                    return Err(ClientError::Unsolicited(excerpt(&self.buf)));
+                }
+                return Ok(reply);
+            }
+            // The parser refuses a partial line of MAX_LINE bytes, so this stays bounded.
+            debug_assert!(self.buf.len() < MAX_LINE);
+            self.buf.reserve(READ_CHUNK);
+            let n = (&mut self.stream)
+                .take(READ_CHUNK as u64)
+                .read_buf(&mut self.buf)
+                .await?;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+        }
+    }
+
+    /// Message content after the `354`: dot-stuffed, written in chunks of at most
+    /// [`WRITE_CHUNK`] bytes, ended by CRLF.CRLF (a CRLF is added first if the content does
+    /// not end with one).
+    pub(crate) async fn send_content(&mut self, content: &[u8]) -> Result<(), ClientError> {
+        self.ensure_quiet()?;
+        let mut stuffer = DotStuffer::new(content);
+        let mut out = Vec::with_capacity(WRITE_CHUNK.min(content.len() + 8));
+        while stuffer.fill(&mut out, WRITE_CHUNK) {
+            self.stream.write_all(&out).await?;
+            out.clear();
+        }
+        write_flush(&mut self.stream, &out).await?;
+        Ok(())
+    }
+
+    /// Orderly close (TLS close_notify, then FIN).
+    pub(crate) async fn shutdown(&mut self) {
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+async fn write_flush(stream: &mut Stream, bytes: &[u8]) -> io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// Dot-stuffs message content chunk by chunk (RFC 5321 section 4.5.2): a `.` at the start of
+/// a line (after any LF) gets a second `.`; the end is CRLF.CRLF.
+pub(crate) struct DotStuffer<'a> {
+    rest: &'a [u8],
+    /// The next byte starts a line.
+    line_start: bool,
+    /// Whether the content ended with CRLF (decides the terminator).
+    ends_with_crlf: bool,
+    done: bool,
+}
+
+impl<'a> DotStuffer<'a> {
+    pub(crate) fn new(content: &'a [u8]) -> DotStuffer<'a> {
+        DotStuffer {
+            rest: content,
+            line_start: true,
+            ends_with_crlf: content.ends_with(b"\r\n"),
+            done: false,
+        }
+    }
+
+    /// Appends up to about `max` bytes of stuffed output to `out` (never less than one line
+    /// piece). Returns true while more is to come: then `out` is full and should be written.
+    /// The last call (false) has put the terminator in `out`.
+    pub(crate) fn fill(&mut self, out: &mut Vec<u8>, max: usize) -> bool {
+        while out.len() < max {
+            if self.rest.is_empty() {
+                if !self.done {
+                    if !self.ends_with_crlf {
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    out.extend_from_slice(b".\r\n");
+                    self.done = true;
+                }
+                return false;
+            }
+            if self.line_start && self.rest[0] == b'.' {
+                out.push(b'.');
+            }
+            let room = max.saturating_sub(out.len()).max(1);
+            let line_end = memchr::memchr(b'\n', self.rest).map_or(self.rest.len(), |i| i + 1);
+            let take = line_end.min(room);
+            out.extend_from_slice(&self.rest[..take]);
+            self.line_start = self.rest[take - 1] == b'\n';
+            self.rest = &self.rest[take..];
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stuff(content: &[u8], max: usize) -> (Vec<u8>, usize) {
+        let mut s = DotStuffer::new(content);
+        let mut all = Vec::new();
+        let mut out = Vec::new();
+        let mut writes = 1;
+        while s.fill(&mut out, max) {
+            assert!(
+                out.len() <= max + 1,
+                "a chunk stays near max: {}",
+                out.len()
+            );
+            all.extend_from_slice(&out);
+            out.clear();
+            writes += 1;
+        }
+        all.extend_from_slice(&out);
+        (all, writes)
+    }
+
+    #[test]
+    fn dots_at_line_start_are_doubled_and_the_end_is_crlf_dot_crlf() {
+        for max in [1, 2, 3, 5, 64 * 1024] {
+            let (got, _) = stuff(b".a\r\nb.\r\n..c\r\n.\r\n", max);
+            assert_eq!(got, b"..a\r\nb.\r\n...c\r\n..\r\n.\r\n", "max {max}");
+            // Content without a final CRLF gets one before the terminator.
+            assert_eq!(stuff(b"x\r\n.", max).0, b"x\r\n..\r\n.\r\n", "max {max}");
+            assert_eq!(stuff(b"x\r", max).0, b"x\r\r\n.\r\n", "max {max}");
+            assert_eq!(stuff(b"", max).0, b"\r\n.\r\n", "max {max}");
+            assert_eq!(stuff(b"\r\n", max).0, b"\r\n.\r\n", "max {max}");
+            // A dot after a bare LF is stuffed as well (a lenient server ends lines there).
+            assert_eq!(stuff(b"a\n.\r\n", max).0, b"a\n..\r\n.\r\n", "max {max}");
+        }
+    }
+
+    #[test]
+    fn content_goes_in_bounded_chunks() {
+        let content = b"0123456789\r\n".repeat(10_000);
+        let (got, writes) = stuff(&content, 4096);
+        let mut want = content.clone();
+        want.extend_from_slice(b".\r\n");
+        assert_eq!(got, want);
+        assert_eq!(writes, content.len().div_ceil(4096));
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A connection to a server task that runs `script` on its end.
+    async fn pair<F, Fut>(script: F) -> Connection
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            script(tcp).await;
+        });
+        Connection::connect("127.0.0.1", port)
+            .await
+            .expect("connect")
+    }
+
+    #[tokio::test]
+    async fn a_late_unsolicited_reply_fails_the_next_command() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut c = pair(|mut s| async move {
+            s.write_all(b"220 hi\r\n").await.expect("write");
+            let _ = rx.await;
+            s.write_all(b"421 4.4.2 idle\r\n").await.expect("write");
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        })
+        .await;
+        assert_eq!(c.read_reply().await.expect("greeting").code, 220);
+        tx.send(()).expect("server waits");
+        // Give the 421 time to arrive; it must not become NOOP's reply.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        match c.send_line(b"NOOP").await {
+            Err(ClientError::Unsolicited(s)) => assert_eq!(s, "421 4.4.2 idle\\r\\n"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_is_seen_before_the_next_command() {
+        let mut c = pair(|mut s| async move {
+            s.write_all(b"220 hi\r\n").await.expect("write");
+        })
+        .await;
+        assert_eq!(c.read_reply().await.expect("greeting").code, 220);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(matches!(
+            c.send_line(b"NOOP").await,
+            Err(ClientError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn content_is_stuffed_on_the_wire() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut c = pair(|mut s| async move {
+            let mut got = Vec::new();
+            while !got.ends_with(b"\r\n.\r\n") {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.expect("read");
+                assert!(n > 0);
+                got.extend_from_slice(&chunk[..n]);
+            }
+            s.write_all(b"250 2.0.0 queued\r\n").await.expect("write");
+            let _ = tx.send(got);
+        })
+        .await;
+        c.send_content(b".hidden\r\nbody").await.expect("content");
+        assert_eq!(c.read_reply().await.expect("reply").code, 250);
+        assert_eq!(rx.await.expect("server"), b"..hidden\r\nbody\r\n.\r\n");
+    }
+}
