@@ -400,13 +400,19 @@ pub(crate) mod tests {
     /// the way fires at its instant, in order, and the tasks it wakes run before the next
     /// step.
     pub(crate) async fn skip(d: Duration) {
+        skip_by(d, Duration::from_millis(1)).await;
+    }
+
+    /// [`skip`] in coarser steps, for long waits where no timer's exact instant matters:
+    /// a timer on the way fires at most `step` late.
+    pub(crate) async fn skip_by(d: Duration, step: Duration) {
         let end = Instant::now() + d;
         loop {
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
-            tokio::time::advance(left.min(Duration::from_millis(1))).await;
+            tokio::time::advance(left.min(step)).await;
         }
     }
 
