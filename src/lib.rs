@@ -18,6 +18,7 @@ pub mod admin;
 pub mod bridge;
 pub mod clock;
 pub mod config;
+pub mod fsutil;
 pub mod metrics;
 pub mod oauth;
 pub mod relay;

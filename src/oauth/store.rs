@@ -7,15 +7,13 @@
 //! associated data, so a file cannot be moved to another account); a wrong key is a clear
 //! error. What the tokens mean and when to refresh them is the manager's business.
 
+use crate::fsutil::{self, create_private_dir};
 use crate::secret::{Secret, SecretKey};
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use serde::{Deserialize, Serialize};
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-#[cfg(unix)]
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -254,33 +252,11 @@ impl TokenStore {
             serde_json::to_string_pretty(&file).map_err(|e| io(&path)(std::io::Error::other(e)))?,
         );
         drop(file);
-        {
-            let mut opts = OpenOptions::new();
-            opts.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            opts.mode(0o600);
-            let mut f = opts.open(&tmp).map_err(io(&tmp))?;
-            f.write_all(body.expose().as_bytes()).map_err(io(&tmp))?;
-            f.sync_all().map_err(io(&tmp))?;
-        }
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
-        Ok(())
+        fsutil::write_atomic(&tmp, &path, &[body.expose().as_bytes()]).map_err(|e| StoreError::Io {
+            path: e.path,
+            source: e.source,
+        })
     }
-}
-
-/// Creates `dir` (and parents) with mode 0700 and tightens an existing one to 0700.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut b = fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    b.mode(0o700);
-    b.create(dir)?;
-    #[cfg(unix)]
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -304,6 +280,7 @@ mod tests {
         assert_eq!(back.expires_at, 42);
         #[cfg(unix)]
         {
+            use std::os::unix::fs::PermissionsExt;
             let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode(&store.path("scanner")), 0o600);
             assert_eq!(mode(&tmp.path().join("state/tokens")), 0o700);

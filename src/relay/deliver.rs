@@ -492,3 +492,201 @@ impl Queue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Pacing and backoff in paused time; the retry schedule of a spooled message against
+    //! testkit's fakes (socket I/O in real time, the waits between attempts skipped in paused
+    //! time: see `pool::tests` for why).
+    use super::*;
+    use crate::relay::pool::tests::{remote, skip, skip_by, until, Remote, ACCOUNT, MAILBOX};
+    use crate::relay::pool::Pool;
+    use crate::relay::spool::SPOOL_VERSION;
+    use crate::relay::upstream::UpstreamTarget;
+    use testkit::Reply;
+
+    const RETRY_MIN: Duration = Duration::from_secs(60);
+    const RETRY_MAX: Duration = Duration::from_secs(1800);
+
+    #[tokio::test(start_paused = true)]
+    async fn pacer_holds_to_the_limit_over_a_sliding_minute() {
+        let p = Pacer::default();
+        assert_eq!(p.wait(3), Duration::ZERO);
+        assert_eq!(p.note(), 1);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(p.note(), 2);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(p.wait(3), Duration::ZERO);
+        assert_eq!(p.note(), 3);
+        // Full: the next send waits until the first leaves the window (t = 60 s).
+        assert_eq!(p.wait(3), Duration::from_secs(40));
+        assert_eq!(p.wait(4), Duration::ZERO);
+        assert_eq!(p.wait(0), Duration::ZERO, "0 = no limit");
+        tokio::time::advance(Duration::from_millis(39_999)).await;
+        assert_eq!(p.wait(3), Duration::from_millis(1));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(p.wait(3), Duration::ZERO);
+        // The window slides: sends at 10, 20 and 60 s.
+        assert_eq!(p.note(), 3);
+        assert_eq!(p.wait(3), Duration::from_secs(10));
+        assert_eq!(
+            p.wait(1),
+            Duration::from_secs(10),
+            "the oldest of the window"
+        );
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(p.wait(1), Duration::ZERO);
+        assert_eq!(p.note(), 1);
+    }
+
+    /// A queue (spool mode) for the fakes of `r`, its workers running.
+    fn queue(r: &Remote, shutdown: &CancellationToken) -> Arc<Queue> {
+        let tokens = crate::oauth::manager::TokenManager::new(&r.config).expect("tokens");
+        let target = UpstreamTarget::new(&r.config.upstream).expect("target");
+        let pool = Pool::new(&r.config, target, tokens);
+        let q = r.config.queue.clone().expect("[queue] configured");
+        let pacers = Arc::new(HashMap::from([(ACCOUNT.to_string(), Pacer::default())]));
+        Queue::start(
+            &r.config,
+            &q,
+            Transport::smtp(pool),
+            pacers,
+            Arc::new(Metrics::default()),
+            shutdown.clone(),
+        )
+        .expect("queue starts")
+    }
+
+    fn spool_config() -> String {
+        format!(
+            "[queue]\nmode = \"spool\"\nretry_min_secs = {}\nretry_max_secs = {}\n",
+            RETRY_MIN.as_secs(),
+            RETRY_MAX.as_secs()
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_from_retry_min_to_retry_max_with_at_most_a_quarter_jitter() {
+        let r = remote(Duration::from_secs(3600), "", &spool_config()).await;
+        let shutdown = CancellationToken::new();
+        let q = queue(&r, &shutdown);
+        for attempts in 1..=20u32 {
+            let base = (RETRY_MIN * 2u32.pow((attempts - 1).min(16))).min(RETRY_MAX);
+            let most = (base + base / 4).min(RETRY_MAX);
+            for _ in 0..50 {
+                let d = q.backoff(attempts);
+                assert!(
+                    d >= base && d <= most,
+                    "attempt {attempts}: {d:?} not in {base:?}..={most:?}"
+                );
+            }
+        }
+        assert_eq!(
+            q.backoff(6),
+            RETRY_MAX,
+            "60 s * 2^5 = 32 min is past retry_max"
+        );
+        // The jitter is there: 100 draws are not all the same.
+        let first = q.backoff(1);
+        assert!((0..100).any(|_| q.backoff(1) != first));
+        shutdown.cancel();
+        q.stopped().await;
+    }
+
+    /// The single message's queue entry: (attempts so far, in flight, next attempt).
+    fn entry(q: &Queue) -> Option<(u32, bool, Instant)> {
+        let items = lock(&q.accounts[ACCOUNT].items);
+        let item = items.values().next()?;
+        Some((item.progress.attempts, item.in_flight, item.next_attempt))
+    }
+
+    fn mails(r: &Remote) -> usize {
+        r.upstream
+            .log()
+            .iter()
+            .filter(|l| l.contains(" MAIL FROM:"))
+            .count()
+    }
+
+    /// Waits until attempt `n` is over; returns when the next is due.
+    async fn attempt_over(q: &Queue, n: u32) -> Instant {
+        until(
+            &format!("attempt {n} to end"),
+            || matches!(entry(q), Some((a, false, _)) if a == n),
+        )
+        .await;
+        entry(q).expect("still queued").2
+    }
+
+    /// Skips (paused) to just before `due`: nothing is sent early. Then to `due`, and
+    /// resumes real time as the attempt starts.
+    async fn run_attempt_at(q: &Queue, r: &Remote, due: Instant, sent_before: usize) {
+        tokio::time::pause();
+        let early = due
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(Duration::from_millis(5));
+        skip_by(early, Duration::from_millis(100)).await;
+        assert_eq!(mails(r), sent_before, "no attempt before it is due");
+        assert!(!entry(q).expect("queued").1);
+        skip(due.saturating_duration_since(Instant::now())).await;
+        tokio::time::resume();
+    }
+
+    #[tokio::test]
+    async fn a_deferred_message_is_retried_with_backoff_and_delivered_once() {
+        let extra = format!("{}max_age_secs = 86400\n", spool_config());
+        let r = remote(Duration::from_secs(3600), "messages_per_minute = 0", &extra).await;
+        r.upstream
+            .set_data_reply(Some(Reply::new(451, "4.3.0 Try again later")));
+        let shutdown = CancellationToken::new();
+        let q = queue(&r, &shutdown);
+        let env = Envelope {
+            version: SPOOL_VERSION,
+            id: "M1".into(),
+            account: ACCOUNT.into(),
+            from: MAILBOX.into(),
+            params: String::new(),
+            rcpts: vec!["x@example.org".into()],
+            received_at: unix_now(),
+            bytes: 18,
+        };
+        let first = Instant::now();
+        q.accept(env, b"Subject: t\r\n\r\nhi\r\n").unwrap();
+
+        // Attempt 1 at once: 451, so attempt 2 is due retry_min (+ up to 25 %) later.
+        let due2 = attempt_over(&q, 1).await;
+        let after1 = Instant::now();
+        assert_eq!(mails(&r), 1);
+        assert!(due2 >= first + RETRY_MIN, "{:?}", due2 - first);
+        assert!(due2 <= after1 + RETRY_MIN + RETRY_MIN / 4);
+        run_attempt_at(&q, &r, due2, 1).await;
+
+        // Attempt 2: 451 again, so attempt 3 is due 2 * retry_min (+ up to 25 %) later.
+        let due3 = attempt_over(&q, 2).await;
+        let after2 = Instant::now();
+        assert_eq!(mails(&r), 2);
+        assert!(due3 >= due2 + 2 * RETRY_MIN, "{:?}", due3 - due2);
+        assert!(due3 <= after2 + 2 * RETRY_MIN + RETRY_MIN / 2);
+        assert!(r.upstream.received().is_empty());
+        r.upstream.set_data_reply(None);
+        run_attempt_at(&q, &r, due3, 2).await;
+
+        // Attempt 3: 250. Delivered once, gone from the queue and the spool.
+        let got = r.upstream.wait_received(1, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].rcpts, ["x@example.org"]);
+        assert_eq!(got[0].data, b"Subject: t\r\n\r\nhi\r\n");
+        until("the message to leave the queue", || entry(&q).is_none()).await;
+        assert_eq!(q.depth().0, 0);
+        let spool = r.config.state.dir.join("spool");
+        assert!(!spool.join("M1.msg").exists() && !spool.join("M1.state").exists());
+        // Nothing more is sent, however long we wait.
+        tokio::time::pause();
+        skip_by(RETRY_MAX * 2, Duration::from_secs(1)).await;
+        tokio::time::resume();
+        assert_eq!(mails(&r), 3);
+        assert_eq!(r.upstream.received().len(), 1);
+        shutdown.cancel();
+        q.stopped().await;
+    }
+}

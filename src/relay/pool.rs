@@ -329,3 +329,313 @@ async fn reap(pool: Weak<PoolInner>, every: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! The pool against testkit's fake upstream and token endpoint, with the waiting done
+    //! in paused time.
+    //!
+    //! The fakes run on real loopback sockets in the test's current-thread runtime. Paused
+    //! time auto-advances to the next timer whenever the runtime is idle, and tokio does so
+    //! even while a loopback read is about to become ready (the fakes do not set TCP_NODELAY,
+    //! so a reply can wait a delayed ACK): under `start_paused` a transaction's 5 s timeouts
+    //! fire in the middle of it. So socket I/O runs in real time, and the minutes between
+    //! transactions are skipped with `pause()` + [`skip`] (`advance` in 1 ms steps, so
+    //! every timer on the way fires in order, at its virtual instant) + `resume()`. A test
+    //! whose waiting involves no socket runs paused throughout.
+    use super::*;
+    use testkit::{FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions};
+    use tokio::net::TcpListener;
+
+    pub(crate) const ACCOUNT: &str = "u";
+    pub(crate) const MAILBOX: &str = "u@example.com";
+    const MAIL: &str = "MAIL FROM:<u@example.com>";
+
+    /// The fakes and a configuration (through the real loader) pointing at them.
+    pub(crate) struct Remote {
+        pub(crate) _dir: tempfile::TempDir,
+        pub(crate) tokens: FakeTokenEndpoint,
+        pub(crate) upstream: FakeUpstream,
+        pub(crate) config: Config,
+    }
+
+    /// Fakes on 127.0.0.1:0; tokens live `lifetime`; `upstream` and `extra` are TOML lines
+    /// added to `[upstream]` and to the end of the file. The upstream timeout is 5 s.
+    pub(crate) async fn remote(lifetime: Duration, upstream: &str, extra: &str) -> Remote {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = TestCa::new();
+        ca.write_ca_pem(&dir.path().join("ca.pem"))
+            .expect("CA file");
+        let bind = || TcpListener::bind("127.0.0.1:0");
+        let tokens = FakeTokenEndpoint::start(
+            bind().await.expect("bind"),
+            TokenOptions {
+                lifetime,
+                ..TokenOptions::default()
+            },
+        )
+        .await;
+        let (cert, key) = ca.issue_server_cert();
+        let mut uo = FakeUpstreamOptions::new(cert, key);
+        uo.tokens = Some(tokens.clone());
+        uo.mailbox_ok = Some(vec![MAILBOX.to_string()]);
+        let fake = FakeUpstream::start(bind().await.expect("bind"), uo).await;
+        let toml = format!(
+            "[upstream]\nhost = \"127.0.0.1\"\nport = {port}\nca_file = \"ca.pem\"\ntimeout_secs = 5\n{upstream}\n[state]\ndir = \"state\"\n\n[[account]]\nusername = \"{ACCOUNT}\"\npassword_env = \"PW\"\nmailbox = \"{MAILBOX}\"\n[account.oauth]\nflow = \"client_credentials\"\ntenant = \"t\"\nclient_id = \"test-client\"\nclient_secret_env = \"SECRET\"\ntoken_url = \"{url}\"\n{extra}\n",
+            port = fake.addr().port(),
+            url = tokens.token_url(),
+        );
+        let env = |k: &str| match k {
+            "PW" => Some("local-pw".to_string()),
+            "SECRET" => Some("test-secret".to_string()),
+            _ => None,
+        };
+        let config = Config::from_toml(&toml, "t.toml", dir.path(), &env).expect("test config");
+        Remote {
+            _dir: dir,
+            tokens,
+            upstream: fake,
+            config,
+        }
+    }
+
+    /// Moves paused time on by `d` in 1 ms steps (the timer resolution): every timer due on
+    /// the way fires at its instant, in order, and the tasks it wakes run before the next
+    /// step.
+    pub(crate) async fn skip(d: Duration) {
+        skip_by(d, Duration::from_millis(1)).await;
+    }
+
+    /// [`skip`] in coarser steps, for long waits where no timer's exact instant matters:
+    /// a timer on the way fires at most `step` late.
+    pub(crate) async fn skip_by(d: Duration, step: Duration) {
+        let end = Instant::now() + d;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::advance(left.min(step)).await;
+        }
+    }
+
+    /// Waits in real time (at most 10 s) until `done` holds.
+    pub(crate) async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..2_000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    fn pool(r: &Remote) -> Pool {
+        let tokens = TokenManager::new(&r.config).expect("token manager");
+        let target = UpstreamTarget::new(&r.config.upstream).expect("target");
+        Pool::new(&r.config, target, tokens)
+    }
+
+    /// One whole message on a lease; the session goes back to the pool clean.
+    async fn send_one(pool: &Pool) {
+        let (mut lease, r) = pool.begin(ACCOUNT, MAIL).await.expect("begin");
+        assert_eq!(r.code, 250);
+        let s = lease.session();
+        assert_eq!(
+            s.command("RCPT TO:<x@example.org>").await.unwrap().code,
+            250
+        );
+        assert_eq!(s.command("DATA").await.unwrap().code, 354);
+        assert_eq!(s.body(b"Subject: t\r\n\r\nhi\r\n").await.unwrap().code, 250);
+        lease.release(true);
+    }
+
+    fn count(up: &FakeUpstream, line: &str) -> usize {
+        up.log().iter().filter(|l| l.ends_with(line)).count()
+    }
+
+    fn sessions(up: &FakeUpstream) -> Vec<u64> {
+        up.received().iter().map(|m| m.session).collect()
+    }
+
+    #[tokio::test]
+    async fn a_released_clean_session_is_reused() {
+        let r = remote(Duration::from_secs(3600), "", "").await;
+        let pool = pool(&r);
+        send_one(&pool).await;
+        assert_eq!(pool.idle_sessions(ACCOUNT), 1);
+        assert_eq!(pool.busy_sessions(ACCOUNT), 0);
+        send_one(&pool).await;
+        assert_eq!(sessions(&r.upstream), [1, 1]);
+        assert_eq!(r.upstream.connections(), 1);
+        assert_eq!(r.upstream.auth_attempts(), 1);
+        assert_eq!(r.tokens.requests(), 1);
+        assert_eq!(count(&r.upstream, &format!("S1 {MAIL}")), 2);
+        assert_eq!(count(&r.upstream, "QUIT"), 0);
+        assert_eq!(pool.idle_sessions(ACCOUNT), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_sessions_expire_after_idle_secs_with_quit() {
+        let r = remote(Duration::from_secs(3600), "idle_secs = 10", "").await;
+        let pool = pool(&r);
+        send_one(&pool).await;
+        tokio::time::pause();
+        // Kept until idle_secs...
+        skip(Duration::from_millis(9_900)).await;
+        assert_eq!(pool.idle_sessions(ACCOUNT), 1);
+        // ...and closed by the reaper (every min(5 s, idle_secs)) within one more round.
+        skip(REAP_INTERVAL + Duration::from_millis(200)).await;
+        assert_eq!(pool.idle_sessions(ACCOUNT), 0);
+        tokio::time::resume();
+        until("QUIT on session 1", || count(&r.upstream, "S1 QUIT") == 1).await;
+        // The next transaction needs a new connection.
+        send_one(&pool).await;
+        assert_eq!(r.upstream.connections(), 2);
+        assert_eq!(sessions(&r.upstream), [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_session_past_idle_secs_is_not_taken_even_before_the_reaper_sees_it() {
+        let r = remote(Duration::from_secs(3600), "idle_secs = 10", "").await;
+        let pool = pool(&r);
+        // The reaper ticks every 5 s from the pool's start; releasing 2 s later puts its
+        // rounds at 8 s and 13 s of the session's idle time.
+        tokio::time::pause();
+        skip(Duration::from_secs(2)).await;
+        tokio::time::resume();
+        send_one(&pool).await;
+        tokio::time::pause();
+        skip(Duration::from_millis(10_050)).await;
+        assert_eq!(
+            pool.idle_sessions(ACCOUNT),
+            1,
+            "still listed, past idle_secs"
+        );
+        tokio::time::resume();
+        send_one(&pool).await;
+        assert_eq!(sessions(&r.upstream), [1, 2]);
+        until("QUIT on session 1", || count(&r.upstream, "S1 QUIT") == 1).await;
+    }
+
+    #[tokio::test]
+    async fn at_most_max_sessions_then_busy_after_the_upstream_timeout() {
+        let r = remote(
+            Duration::from_secs(3600),
+            "max_sessions_per_mailbox = 3",
+            "",
+        )
+        .await;
+        let pool = pool(&r);
+        let mut leases = Vec::new();
+        for _ in 0..3 {
+            leases.push(pool.begin(ACCOUNT, MAIL).await.expect("begin").0);
+        }
+        assert_eq!(pool.busy_sessions(ACCOUNT), 3);
+        assert_eq!(r.upstream.open_sessions(), 3);
+
+        // A 4th waits (no socket is touched: fully paused) for the upstream timeout, 5 s,
+        // then gives up without connecting.
+        tokio::time::pause();
+        let started = Instant::now();
+        let e = pool.begin(ACCOUNT, MAIL).await.unwrap_err();
+        assert!(matches!(e, BeginError::Busy), "{e:?}");
+        // (Timers round up to the next millisecond.)
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(5) && waited <= Duration::from_millis(5_001),
+            "{waited:?}"
+        );
+        assert_eq!(r.upstream.connections(), 3);
+
+        // A 4th that is waiting gets the session one of the three hands back.
+        let p = pool.clone();
+        let started = Instant::now();
+        let waiting = tokio::spawn(async move {
+            let r = p.begin(ACCOUNT, MAIL).await;
+            (r.map(|(l, _)| l), started.elapsed())
+        });
+        skip(Duration::from_secs(2)).await;
+        assert!(!waiting.is_finished());
+        tokio::time::resume();
+        let mut first = leases.remove(0);
+        assert_eq!(first.session().command("RSET").await.unwrap().code, 250);
+        first.release(true);
+        let (lease, waited) = waiting.await.unwrap();
+        let lease = lease.expect("the freed session");
+        assert!(
+            waited >= Duration::from_secs(2) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        assert_eq!(r.upstream.connections(), 3);
+        assert_eq!(r.upstream.peak_sessions(), 3);
+        assert_eq!(pool.busy_sessions(ACCOUNT), 3);
+        drop((lease, leases));
+        assert_eq!(pool.busy_sessions(ACCOUNT), 0);
+    }
+
+    #[tokio::test]
+    async fn a_session_whose_token_is_no_longer_fresh_is_not_reused() {
+        // 40 s tokens are due for refresh from 30 s on (a quarter of the lifetime before
+        // expiry); idle_secs is far away.
+        let r = remote(Duration::from_secs(40), "idle_secs = 600", "").await;
+        let tokens = TokenManager::new(&r.config).expect("token manager");
+        let fetched = Instant::now();
+        tokens.token(ACCOUNT).await.expect("token");
+        // The pool (and its reaper, every 5 s from now) starts 2 s into the token's life,
+        // so the reaper looks at 27 s and 32 s: at 30.5 s only `begin` can notice.
+        tokio::time::pause();
+        skip(Duration::from_secs(2)).await;
+        tokio::time::resume();
+        let target = UpstreamTarget::new(&r.config.upstream).expect("target");
+        let pool = Pool::new(&r.config, target, tokens);
+        send_one(&pool).await;
+        let first_token = r.upstream.received()[0].auth_token.clone();
+        tokio::time::pause();
+        skip((fetched + Duration::from_secs(29)).saturating_duration_since(Instant::now())).await;
+        assert_eq!(pool.idle_sessions(ACCOUNT), 1);
+        skip(Duration::from_millis(1_500)).await;
+        // Past refresh_at, before the reaper's next round: still listed, but not taken.
+        assert_eq!(pool.idle_sessions(ACCOUNT), 1);
+        tokio::time::resume();
+        send_one(&pool).await;
+        let got = r.upstream.received();
+        assert_eq!(sessions(&r.upstream), [1, 2]);
+        assert_ne!(
+            got[1].auth_token, first_token,
+            "a new token for the new session"
+        );
+        assert_eq!(r.tokens.requests(), 2);
+        until("QUIT on session 1", || count(&r.upstream, "S1 QUIT") == 1).await;
+    }
+
+    #[tokio::test]
+    async fn the_reaper_closes_a_session_whose_token_went_stale() {
+        let r = remote(Duration::from_secs(40), "idle_secs = 600", "").await;
+        let pool = pool(&r);
+        send_one(&pool).await;
+        tokio::time::pause();
+        skip(Duration::from_secs(29)).await;
+        assert_eq!(pool.idle_sessions(ACCOUNT), 1);
+        skip(Duration::from_secs(1) + REAP_INTERVAL).await;
+        assert_eq!(pool.idle_sessions(ACCOUNT), 0);
+        tokio::time::resume();
+        until("QUIT on session 1", || count(&r.upstream, "S1 QUIT") == 1).await;
+    }
+
+    #[tokio::test]
+    async fn a_session_handed_back_after_its_token_went_stale_is_closed() {
+        let r = remote(Duration::from_secs(40), "idle_secs = 600", "").await;
+        let pool = pool(&r);
+        let (mut lease, _) = pool.begin(ACCOUNT, MAIL).await.expect("begin");
+        tokio::time::pause();
+        skip(Duration::from_secs(31)).await;
+        tokio::time::resume();
+        assert_eq!(lease.session().command("RSET").await.unwrap().code, 250);
+        lease.release(true);
+        assert_eq!(pool.idle_sessions(ACCOUNT), 0);
+        until("QUIT on session 1", || count(&r.upstream, "S1 QUIT") == 1).await;
+        send_one(&pool).await;
+        assert_eq!(r.upstream.connections(), 2);
+    }
+}

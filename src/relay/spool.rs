@@ -4,15 +4,15 @@
 //!
 //! A message is written to `spool/tmp/`, fsync'd, renamed into `spool/` and the directory
 //! fsync'd before the client hears 250, so it survives a crash from then on. Half-written
-//! temporary files are discarded at start. When and how messages are delivered is
-//! `deliver`'s business.
+//! temporary files are discarded at start. A message whose `.state` cannot be read goes to
+//! `dead/` rather than being sent again to recipients who may already have it. The file
+//! primitives (0700 directories, 0600 files, atomic write + fsync) are `fsutil`'s; when and
+//! how messages are delivered is `deliver`'s business.
 
-use crate::oauth::store::create_private_dir;
+use crate::fsutil::{create_private_dir, fsync_dir, write_atomic, write_private};
 use serde::{Deserialize, Serialize};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
-#[cfg(unix)]
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 /// The spool file format version this build writes and reads.
@@ -61,22 +61,6 @@ pub struct Spool {
     dead: PathBuf,
 }
 
-fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-fn write_new(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
-    let mut opts = OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    opts.mode(0o600);
-    let mut f = opts.open(path)?;
-    for p in parts {
-        f.write_all(p)?;
-    }
-    f.sync_all()
-}
-
 impl Spool {
     /// Creates the directories (0700) and discards half-written temporary files.
     pub fn open(state_dir: &Path) -> io::Result<Spool> {
@@ -110,13 +94,7 @@ impl Spool {
         let mut line = serde_json::to_vec(env).map_err(io::Error::other)?;
         line.push(b'\n');
         let tmp = self.tmp.join(format!("{}.msg", env.id));
-        let r = write_new(&tmp, &[&line, body])
-            .and_then(|_| fs::rename(&tmp, self.msg(&env.id)))
-            .and_then(|_| fsync_dir(&self.dir));
-        if r.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        r
+        Ok(write_atomic(&tmp, &self.msg(&env.id), &[&line, body])?)
     }
 
     /// Every message in the spool with its progress, for resuming after a start.
@@ -128,13 +106,22 @@ impl Spool {
                 continue;
             }
             match read_envelope(&p) {
-                Ok(env) => {
-                    let progress = fs::read(self.state(&env.id))
-                        .ok()
-                        .and_then(|b| serde_json::from_slice(&b).ok())
-                        .unwrap_or_default();
-                    out.push((env, progress));
-                }
+                Ok(env) => match self.read_progress(&env.id) {
+                    Ok(progress) => out.push((env, progress)),
+                    // Without its progress we cannot tell who already has the message:
+                    // sending again could deliver it twice, so it goes to dead/ instead.
+                    Err(e) => {
+                        let state = self.state(&env.id);
+                        tracing::error!(id = %env.id, file = %state.display(), error = %e, "delivery progress unreadable; moving the message to dead");
+                        let reason = format!(
+                            "delivery progress {} {e}; not retried, so that recipients who already have the message do not get it twice (the file is kept beside it in dead/)",
+                            state.display()
+                        );
+                        if let Err(e) = self.entomb(&env.id, &reason, true) {
+                            tracing::error!(id = %env.id, error = %e, "cannot move the message to dead; it stays in the spool and is not delivered");
+                        }
+                    }
+                },
                 Err(e) => {
                     tracing::error!(file = %p.display(), error = %e, "unreadable spool file; moving it to dead");
                     let name = p.file_name().map(|n| n.to_os_string()).unwrap_or_default();
@@ -164,9 +151,8 @@ impl Spool {
 
     pub fn save_progress(&self, id: &str, p: &Progress) -> io::Result<()> {
         let tmp = self.tmp.join(format!("{id}.state"));
-        write_new(&tmp, &[&serde_json::to_vec(p).map_err(io::Error::other)?])?;
-        fs::rename(&tmp, self.state(id))?;
-        fsync_dir(&self.dir)
+        let bytes = serde_json::to_vec(p).map_err(io::Error::other)?;
+        Ok(write_atomic(&tmp, &self.state(id), &[&bytes])?)
     }
 
     /// Delivered: the message leaves the spool.
@@ -178,15 +164,48 @@ impl Spool {
 
     /// Will not be delivered: moved to `dead/` with the reason beside it.
     pub fn bury(&self, id: &str, reason: &str) -> io::Result<()> {
-        write_new(
+        self.entomb(id, reason, false)
+    }
+
+    /// Moves a message to `dead/` with its reason; its progress file is removed, or moved
+    /// beside it when `keep_state` (for the operator to read). The message leaves the spool
+    /// before its progress does, so a crash in between never leaves a message without one.
+    fn entomb(&self, id: &str, reason: &str, keep_state: bool) -> io::Result<()> {
+        write_private(
             &self.dead.join(format!("{id}.reason")),
             &[reason.as_bytes(), b"\n"],
         )?;
         fs::rename(self.msg(id), self.dead.join(format!("{id}.msg")))?;
-        let _ = fs::remove_file(self.state(id));
+        if keep_state {
+            let _ = fs::rename(self.state(id), self.dead.join(format!("{id}.state")));
+        } else {
+            let _ = fs::remove_file(self.state(id));
+        }
         fsync_dir(&self.dead)?;
         fsync_dir(&self.dir)
     }
+
+    /// A message's delivery progress: none yet if it has no `.state` file.
+    fn read_progress(&self, id: &str) -> Result<Progress, StateError> {
+        let bytes = match fs::read(self.state(id)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Progress::default()),
+            Err(e) => return Err(StateError::Unreadable(e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            line: e.line(),
+            column: e.column(),
+        })
+    }
+}
+
+/// Why a message's `.state` file cannot be used.
+#[derive(Debug, thiserror::Error)]
+enum StateError {
+    #[error("cannot be read: {0}")]
+    Unreadable(io::Error),
+    #[error("is corrupt (not valid progress JSON at line {line} column {column})")]
+    Corrupt { line: usize, column: usize },
 }
 
 fn read_envelope(p: &Path) -> io::Result<Envelope> {
@@ -256,5 +275,65 @@ mod tests {
             "550 5.1.10 gone\n"
         );
         assert!(tmp.path().join("dead/B.msg").exists());
+    }
+
+    #[test]
+    fn corrupt_progress_sends_the_message_to_dead_not_to_delivery() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Spool::open(tmp.path()).unwrap();
+        s.store(&env("A", 1), b"aaa\r\n").unwrap();
+        s.store(&env("B", 2), b"bbb\r\n").unwrap();
+        let p = Progress {
+            attempts: 1,
+            delivered: vec!["x@y".into()],
+            ..Progress::default()
+        };
+        s.save_progress("A", &p).unwrap();
+        let state = tmp.path().join("spool/A.state");
+        let mut bytes = fs::read(&state).unwrap();
+        bytes.truncate(bytes.len() / 2);
+        fs::write(&state, &bytes).unwrap();
+
+        let all = s.scan().unwrap();
+        // Only B (no progress yet) is offered for delivery; A is not, to nobody.
+        assert_eq!(
+            all.iter().map(|(e, _)| e.id.as_str()).collect::<Vec<_>>(),
+            ["B"]
+        );
+        assert_eq!(all[0].1, Progress::default());
+        assert!(!tmp.path().join("spool/A.msg").exists());
+        assert!(!state.exists());
+        assert_eq!(
+            fs::read(tmp.path().join("dead/A.msg")).unwrap(),
+            [
+                &serde_json::to_vec(&env("A", 1)).unwrap()[..],
+                b"\n",
+                b"aaa\r\n"
+            ]
+            .concat()
+        );
+        assert_eq!(fs::read(tmp.path().join("dead/A.state")).unwrap(), bytes);
+        let reason = fs::read_to_string(tmp.path().join("dead/A.reason")).unwrap();
+        assert!(
+            reason.starts_with(&format!("delivery progress {} is corrupt", state.display())),
+            "{reason}"
+        );
+        assert!(reason.ends_with('\n'), "{reason}");
+        // A second scan (the next start) still offers only B.
+        assert_eq!(s.scan().unwrap().len(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn unreadable_progress_sends_the_message_to_dead() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Spool::open(tmp.path()).unwrap();
+        s.store(&env("A", 1), b"aaa\r\n").unwrap();
+        // A directory where the file should be: reading it fails (even as root).
+        fs::create_dir(tmp.path().join("spool/A.state")).unwrap();
+        assert!(s.scan().unwrap().is_empty());
+        assert!(tmp.path().join("dead/A.msg").exists());
+        let reason = fs::read_to_string(tmp.path().join("dead/A.reason")).unwrap();
+        assert!(reason.contains("A.state cannot be read"), "{reason}");
     }
 }

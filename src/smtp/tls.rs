@@ -3,7 +3,7 @@
 //!
 //! Always uses the ring provider explicitly; never relies on a process-wide default.
 
-use crate::oauth::store::create_private_dir;
+use crate::fsutil::create_private_dir;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::fs::OpenOptions;
 use std::io::Write;
