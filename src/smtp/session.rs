@@ -307,8 +307,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     self.reply(&r);
                 }
             }
-            // MAIL and RCPT are parsed from the client's bytes by `relay::envelope`.
-            Request::Mail { .. } | Request::Rcpt { .. } => self.reply(&reply::INTERNAL),
+            // `envelope_verb` hands every MAIL and RCPT line to `relay::envelope`; a line
+            // smtp-proto still reads as one had no space after the verb.
+            Request::Mail { .. } => self.reply(&reply::SYNTAX_SENDER),
+            Request::Rcpt { .. } => self.reply(&reply::SYNTAX_RECIPIENT),
             Request::Data => self.data().await?,
             Request::Bdat { .. } => self.reply(&reply::NOT_IMPLEMENTED),
             Request::Rset => {
@@ -521,48 +523,38 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             Ok(a) => a,
             Err(e) => return self.reply(&envelope_error_reply(&e, false)),
         };
-        if let Upstream::Waiting = txn.upstream {
-            let m = &txn.mail;
-            let result = self
-                .ctx
-                .transport
-                .begin(&account, &m.from, &m.params, Some(m.params.size))
-                .await;
-            let r = outcome::mail_reply(result.as_ref().map(|(_, r)| r));
-            txn.upstream = match result {
-                Ok((t, _)) if r.is_positive() => Upstream::Ready(Box::new(t)),
-                Ok((t, _)) => {
-                    t.finish();
-                    Upstream::Failed(r)
-                }
-                Err(_) => {
-                    tracing::warn!(peer = %self.peer, account = %account, reply = %r, "could not start an upstream transaction");
-                    Upstream::Failed(r)
-                }
-            };
-        }
-        let reply = match &mut txn.upstream {
+        let (reply, next) = match std::mem::replace(&mut txn.upstream, Upstream::Waiting) {
             Upstream::Spool => {
                 // Recipients are checked by the upstream at delivery.
                 txn.rcpts.push(to);
-                reply::RECIPIENT_OK
+                (reply::RECIPIENT_OK, Upstream::Spool)
             }
-            Upstream::Failed(r) => r.clone(),
-            Upstream::Waiting => reply::INTERNAL,
-            Upstream::Ready(t) => {
-                let r = t.rcpt(&to).await;
-                let reply = outcome::rcpt_reply(&r);
-                if reply.is_positive() {
-                    txn.rcpts.push(to);
+            Upstream::Failed(r) => (r.clone(), Upstream::Failed(r)),
+            Upstream::Ready(t) => forward_rcpt(t, to, &mut txn.rcpts).await,
+            Upstream::Waiting => {
+                let m = &txn.mail;
+                let result = self
+                    .ctx
+                    .transport
+                    .begin(&account, &m.from, &m.params, Some(m.params.size))
+                    .await;
+                let r = outcome::mail_reply(result.as_ref().map(|(_, r)| r));
+                match result {
+                    Ok((t, _)) if r.is_positive() => {
+                        forward_rcpt(Box::new(t), to, &mut txn.rcpts).await
+                    }
+                    Ok((t, _)) => {
+                        t.finish();
+                        (r.clone(), Upstream::Failed(r))
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer = %self.peer, account = %account, reply = %r, "could not start an upstream transaction");
+                        (r.clone(), Upstream::Failed(r))
+                    }
                 }
-                if t.is_broken() {
-                    // The upstream session is gone: so is this transaction upstream, and
-                    // DATA gets this reply instead of a 354 (nothing would answer it).
-                    txn.upstream = Upstream::Failed(outcome::transaction_lost(&reply));
-                }
-                reply
             }
         };
+        txn.upstream = next;
         if !reply.is_positive() && reply.code < 500 {
             txn.transient = Some(reply.clone());
         }
@@ -758,6 +750,27 @@ fn envelope_error_reply(e: &EnvelopeError, sender: bool) -> Reply {
             Reply::new(501, "5.5.4", format!("Invalid parameter {p}"))
         }
     }
+}
+
+/// Sends one RCPT on an open transaction: the local reply, and where the transaction stands
+/// after it. An accepted recipient joins `rcpts`.
+async fn forward_rcpt(
+    mut t: Box<Transaction>,
+    to: Address,
+    rcpts: &mut Vec<Address>,
+) -> (Reply, Upstream) {
+    let r = t.rcpt(&to).await;
+    let reply = outcome::rcpt_reply(&r);
+    if reply.is_positive() {
+        rcpts.push(to);
+    }
+    if t.is_broken() {
+        // The upstream session is gone: so is this transaction upstream, and DATA gets
+        // this reply instead of a 354 (nothing would answer it).
+        let lost = outcome::transaction_lost(&reply);
+        return (reply, Upstream::Failed(lost));
+    }
+    (reply, Upstream::Ready(t))
 }
 
 /// Ends an open upstream transaction (RSET), the session back to the pool if that worked.

@@ -8,6 +8,7 @@ mod deploy;
 mod features;
 mod harness;
 mod hostile;
+mod layout;
 mod limits;
 mod login;
 mod memory;
