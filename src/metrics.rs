@@ -193,7 +193,7 @@ impl Metrics {
 
     /// The shared name of an account: allocated the first time it is seen, then reused.
     fn account(&self, name: &str) -> Arc<str> {
-        let mut seen = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = crate::sync::lock(&self.accounts);
         if let Some(a) = seen.get(name) {
             return a.clone();
         }
