@@ -56,8 +56,15 @@ impl Address {
         !self.local.is_ascii() || !self.domain.is_ascii()
     }
 
-    /// Parses the inside of a path (`local@domain`, no brackets) as stored or configured.
+    /// Parses the inside of a path (`local@domain`, or `Postmaster`, no brackets) as stored
+    /// or configured.
     pub fn parse(s: &str, utf8: bool) -> Result<Address, EnvelopeError> {
+        if s.eq_ignore_ascii_case("postmaster") {
+            return Ok(Address {
+                local: s.to_string(),
+                domain: String::new(),
+            });
+        }
         let mut p = Parser::new(s.as_bytes(), utf8);
         let a = p.mailbox()?;
         if p.rest().is_empty() {
@@ -82,6 +89,10 @@ impl fmt::Display for Address {
                 write!(f, "{c}")?;
             }
             f.write_str("\"")?;
+        }
+        if self.domain.is_empty() {
+            // Only `<Postmaster>` (RFC 5321 4.1.1.3) has no domain.
+            return Ok(());
         }
         write!(f, "@{}", self.domain)
     }
@@ -230,13 +241,20 @@ pub fn parse_mail_args(args: &[u8]) -> Result<MailFrom, EnvelopeError> {
     Ok(MailFrom { from, params })
 }
 
-/// Parses the arguments of `RCPT` (`TO:<a@b>`). `<postmaster>` (without a domain, RFC 5321
-/// 4.1.1.3) is refused here: we cannot tell which domain's postmaster is meant.
+/// Parses the arguments of `RCPT` (`TO:<a@b>`). `<Postmaster>` without a domain (RFC 5321
+/// 4.1.1.3: every server must accept it) is an address with an empty domain, rendered as
+/// `<Postmaster>` again.
 pub fn parse_rcpt_args(args: &[u8], smtputf8: bool) -> Result<Address, EnvelopeError> {
     let rest = strip_keyword(args, b"TO:").ok_or(EnvelopeError::Syntax)?;
     let (path, params_text) = split_path(rest)?;
     if let Some((key, _)) = parse_params(params_text)?.into_iter().next() {
         return Err(EnvelopeError::UnsupportedParameter(sanitize(&key)));
+    }
+    if path.eq_ignore_ascii_case(b"<postmaster>") {
+        return Ok(Address {
+            local: utf8(&path[1..path.len() - 1])?,
+            domain: String::new(),
+        });
     }
     parse_path(path, smtputf8)
 }
@@ -626,7 +644,10 @@ mod tests {
         ] {
             assert!(mail(bad).is_err(), "{bad:?}");
         }
-        assert!(parse_rcpt_args(b"TO:<postmaster>", false).is_err());
+        let pm = parse_rcpt_args(b"TO:<Postmaster>", false).unwrap();
+        assert_eq!(rcpt_command(&pm), "RCPT TO:<Postmaster>");
+        assert_eq!(Address::parse(&pm.to_string(), false).unwrap(), pm);
+        assert!(!Pattern::parse("*@contoso.com").matches(&pm));
         let long = format!("FROM:<{}@b.c>", "x".repeat(65));
         assert_eq!(mail(&long), Err(EnvelopeError::TooLong));
     }
