@@ -59,7 +59,12 @@ enum Command {
     HashPassword,
     /// Run the whole pipeline on loopback with an embedded upstream and token endpoint
     #[cfg(feature = "demo")]
-    Demo,
+    Demo {
+        /// Keep the pipeline running until Ctrl-C: print an address, user and password to
+        /// point a real application or printer at, and each delivered copy as it arrives
+        #[arg(long)]
+        serve: bool,
+    },
 }
 
 fn main() {
@@ -112,7 +117,7 @@ async fn run(command: Command, config: &cli::ConfigArg, format: LogFormat) -> Re
             no_browser,
         } => cli::login::run(config, &account, device, no_browser).await,
         #[cfg(feature = "demo")]
-        Command::Demo => cli::demo::run(format).await,
+        Command::Demo { serve } => cli::demo::run(format, serve).await,
         Command::HashPassword => cli::hash_password::run(),
     }
 }

@@ -3,7 +3,9 @@
 //! Starts testkit's token endpoint and STARTTLS + XOAUTH2 upstream (with a throwaway CA),
 //! builds a config for them through the normal config loader, starts the bridge on
 //! 127.0.0.1:2525 (or a free port if that is taken), sends one sample message with AUTH
-//! PLAIN, and prints the relay log line and where the delivered copy is.
+//! PLAIN, and prints the relay log line and where the delivered copy is. With `--serve` it
+//! keeps running instead, prints the address, user and password to try, and the path of each
+//! delivered copy as it arrives, until SIGINT or SIGTERM.
 
 use super::CliError;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
@@ -20,12 +22,15 @@ use tokio::net::TcpListener;
 
 const DEMO_USER: &str = "scanner";
 const DEMO_MAILBOX: &str = "scanner@contoso.example";
+/// The demo's local password: printed on purpose by `demo --serve` (it opens only the demo's
+/// embedded, fake upstream).
+const DEMO_PASSWORD: &str = "demo-password";
 
 fn rt(what: &str) -> impl Fn(std::io::Error) -> CliError + '_ {
     move |e| CliError::Runtime(format!("{what}: {e}"))
 }
 
-pub async fn run(format: LogFormat) -> Result<(), CliError> {
+pub async fn run(format: LogFormat, serve: bool) -> Result<(), CliError> {
     let dir = std::env::temp_dir().join(format!("smtp-oauth-bridge-demo-{}", std::process::id()));
     let delivered = dir.join("delivered");
     std::fs::create_dir_all(&delivered).map_err(rt("cannot create the demo directory"))?;
@@ -54,7 +59,7 @@ pub async fn run(format: LogFormat) -> Result<(), CliError> {
             .unwrap_or_default()
             .as_bytes(),
     )?;
-    let password = Secret::new("demo-password");
+    let password = Secret::new(DEMO_PASSWORD);
     let hash = hash_password(&password).map_err(|e| CliError::Runtime(e.to_string()))?;
     let toml = format!(
         r#"
@@ -97,6 +102,9 @@ token_url = "{token_url}"
         .await
         .map_err(|e| CliError::Runtime(e.to_string()))?;
     let addr = bridge.local_addr;
+    if serve {
+        return serve_until_signal(bridge, &upstream, addr, &config_path, format).await;
+    }
 
     // The legacy application: plain SMTP with AUTH PLAIN to the bridge.
     let message = format!(
@@ -144,6 +152,62 @@ token_url = "{token_url}"
             "{}",
             serde_json::json!({"demo": "ok", "reply": reply, "delivered_copy": path, "config": config_path.display().to_string()})
         );
+    }
+    Ok(())
+}
+
+/// `demo --serve`: the pipeline stays up; each delivered copy is announced as it arrives.
+async fn serve_until_signal(
+    bridge: Bridge,
+    upstream: &FakeUpstream,
+    addr: std::net::SocketAddr,
+    config_path: &std::path::Path,
+    format: LogFormat,
+) -> Result<(), CliError> {
+    let password = DEMO_PASSWORD;
+    if format == LogFormat::Pretty {
+        println!("demo: the bridge is listening on {addr} (plain SMTP, AUTH PLAIN or LOGIN)");
+        println!("demo:   user {DEMO_USER}, password {password}, sender {DEMO_MAILBOX}");
+        println!(
+            "demo:   try: swaks --server {} --port {} --auth PLAIN --auth-user {DEMO_USER} --auth-password {password} --from {DEMO_MAILBOX} --to someone@fabrikam.example",
+            addr.ip(),
+            addr.port()
+        );
+        println!("demo: config used: {}", config_path.display());
+        println!("demo: press Ctrl-C to stop");
+    } else {
+        println!(
+            "{}",
+            serde_json::json!({"demo": "serving", "address": addr.to_string(), "user": DEMO_USER, "password": password, "from": DEMO_MAILBOX, "config": config_path.display().to_string()})
+        );
+    }
+    let mut seen = 0;
+    let signal = super::serve::wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            received = upstream.wait_received(seen + 1, Duration::from_secs(3600)) => {
+                for msg in received.iter().skip(seen) {
+                    let path = msg.path.as_ref().map(|p| p.display().to_string());
+                    if format == LogFormat::Pretty {
+                        println!(
+                            "demo: delivered (TLS + XOAUTH2 as {}): {}",
+                            msg.auth_user,
+                            path.as_deref().unwrap_or("kept in memory")
+                        );
+                    } else {
+                        println!("{}", serde_json::json!({"demo": "delivered", "auth_user": msg.auth_user, "delivered_copy": path}));
+                    }
+                }
+                seen = seen.max(received.len());
+            }
+        }
+    }
+    bridge.shutdown();
+    bridge.wait().await;
+    if format == LogFormat::Pretty {
+        println!("demo: stopped");
     }
     Ok(())
 }

@@ -37,7 +37,8 @@ pub async fn run(config: &ConfigArg, print_config: bool) -> Result<(), CliError>
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Returns at SIGINT (Ctrl-C) or SIGTERM.
+pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

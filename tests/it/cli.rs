@@ -166,3 +166,95 @@ async fn serve_exits_0_on_sigterm() {
     assert_eq!(c.reply().await.0, 421);
     assert!(log.contains("shutting down"), "{log}");
 }
+
+/// `demo --serve`: the printed address, user and password work for a real client (swaks),
+/// each delivered copy is announced with its path, and SIGINT stops it with exit 0.
+#[test]
+fn demo_serve_relays_a_swaks_message_with_the_printed_credentials_then_stops_on_sigint() {
+    use std::io::BufRead;
+    let Some(swaks) = tool("swaks") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = bin()
+        .args(["demo", "--serve"])
+        .current_dir(dir.path())
+        .env("TMPDIR", dir.path())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run demo --serve");
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v.get("demo").is_some() && tx.send(v).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let wait = std::time::Duration::from_secs(60);
+    let serving = rx.recv_timeout(wait).expect("the serving line");
+    assert_eq!(serving["demo"], "serving", "{serving}");
+    let addr: std::net::SocketAddr = serving["address"].as_str().unwrap().parse().unwrap();
+    let (user, password, from) = (
+        serving["user"].as_str().unwrap(),
+        serving["password"].as_str().unwrap(),
+        serving["from"].as_str().unwrap(),
+    );
+    let out = Command::new(&swaks)
+        .args([
+            "--server",
+            &addr.ip().to_string(),
+            "--port",
+            &addr.port().to_string(),
+        ])
+        .args([
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            user,
+            "--auth-password",
+            password,
+        ])
+        .args(["--from", from, "--to", "someone@fabrikam.example"])
+        .args(["--header", "Subject: from swaks via demo --serve"])
+        .output()
+        .expect("run swaks");
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "swaks failed:\n{transcript}");
+    assert!(transcript.contains("<-  250 2.0.0"), "{transcript}");
+    let delivered = rx.recv_timeout(wait).expect("the delivered line");
+    assert_eq!(delivered["demo"], "delivered", "{delivered}");
+    let path = delivered["delivered_copy"].as_str().expect("a path");
+    let copy = std::fs::read_to_string(path).expect("the delivered copy");
+    assert!(
+        copy.contains("Subject: from swaks via demo --serve"),
+        "{copy}"
+    );
+    assert_eq!(delivered["auth_user"], from);
+    // SIGINT, as Ctrl-C would send.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = std::time::Instant::now() + wait;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "demo --serve did not stop on SIGINT"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    reader.join().unwrap();
+}
