@@ -2,6 +2,7 @@
 //! from upstream results to local replies.
 
 pub mod deliver;
+pub mod dsn;
 pub mod envelope;
 pub mod outcome;
 pub mod pool;
