@@ -497,3 +497,101 @@ impl Drop for BridgeProcess {
         }
     }
 }
+
+/// Another `[[account]]` for the same mailbox (append it to [`Opts::extra`], before any
+/// other table): `username`, the test password, and exactly these `allowed_from` patterns.
+pub fn extra_account(username: &str, allowed_from: &[&str], token_url: &str) -> String {
+    let allowed: Vec<String> = allowed_from.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        "\n[[account]]\nusername = \"{username}\"\npassword_env = \"{PW_ENV}\"\nmailbox = \"{MAILBOX}\"\nallowed_from = [{}]\n\n[account.oauth]\nflow = \"client_credentials\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"test-client\"\nclient_secret_env = \"{SECRET_ENV}\"\ntoken_url = \"{token_url}\"\n",
+        allowed.join(", ")
+    )
+}
+
+/// Connects to `addr` from the loopback address `source` (e.g. 127.0.0.2: every 127/8
+/// address is local on Linux), so per-address limits see a different client.
+pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .expect("bind the client's source address");
+    socket.connect(addr).await.expect("connect to bridge")
+}
+
+impl Smtp<TcpStream> {
+    /// Like [`Smtp::connect`], from the loopback address `source`.
+    pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> TcpSmtp {
+        let mut c = Smtp::over(connect_from(source, addr).await);
+        let (code, text) = c.reply().await;
+        assert_eq!(code, 220, "greeting: {text}");
+        c
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite> Smtp<S> {
+    /// One reply within `limit`, or why there was none (timeout, EOF, garbage): never
+    /// panics, so a caller can report what a hung or closed connection did.
+    pub async fn reply_within(&mut self, limit: Duration) -> Result<(u16, String), String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout_at(deadline, self.r.read_line(&mut line))
+                .await
+                .map_err(|_| format!("no reply within {limit:?} (so far: {text:?})"))?
+                .map_err(|e| format!("read error: {e}"))?;
+            if n == 0 {
+                return Err(format!(
+                    "connection closed without a reply (so far: {text:?})"
+                ));
+            }
+            let code = line
+                .get(..3)
+                .and_then(|c| c.parse::<u16>().ok())
+                .filter(|_| line.ends_with("\r\n") && line.len() >= 6)
+                .ok_or_else(|| format!("malformed reply line {line:?}"))?;
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            text.push_str(line[4..].trim_end());
+            if line.as_bytes()[3] == b' ' {
+                return Ok((code, text));
+            }
+        }
+    }
+}
+
+/// The command lines the fake upstream received (without their `S<n> ` session prefix).
+pub fn upstream_lines(up: &FakeUpstream) -> Vec<String> {
+    up.log()
+        .into_iter()
+        .map(|l| {
+            l.split_once(' ')
+                .map_or(l.clone(), |(_, rest)| rest.to_string())
+        })
+        .collect()
+}
+
+/// [`remote_ends`], plus one [`extra_account`] per `(username, allowed_from)` in the config
+/// (file and text).
+pub async fn remote_ends_with_accounts(opts: &Opts, accounts: &[(&str, &[&str])]) -> Env {
+    let mut env = remote_ends(opts).await;
+    for (user, allowed) in accounts {
+        env.config_text
+            .push_str(&extra_account(user, allowed, &env.tokens.token_url()));
+    }
+    std::fs::write(&env.config_path, &env.config_text).expect("write config");
+    env
+}
+
+/// [`start`] with extra accounts (see [`remote_ends_with_accounts`]).
+pub async fn start_with_accounts(opts: Opts, accounts: &[(&str, &[&str])]) -> Env {
+    let mut env = remote_ends_with_accounts(&opts, accounts).await;
+    let config = load_config(&env);
+    let bridge = Bridge::start(&config, bind().await)
+        .await
+        .expect("bridge starts");
+    env.addr = bridge.local_addr;
+    env.bridge = Some(bridge);
+    env
+}

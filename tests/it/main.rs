@@ -5,7 +5,9 @@
 mod cli;
 mod clients;
 mod deploy;
+mod failures;
 mod features;
+mod hardening;
 mod harness;
 mod hostile;
 mod layout;

@@ -1,6 +1,7 @@
 //! Tests of the fake upstream's fault-injection knobs (mid-DATA drops, stalls, broken
-//! STARTTLS, throttling, the concurrent-session limit) and of `message_ids`, over real
-//! loopback sockets with the raw client helpers of `tests.rs`.
+//! STARTTLS, throttling, the concurrent-session limit, `fail_at` at every point, refused
+//! connections) and of `message_ids`, over real loopback sockets with the raw client helpers
+//! of `tests.rs`.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::tests::{closed, cmd, read_reply, start, tls, xoauth2, STEP};
-use super::{message_id, FakeUpstream, FakeUpstreamOptions, Reply, Stall};
+use super::{message_id, FakeUpstream, FakeUpstreamOptions, FaultAction, FaultPoint, Reply, Stall};
 use crate::TestCa;
 
 /// How long "no reply" is waited for.
@@ -366,4 +367,186 @@ async fn starttls_inject_follows_the_220_in_plaintext() {
     let mut s = login(&up, &ca, "m@x").await;
     assert_eq!(send_message(&mut s, "<ok@x>").await.0, 250);
     assert_eq!(up.data_faults(), 1);
+}
+
+/// Whether `action` happened: the connection was dropped without a reply (`Close`), or
+/// nothing comes back while it stays open (`Stall`).
+async fn broken<S: AsyncRead + Unpin>(s: &mut S, action: FaultAction) -> bool {
+    match action {
+        FaultAction::Close => closed(s).await,
+        FaultAction::Stall => silent(s).await,
+    }
+}
+
+#[tokio::test]
+async fn fail_at_breaks_each_command_once_then_behaves() {
+    let ca = TestCa::new();
+    let up = upstream(&ca).await;
+    let mut faults = 0;
+    for action in [FaultAction::Close, FaultAction::Stall] {
+        // Before TLS: the greeting, the first EHLO, STARTTLS.
+        up.fail_at(FaultPoint::Greeting, action, 1);
+        let mut g = TcpStream::connect(up.addr()).await.expect("connect");
+        assert!(broken(&mut g, action).await, "greeting {action:?}");
+        for (point, line) in [
+            (FaultPoint::Ehlo, "EHLO c"),
+            (FaultPoint::StartTls, "STARTTLS"),
+        ] {
+            let mut buf = Vec::new();
+            let mut tcp = TcpStream::connect(up.addr()).await.expect("connect");
+            assert_eq!(read_reply(&mut tcp, &mut buf).await.0, 220);
+            if point == FaultPoint::StartTls {
+                assert_eq!(cmd(&mut tcp, &mut buf, "EHLO c").await.0, 250);
+            }
+            up.fail_at(point, action, 1);
+            write(&mut tcp, format!("{line}\r\n").as_bytes()).await;
+            assert!(broken(&mut tcp, action).await, "{point:?} {action:?}");
+            assert_eq!(up.faults_pending(), 0);
+        }
+        // After TLS and AUTH: every command of a transaction, and QUIT.
+        let points = [
+            (FaultPoint::Mail, "MAIL FROM:<m@x>"),
+            (FaultPoint::Rcpt(1), "RCPT TO:<r1@x>"),
+            (FaultPoint::Rcpt(2), "RCPT TO:<r2@x>"),
+            (FaultPoint::Data, "DATA"),
+            (FaultPoint::Quit, "QUIT"),
+        ];
+        for (i, (point, line)) in points.iter().enumerate() {
+            let mut s = login(&up, &ca, "m@x").await;
+            up.fail_at(*point, action, 1);
+            // The commands before this one are answered as usual.
+            for (_, before) in &points[..i] {
+                if *before != "DATA" {
+                    assert_eq!(cmd(&mut s.0, &mut s.1, before).await.0, 250, "{before}");
+                }
+            }
+            write(&mut s.0, format!("{line}\r\n").as_bytes()).await;
+            assert!(broken(&mut s.0, action).await, "{point:?} {action:?}");
+        }
+        // AUTH itself.
+        let mut a = connect_tls(&up, &ca).await;
+        up.fail_at(FaultPoint::Auth, action, 1);
+        write(
+            &mut a.0,
+            format!("AUTH XOAUTH2 {}\r\n", xoauth2("m@x", "t")).as_bytes(),
+        )
+        .await;
+        assert!(broken(&mut a.0, action).await, "AUTH {action:?}");
+        faults += 9;
+        assert_eq!(up.data_faults(), faults);
+    }
+    // Used up: a whole session goes through, with two recipients and QUIT.
+    let mut s = login(&up, &ca, "m@x").await;
+    assert_eq!(cmd(&mut s.0, &mut s.1, "MAIL FROM:<m@x>").await.0, 250);
+    assert_eq!(cmd(&mut s.0, &mut s.1, "RCPT TO:<r1@x>").await.0, 250);
+    assert_eq!(cmd(&mut s.0, &mut s.1, "RCPT TO:<r2@x>").await.0, 250);
+    assert_eq!(cmd(&mut s.0, &mut s.1, "DATA").await.0, 354);
+    write(
+        &mut s.0,
+        &super::dot::stuff(b"Message-ID: <ok@x>\r\n\r\nx\r\n"),
+    )
+    .await;
+    assert_eq!(read_reply(&mut s.0, &mut s.1).await.0, 250);
+    assert_eq!(cmd(&mut s.0, &mut s.1, "QUIT").await.0, 221);
+    assert_eq!(up.message_ids(), ["<ok@x>"]);
+    assert_eq!(up.received()[0].rcpts, ["r1@x", "r2@x"]);
+    assert_eq!(up.data_faults(), faults);
+}
+
+#[tokio::test]
+async fn fail_at_rcpt_counts_within_each_transaction_and_times() {
+    let ca = TestCa::new();
+    let up = upstream(&ca).await;
+    up.fail_at(FaultPoint::Rcpt(2), FaultAction::Close, 2);
+    assert_eq!(up.faults_pending(), 2);
+    let mut s = login(&up, &ca, "m@x").await;
+    // RCPT outside a transaction is no RCPT of one; a refused RCPT counts.
+    assert_eq!(cmd(&mut s.0, &mut s.1, "RCPT TO:<r@x>").await.0, 503);
+    up.set_rcpt_reply("no@x", Some(Reply::new(550, "5.1.10 not found")));
+    assert_eq!(cmd(&mut s.0, &mut s.1, "MAIL FROM:<m@x>").await.0, 250);
+    assert_eq!(cmd(&mut s.0, &mut s.1, "RCPT TO:<no@x>").await.0, 550);
+    write(&mut s.0, b"RCPT TO:<r@x>\r\n").await;
+    assert!(closed(&mut s.0).await);
+    // A new transaction counts from 1 again.
+    let mut s = login(&up, &ca, "m@x").await;
+    assert_eq!(cmd(&mut s.0, &mut s.1, "MAIL FROM:<m@x>").await.0, 250);
+    assert_eq!(cmd(&mut s.0, &mut s.1, "RCPT TO:<a@x>").await.0, 250);
+    assert_eq!(cmd(&mut s.0, &mut s.1, "RSET").await.0, 250);
+    assert_eq!(cmd(&mut s.0, &mut s.1, "MAIL FROM:<m@x>").await.0, 250);
+    assert_eq!(cmd(&mut s.0, &mut s.1, "RCPT TO:<a@x>").await.0, 250);
+    write(&mut s.0, b"RCPT TO:<b@x>\r\n").await;
+    assert!(closed(&mut s.0).await);
+    assert_eq!(up.faults_pending(), 0);
+    assert_eq!(up.data_faults(), 2);
+    // 0 cancels.
+    up.fail_at(FaultPoint::Mail, FaultAction::Close, 3);
+    up.fail_at(FaultPoint::Mail, FaultAction::Close, 0);
+    assert_eq!(up.faults_pending(), 0);
+    let mut s = login(&up, &ca, "m@x").await;
+    assert_eq!(send_message(&mut s, "<after@x>").await.0, 250);
+    assert_eq!(up.data_faults(), 2);
+}
+
+#[tokio::test]
+async fn fail_at_data_end_stores_nothing_and_data_reply_stores_then_loses_the_reply() {
+    let ca = TestCa::new();
+    let up = upstream(&ca).await;
+    let body = |id: &str| super::dot::stuff(format!("Message-ID: {id}\r\n\r\nx\r\n").as_bytes());
+    for (i, action) in [FaultAction::Close, FaultAction::Stall]
+        .into_iter()
+        .enumerate()
+    {
+        // After the final dot, before storing: the upstream never took it.
+        up.fail_at(FaultPoint::DataEnd, action, 1);
+        let mut s = login(&up, &ca, "m@x").await;
+        start_data(&mut s).await;
+        write(&mut s.0, &body("<end@x>")).await;
+        assert!(broken(&mut s.0, action).await, "DataEnd {action:?}");
+        assert_eq!(up.received_count(), i);
+
+        // Stored, and then the 250 is lost.
+        up.fail_at(FaultPoint::DataReply, action, 1);
+        let mut s = login(&up, &ca, "m@x").await;
+        start_data(&mut s).await;
+        write(&mut s.0, &body(&format!("<lost{i}@x>"))).await;
+        assert!(broken(&mut s.0, action).await, "DataReply {action:?}");
+        assert_eq!(up.received_count(), i + 1);
+    }
+    // A refused message is no DataReply: the fault waits for an accepted one.
+    up.fail_at(FaultPoint::DataReply, FaultAction::Close, 1);
+    up.set_data_reply(Some(Reply::new(554, "5.6.0 refused")));
+    let mut s = login(&up, &ca, "m@x").await;
+    assert_eq!(send_message(&mut s, "<refused@x>").await.0, 554);
+    assert_eq!(up.faults_pending(), 1);
+    up.set_data_reply(None);
+    up.fail_at(FaultPoint::DataReply, FaultAction::Close, 0);
+    assert_eq!(send_message(&mut s, "<ok@x>").await.0, 250);
+    assert_eq!(up.message_ids(), ["<lost0@x>", "<lost1@x>", "<ok@x>"]);
+    assert_eq!(up.data_faults(), 4);
+}
+
+#[tokio::test]
+async fn refuse_connections_closes_the_listening_socket_and_reopens_it() {
+    let ca = TestCa::new();
+    let up = upstream(&ca).await;
+    let mut open = login(&up, &ca, "m@x").await;
+    up.refuse_connections(true).await;
+    let err = TcpStream::connect(up.addr())
+        .await
+        .expect_err("nothing listens");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    // A session already open goes on.
+    assert_eq!(send_message(&mut open, "<during@x>").await.0, 250);
+    up.refuse_connections(true).await;
+    up.refuse_connections(false).await;
+    up.refuse_connections(false).await;
+    let mut s = login(&up, &ca, "m@x").await;
+    assert_eq!(send_message(&mut s, "<after@x>").await.0, 250);
+    assert_eq!(up.message_ids(), ["<during@x>", "<after@x>"]);
+    // Refused again and back, on the same address.
+    up.refuse_connections(true).await;
+    assert!(TcpStream::connect(up.addr()).await.is_err());
+    up.refuse_connections(false).await;
+    let mut s = login(&up, &ca, "m@x").await;
+    assert_eq!(send_message(&mut s, "<again@x>").await.0, 250);
 }

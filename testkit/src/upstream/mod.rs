@@ -4,7 +4,8 @@
 //!
 //! Owns the public handle [`FakeUpstream`] and its options, the accept loop, pause/resume,
 //! the fault-injection knobs (mid-DATA drops, stalls, broken TLS, throttling, a concurrent
-//! session limit), and the shared state sessions report into. The per-connection protocol is `session.rs`,
+//! session limit, a close or stall at any protocol step, refused connections), and the shared
+//! state sessions report into. The per-connection protocol is `session.rs`,
 //! buffered I/O `conn.rs`, DATA decoding `dot.rs`.
 
 mod conn;
@@ -102,6 +103,44 @@ pub enum Stall {
     AtDataEnd,
 }
 
+/// Where [`FakeUpstream::fail_at`] breaks a session: one point for each step of a submission
+/// at which a real upstream (or the network) can fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// Instead of the greeting (after the TLS handshake, with implicit TLS).
+    Greeting,
+    /// At an EHLO or HELO command (before or after TLS), before its reply.
+    Ehlo,
+    /// At STARTTLS, before its `220`.
+    StartTls,
+    /// At AUTH (any mechanism), before any reply.
+    Auth,
+    /// At MAIL FROM, before its reply.
+    Mail,
+    /// At the n-th RCPT TO (1-based) of a transaction, before its reply; RCPTs refused by a
+    /// script count too.
+    Rcpt(usize),
+    /// At the DATA command, before its `354`.
+    Data,
+    /// After the whole content (the final dot) was read, before the message is stored: the
+    /// upstream never took it.
+    DataEnd,
+    /// After the message was accepted and stored: its final `250` is lost. The one case in
+    /// which a client cannot know the message went through.
+    DataReply,
+    /// At QUIT, before its `221`.
+    Quit,
+}
+
+/// What [`FakeUpstream::fail_at`] does at its [`FaultPoint`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAction {
+    /// Drop the TCP connection at once, without a reply (no TLS close_notify).
+    Close,
+    /// Never answer again: read and discard input until the client closes (or `pause`).
+    Stall,
+}
+
 /// How the fake upstream behaves. Build with [`FakeUpstreamOptions::new`], then adjust.
 #[derive(Clone, Debug)]
 pub struct FakeUpstreamOptions {
@@ -192,6 +231,8 @@ struct Script {
     throttle: Option<Reply>,
     max_sessions: Option<usize>,
     starttls_inject: Option<Vec<u8>>,
+    /// `fail_at`: where, what, and how many more times.
+    fault: Option<(FaultPoint, FaultAction, usize)>,
 }
 
 pub(super) struct Inner {
@@ -228,6 +269,12 @@ pub(super) struct Inner {
     kill: watch::Sender<u64>,
     /// Bumped by `close_idle_sessions`: sessions waiting for a command end.
     idle: watch::Sender<u64>,
+    /// `refuse_connections`: what the tests asked for (true = no listening socket).
+    refuse: watch::Sender<bool>,
+    /// What the accept loop did about it: true while the listening socket is closed.
+    refusing: watch::Sender<bool>,
+    /// The socket bound again by `refuse_connections(false)`, for the accept loop to take.
+    relisten: Mutex<Option<TcpListener>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -297,6 +344,9 @@ impl FakeUpstream {
             authenticated: AtomicUsize::new(0),
             kill: watch::Sender::new(0),
             idle: watch::Sender::new(0),
+            refuse: watch::Sender::new(false),
+            refusing: watch::Sender::new(false),
+            relisten: Mutex::new(None),
         });
         tokio::spawn(accept_loop(listener, inner.clone()));
         FakeUpstream { inner }
@@ -483,8 +533,51 @@ impl FakeUpstream {
         lock(&self.inner.script).starttls_inject = bytes;
     }
 
+    /// Breaks the next `times` sessions that reach `point` (on any session; replaces the
+    /// previous `fail_at`, `0` cancels): `action` happens there instead of the reply. With
+    /// [`FaultAction::Close`], nothing is stored unless `point` is
+    /// [`FaultPoint::DataReply`]. Each counts one fault. Once `times` are used up, sessions
+    /// behave normally again (a stalled session stays stalled).
+    pub fn fail_at(&self, point: FaultPoint, action: FaultAction, times: usize) {
+        lock(&self.inner.script).fault = (times > 0).then_some((point, action, times));
+    }
+
+    /// How many `fail_at` faults are still to come (0 once used up or cancelled).
+    pub fn faults_pending(&self) -> usize {
+        lock(&self.inner.script).fault.map_or(0, |(_, _, n)| n)
+    }
+
+    /// `true`: closes the listening socket, so that new connections are refused (RST, like
+    /// a host with nothing on the port); sessions already open go on. `false`: listens again
+    /// on the same address. Returns once the socket is closed or listening again.
+    ///
+    /// # Panics
+    /// If the address cannot be bound again (another process took the port meanwhile).
+    pub async fn refuse_connections(&self, on: bool) {
+        if !on && *self.inner.refusing.borrow() {
+            let l = TcpListener::bind(self.inner.addr)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "fake upstream: cannot listen on {} again: {e}",
+                        self.inner.addr
+                    )
+                });
+            *lock(&self.inner.relisten) = Some(l);
+        }
+        self.inner.refuse.send_replace(on);
+        let mut refusing = self.inner.refusing.subscribe();
+        refusing.wait_for(|r| *r == on).await.unwrap_or_else(|_| {
+            panic!(
+                "fake upstream on {}: the accept loop ended",
+                self.inner.addr
+            )
+        });
+    }
+
     /// Faults injected so far, of every kind: mid-DATA drops, stalled sessions, failed TLS
-    /// handshakes, STARTTLS injections, throttled MAIL FROMs and session-limit AUTH refusals.
+    /// handshakes, STARTTLS injections, throttled MAIL FROMs, session-limit AUTH refusals and
+    /// `fail_at` faults.
     pub fn data_faults(&self) -> usize {
         self.inner.faults.load(Ordering::SeqCst)
     }
@@ -525,6 +618,19 @@ impl Inner {
             self.fault();
         }
         taken
+    }
+
+    /// The `fail_at` action at `point`, if one is due there now; counts the fault if so.
+    fn fault_at(&self, point: FaultPoint) -> Option<FaultAction> {
+        let mut script = self.script();
+        let (at, action, times) = script.fault?;
+        if at != point {
+            return None;
+        }
+        script.fault = (times > 1).then_some((at, action, times - 1));
+        drop(script);
+        self.fault();
+        Some(action)
     }
 
     /// Whether sessions should stall at `at` now; counts the fault if so.
@@ -597,14 +703,41 @@ impl Drop for OpenGuard {
 }
 
 async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
+    let mut listener = Some(listener);
+    let mut refuse = inner.refuse.subscribe();
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "fake upstream: accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+        let refusing = *refuse.borrow_and_update();
+        if refusing && listener.is_some() {
+            listener = None;
+            inner.refusing.send_replace(true);
+        } else if !refusing && listener.is_none() {
+            // Bound by `refuse_connections(false)` before it asked us to listen again.
+            listener = lock(&inner.relisten).take();
+            if listener.is_some() {
+                inner.refusing.send_replace(false);
+            }
+        }
+        let Some(l) = listener.as_ref() else {
+            if refuse.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let (tcp, peer) = tokio::select! {
+            changed = refuse.changed() => {
+                if changed.is_err() {
+                    return;
+                }
                 continue;
             }
+            conn = l.accept() => match conn {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "fake upstream: accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
         };
         let id = inner.connections.fetch_add(1, Ordering::SeqCst) + 1;
         // Subscribe before checking `paused`, so a concurrent `pause` either is seen here

@@ -1,7 +1,8 @@
 //! One fake-upstream SMTP session, modelled on smtp.office365.com:587: greeting, EHLO
 //! (no AUTH before TLS), STARTTLS, AUTH XOAUTH2 (and a basic-auth-disabled AUTH LOGIN),
 //! MAIL/RCPT/DATA/BDAT/RSET/NOOP/QUIT with enhanced status codes and scripted replies, and
-//! the injected faults (stalls, mid-DATA drops, broken STARTTLS, throttling, session limit).
+//! the injected faults (stalls, mid-DATA drops, broken STARTTLS, throttling, session limit,
+//! a close or stall at any step).
 //!
 //! Owns the protocol state machine; I/O is `conn.rs`, shared state and knobs `mod.rs`.
 
@@ -15,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::conn::{Conn, Input, Stream};
-use super::{AuthSlot, Inner, Received, Reply, Stall};
+use super::{AuthSlot, FaultAction, FaultPoint, Inner, Received, Reply, Stall};
 
 /// Host name in the greeting and replies.
 const HOST: &str = "FAKE.outlook.office365.com";
@@ -39,6 +40,8 @@ struct Txn {
     chunks: Option<Vec<u8>>,
     /// A BDAT chunk pushed the message over the size limit.
     too_big: bool,
+    /// RCPT commands seen in this transaction, refused ones included (for `fail_at`).
+    rcpt_commands: usize,
 }
 
 struct Session<'a> {
@@ -68,6 +71,15 @@ fn reply(code: u16, text: &str) -> Reply {
     Reply::new(code, text)
 }
 
+impl From<FaultAction> for Next {
+    fn from(a: FaultAction) -> Next {
+        match a {
+            FaultAction::Close => Next::Drop,
+            FaultAction::Stall => Next::Stall,
+        }
+    }
+}
+
 /// Serves one connection until QUIT, EOF, an error or an idle kick.
 pub(super) async fn run(
     inner: &Arc<Inner>,
@@ -94,6 +106,11 @@ pub(super) async fn run(
     if inner.stalls_at(Stall::Greeting) {
         return conn.discard_until_closed().await;
     }
+    match inner.fault_at(FaultPoint::Greeting) {
+        Some(FaultAction::Close) => return Ok(()),
+        Some(FaultAction::Stall) => return conn.discard_until_closed().await,
+        None => {}
+    }
     let greeting = inner.script().greeting.clone();
     let greeting = greeting
         .unwrap_or_else(|| reply(220, &format!("{HOST} Microsoft ESMTP MAIL Service ready")));
@@ -117,7 +134,11 @@ pub(super) async fn run(
         if s.auth.is_some() && inner.stalls_at(Stall::AfterAuth) {
             return conn.discard_until_closed().await;
         }
-        match s.command(&mut conn, &line, &mut idle).await? {
+        let next = match s.fault_point(&line).and_then(|p| inner.fault_at(p)) {
+            Some(action) => Next::from(action),
+            None => s.command(&mut conn, &line, &mut idle).await?,
+        };
+        match next {
             Next::Continue => {}
             Next::Close => return conn.shutdown().await,
             Next::Drop => return Ok(()),
@@ -138,6 +159,25 @@ pub(super) async fn run(
 }
 
 impl Session<'_> {
+    /// The `fail_at` point a command line is at (counting RCPTs of the transaction).
+    fn fault_point(&mut self, line: &str) -> Option<FaultPoint> {
+        let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+        Some(match verb.as_str() {
+            "EHLO" | "HELO" => FaultPoint::Ehlo,
+            "STARTTLS" => FaultPoint::StartTls,
+            "AUTH" => FaultPoint::Auth,
+            "MAIL" => FaultPoint::Mail,
+            "RCPT" => {
+                let txn = self.txn.as_mut()?;
+                txn.rcpt_commands += 1;
+                FaultPoint::Rcpt(txn.rcpt_commands)
+            }
+            "DATA" => FaultPoint::Data,
+            "QUIT" => FaultPoint::Quit,
+            _ => return None,
+        })
+    }
+
     async fn send(&self, conn: &mut Conn, r: &Reply) -> io::Result<()> {
         let delay = self.inner.script().delay;
         if !delay.is_zero() {
@@ -559,6 +599,9 @@ impl Session<'_> {
         if self.inner.stalls_at(Stall::AtDataEnd) {
             return Ok(Next::Stall);
         }
+        if let Some(action) = self.inner.fault_at(FaultPoint::DataEnd) {
+            return Ok(action.into());
+        }
         let n = self.inner.messages.fetch_add(1, Ordering::SeqCst) + 1;
         let scripted = self.inner.script().data.clone();
         let mut r = match scripted {
@@ -588,6 +631,7 @@ impl Session<'_> {
                 }
             }
             if r.is_positive() {
+                let lost = self.inner.fault_at(FaultPoint::DataReply);
                 self.inner.store(Received {
                     mail_from: txn.from,
                     mail_params: txn.params,
@@ -599,6 +643,9 @@ impl Session<'_> {
                     session: self.id,
                     path,
                 });
+                if let Some(action) = lost {
+                    return Ok(action.into());
+                }
             }
         }
         self.send(conn, &r).await?;
