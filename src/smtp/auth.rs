@@ -106,10 +106,17 @@ fn start_verifiers() -> mpsc::Sender<Job> {
         let rx = rx.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("argon2-{i}"))
-            .spawn(move || loop {
-                let job = lock(&rx).blocking_recv();
-                let Some(job) = job else { return };
-                let _ = job.done.send(verify_hash(&job.hash, &job.password));
+            .spawn(move || {
+                // One argon2 memory buffer per thread, allocated at the first check and
+                // reused: repeated ~19 MiB allocations fragment the allocator's arenas, and
+                // a flood of checks then keeps hundreds of MiB resident.
+                let mut blocks = Vec::new();
+                loop {
+                    let job = lock(&rx).blocking_recv();
+                    let Some(job) = job else { return };
+                    let ok = verify_hash_with(&job.hash, &job.password, &mut blocks);
+                    let _ = job.done.send(ok);
+                }
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a password verifier thread");
@@ -222,6 +229,57 @@ fn decayed(score: f64, at: Instant, now: Instant) -> f64 {
     (score - forgiven).max(0.0)
 }
 
+/// The most argon2 memory one check may use (`m` in the PHC string, in KiB blocks): 256 MiB.
+/// A configured hash asking for more is refused rather than allocated.
+const MAX_ARGON2_BLOCKS: usize = 256 * 1024;
+
+/// Verifies `password` against a PHC string (argon2id, argon2i or argon2d), with the
+/// argon2 memory in `blocks` (grown once to what the hash needs, then reused).
+fn verify_hash_with(phc: &str, password: &Secret, blocks: &mut Vec<argon2::Block>) -> bool {
+    use argon2::{Algorithm, Params, Version};
+    let Ok(h) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params), Some(salt), Some(expected)) = (
+        Algorithm::try_from(h.algorithm),
+        Params::try_from(&h),
+        h.salt,
+        h.hash,
+    ) else {
+        return false;
+    };
+    let version = match h.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let needed = params.block_count();
+    if needed > MAX_ARGON2_BLOCKS {
+        tracing::error!(
+            blocks = needed,
+            "a password hash asks for more argon2 memory than allowed (256 MiB); refused"
+        );
+        return false;
+    }
+    if blocks.len() < needed {
+        blocks.resize(needed, argon2::Block::default());
+    }
+    let mut out = vec![0u8; expected.len()];
+    Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(
+            password.expose().as_bytes(),
+            salt,
+            &mut out,
+            &mut blocks[..needed],
+        )
+        .is_ok()
+        && ct_eq(&out, expected.as_bytes())
+}
+
 /// Verifies `password` against a PHC string (argon2id, argon2i or argon2d).
 pub fn verify_hash(phc: &str, password: &Secret) -> bool {
     match PasswordHash::new(phc) {
@@ -261,6 +319,24 @@ mod tests {
         let h = hash_password(&pw).unwrap();
         assert!(h.starts_with("$argon2id$"));
         assert!(verify_hash(&h, &pw));
+        // The reusing verifier agrees, with a buffer reused across checks.
+        let mut blocks = Vec::new();
+        assert!(verify_hash_with(&h, &pw, &mut blocks));
+        assert!(!verify_hash_with(
+            &h,
+            &Secret::new("correct horsf"),
+            &mut blocks
+        ));
+        assert!(
+            verify_hash_with(DUMMY_HASH, &Secret::new("x"), &mut blocks)
+                == verify_hash(DUMMY_HASH, &Secret::new("x"))
+        );
+        let v2i = "$argon2i$v=19$m=4096,t=3,p=1$c29tZXNhbHRzb21lc2FsdA$ZVi8AdNhDtv0Kq9qNxsJ+qKJBbR8LzYh8Xpz3DGXs+Y";
+        assert_eq!(
+            verify_hash_with(v2i, &pw, &mut blocks),
+            verify_hash(v2i, &pw)
+        );
+        assert!(!verify_hash_with("$argon2id$v=19$m=1048576,t=1,p=1$c29tZXNhbHRzb21lc2FsdA$Jp1ow0uvWhc1W3f1KrGmwcdG7OcaI+UEmOsLVYaHy6k", &pw, &mut blocks), "over the memory cap");
         assert!(!verify_hash(&h, &Secret::new("correct horsf")));
         assert!(!verify_hash("garbage", &pw));
     }
