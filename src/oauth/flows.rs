@@ -18,6 +18,10 @@ use std::time::Duration;
 
 /// Used when the provider does not say how long a token lives (Microsoft always does).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// The longest lifetime we believe (Microsoft's tokens live 60-90 minutes): a larger
+/// `expires_in` from the token endpoint, or a larger `expires_at` in the token store, is
+/// taken as this, so no expiry arithmetic can overflow and a token is re-checked daily.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A token request that takes longer than this has failed.
 const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -217,7 +221,10 @@ fn token_response(r: &oauth2::basic::BasicTokenResponse) -> TokenResponse {
     TokenResponse {
         access_token: Secret::new(r.access_token().secret().clone()),
         refresh_token: r.refresh_token().map(|t| Secret::new(t.secret().clone())),
-        expires_in: r.expires_in().unwrap_or(DEFAULT_TOKEN_LIFETIME),
+        expires_in: r
+            .expires_in()
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+            .min(MAX_TOKEN_LIFETIME),
     }
 }
 
@@ -457,5 +464,36 @@ pub async fn device_code(
     {
         Ok(t) => Ok(token_response(&t)),
         Err(e) => Err(flow_error(e, "token endpoint")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(expires_in: &str) -> Result<TokenResponse, serde_json::Error> {
+        let body =
+            format!(r#"{{"access_token":"at","token_type":"Bearer","expires_in":{expires_in}}}"#);
+        serde_json::from_str::<oauth2::basic::BasicTokenResponse>(&body).map(|r| token_response(&r))
+    }
+
+    #[test]
+    fn expires_in_is_capped_at_a_day_and_nonsense_is_an_error() {
+        for (given, want) in [
+            ("3599", 3599),
+            ("86400", 86_400),
+            ("86401", 86_400),
+            ("9223372036854775808", 86_400),
+            ("18446744073709551615", 86_400),
+        ] {
+            assert_eq!(
+                parsed(given).unwrap().expires_in,
+                Duration::from_secs(want),
+                "{given}"
+            );
+        }
+        for bad in ["-1", "18446744073709551616", "-9223372036854775809", "1e30"] {
+            assert!(parsed(bad).is_err(), "{bad}");
+        }
     }
 }
