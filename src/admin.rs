@@ -137,6 +137,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// its response, keep-alive forever): asked to close after the request in flight, then
 /// dropped `REQUEST_TIMEOUT` later.
 const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Read buffer per connection (hyper's minimum is 8 KiB): the admin requests are one line
+/// and a few headers, so 64 connections cost at most 1 MiB.
+const MAX_REQUEST_BUFFER: usize = 16 * 1024;
 /// On shutdown, how long connections get to finish the request in flight.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
@@ -196,6 +199,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .keep_alive(true)
+                .max_buf_size(MAX_REQUEST_BUFFER)
                 .serve_connection(TokioIo::new(stream), service);
             let mut conn = std::pin::pin!(conn);
             let stop = tokio::select! {

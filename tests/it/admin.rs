@@ -118,3 +118,75 @@ async fn three_hundred_idle_admin_connections_under_ulimit_256_do_not_stop_smtp(
         "{accept_failures} accept failures logged:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_are_bounded_in_time_and_head_size() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut env = remote_ends(&Opts::default()).await;
+    let config = load_config(&env);
+    let bridge = smtp_oauth_bridge::bridge::Bridge::start_with_admin(
+        &config,
+        bind().await,
+        Some(bind().await),
+    )
+    .await
+    .unwrap();
+    env.addr = bridge.local_addr;
+    let admin = bridge.admin_addr.unwrap();
+    let closed_within = |mut s: tokio::net::TcpStream, limit: Duration| async move {
+        let started = Instant::now();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match tokio::time::timeout(limit, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("still open after {limit:?}"),
+            }
+        }
+    };
+    // Silent: closed after the 5 s header timeout.
+    let silent = tokio::net::TcpStream::connect(admin).await.unwrap();
+    // Trickling a head a byte a second: closed at the same deadline, not kept alive by it.
+    let mut trickle = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let trickling = tokio::spawn(async move {
+        let started = Instant::now();
+        for b in b"GET /healthz HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+            if trickle.write_all(&[*b]).await.is_err() {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        None
+    });
+    let took = closed_within(silent, Duration::from_secs(8)).await;
+    assert!(took >= Duration::from_secs(4), "closed after {took:?}");
+    // An idle keep-alive connection after one answer: closed too.
+    let mut kept = tokio::net::TcpStream::connect(admin).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 17];
+    kept.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200 OK\r\n");
+    closed_within(kept, Duration::from_secs(8)).await;
+    let cut_off = tokio::time::timeout(Duration::from_secs(10), trickling)
+        .await
+        .expect("the trickling client is still connected")
+        .unwrap();
+    assert!(
+        cut_off.is_some_and(|t| t < Duration::from_secs(10)),
+        "{cut_off:?}"
+    );
+    // A head larger than the buffer: refused (431) and closed, not buffered.
+    let mut big = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let mut req = b"GET /healthz HTTP/1.1\r\nX-Big: ".to_vec();
+    req.extend(std::iter::repeat_n(b'a', 200 * 1024));
+    let _ = big.write_all(&req).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), big.read_to_end(&mut answer)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 431 "),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..answer.len().min(60)])
+    );
+}
