@@ -4,20 +4,31 @@
 //! every account has a usable access token, else 503 with a JSON body naming each account
 //! that is not ready and why. /metrics is the Prometheus text exposition from `metrics`.
 //! The caller binds the listener (loopback by default) and passes it in.
+//!
+//! Whatever the port receives, it cannot take what the SMTP listener needs: at most
+//! `MAX_ADMIN_CONNECTIONS` connections (more are closed at once), a request head within
+//! `HEADER_READ_TIMEOUT` (also the keep-alive idle limit), an answer within
+//! `REQUEST_TIMEOUT`, and no connection older than `MAX_CONNECTION_LIFETIME`.
 
 use crate::metrics::{AccountSnapshot, Metrics, Snapshot, CONTENT_TYPE};
 use crate::oauth::manager::{AccountStatus, TokenManager};
 use crate::relay::deliver::Queue;
 use crate::relay::pool::Pool;
+use crate::smtp::listener::AcceptErrors;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// What the admin endpoint reads.
 #[derive(Debug, Clone)]
@@ -114,17 +125,100 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-/// Serves until `shutdown`.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
-    let app = Router::new()
+/// Admin connections served at once; a connection beyond this is closed at once. Scrapers
+/// and probes need a handful; the bound keeps the port from spending our file descriptors.
+pub(crate) const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// A request head must arrive within this; it is also how long an idle keep-alive
+/// connection (or one that never says anything) stays open.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A handler must answer within this (503 otherwise).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// No connection lives longer than this, however it is used (a client that does not read
+/// its response, keep-alive forever): asked to close after the request in flight, then
+/// dropped `REQUEST_TIMEOUT` later.
+const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Read buffer per connection (hyper's minimum is 8 KiB): the admin requests are one line
+/// and a few headers, so 64 connections cost at most 1 MiB.
+const MAX_REQUEST_BUFFER: usize = 16 * 1024;
+/// On shutdown, how long connections get to finish the request in flight.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+fn router(state: AdminState) -> Router {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state);
-    let r = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(e) = r {
-        tracing::error!(error = %e, "admin endpoint stopped");
+        .layer(axum::middleware::from_fn(deadline))
+        .with_state(state)
+}
+
+async fn deadline(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!("admin request timed out");
+            StatusCode::SERVICE_UNAVAILABLE.into_response()
+        }
     }
+}
+
+/// Serves until `shutdown`: at most `MAX_ADMIN_CONNECTIONS` at once, each bounded in time.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+    let app = router(state);
+    let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let tracker = TaskTracker::new();
+    let mut accept_errors = AcceptErrors::default();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                accept_errors.accepted("admin");
+                stream
+            }
+            Err(e) => {
+                let wait = accept_errors.failed("admin", &e);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            // Closed at once: the descriptor is back before the next accept.
+            drop(stream);
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(true)
+                .max_buf_size(MAX_REQUEST_BUFFER)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            let stop = tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "admin connection ended");
+                    }
+                    drop(permit);
+                    return;
+                }
+                _ = tokio::time::sleep(MAX_CONNECTION_LIFETIME) => REQUEST_TIMEOUT,
+                _ = shutdown.cancelled() => SHUTDOWN_DRAIN,
+            };
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(stop, conn).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    let _ = tokio::time::timeout(SHUTDOWN_DRAIN, tracker.wait()).await;
 }

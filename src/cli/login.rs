@@ -5,7 +5,7 @@
 use super::{CliError, ConfigArg};
 use smtp_oauth_bridge::clock::unix_now;
 use smtp_oauth_bridge::config::Flow;
-use smtp_oauth_bridge::oauth::flows::{self, DevicePrompt};
+use smtp_oauth_bridge::oauth::flows::{self, DevicePrompt, MAX_TOKEN_LIFETIME};
 use smtp_oauth_bridge::oauth::store::{StateKey, StoredTokens, TokenStore};
 
 pub async fn run(
@@ -75,7 +75,7 @@ pub async fn run(
             account,
             &StoredTokens {
                 access_token: Some(tokens.access_token),
-                expires_at: now + tokens.expires_in.as_secs(),
+                expires_at: now.saturating_add(tokens.expires_in.min(MAX_TOKEN_LIFETIME).as_secs()),
                 refresh_token: Some(refresh_token),
             },
         )

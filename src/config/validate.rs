@@ -7,7 +7,7 @@ use super::model::*;
 use super::raw::*;
 use super::ConfigError;
 use crate::secret::{Secret, SecretKey};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -531,6 +531,8 @@ enum UrlError {
     NotAbsolute(String),
     #[error("{0:?} has no host")]
     NoHost(String),
+    #[error("{0:?} must not contain a user name or password (user@host)")]
+    Userinfo(String),
     #[error("{0:?} must use https (plain http is only allowed for loopback addresses)")]
     PlainHttp(String),
     #[error("{0:?} must be an https URL")]
@@ -538,33 +540,31 @@ enum UrlError {
 }
 
 /// An endpoint URL must be https, except on loopback (tests, local identity providers).
+/// Decided on the URL as the url crate (and so reqwest) parses it, never on the text: a
+/// userinfo part (`http://127.0.0.1:1@example.com/`) is refused outright, and "loopback"
+/// means the parsed host is an IP literal in 127.0.0.0/8 or ::1, or exactly `localhost`.
 fn check_endpoint_url(u: &str) -> Result<(), UrlError> {
-    let (scheme, rest) = u
-        .split_once("://")
-        .ok_or_else(|| UrlError::NotAbsolute(u.to_string()))?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-    };
-    if host.is_empty() {
-        return Err(UrlError::NoHost(u.to_string()));
+    let parsed = url::Url::parse(u).map_err(|_| UrlError::NotAbsolute(u.to_string()))?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(UrlError::Userinfo(u.to_string()));
     }
-    match scheme {
+    let Some(host) = parsed.host() else {
+        return Err(UrlError::NoHost(u.to_string()));
+    };
+    match parsed.scheme() {
         "https" => Ok(()),
-        "http" if is_loopback_host(host) => Ok(()),
+        "http" if is_loopback_host(&host) => Ok(()),
         "http" => Err(UrlError::PlainHttp(u.to_string())),
         _ => Err(UrlError::NotHttps(u.to_string())),
     }
 }
 
-fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false)
+fn is_loopback_host(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(d) => *d == "localhost",
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    }
 }
 
 /// A plain `local@domain` check: one '@', both sides non-empty, no spaces or angle brackets.
@@ -741,6 +741,77 @@ mod tests {
         ))
         .expect("valid");
         assert_eq!(c.accounts[0].oauth.token_url, "http://127.0.0.1:9/t/token");
+    }
+
+    #[test]
+    fn endpoint_urls_are_judged_on_the_parsed_host() {
+        let ok = [
+            "https://login.microsoftonline.com/t/oauth2/v2.0/token",
+            "HTTPS://login.example.com/token",
+            "https://example.com:8443/token",
+            "http://127.0.0.1:9/t/token",
+            "http://127.0.0.2/token",
+            "HTTP://127.0.0.1:9/t/token",
+            "http://localhost:8080/token",
+            "http://LOCALHOST/token",
+            "http://[::1]:8080/",
+        ];
+        for u in ok {
+            assert_eq!(check_endpoint_url(u), Ok(()), "{u}");
+        }
+        let userinfo = [
+            "http://127.0.0.1:1@example.com/token",
+            "https://127.0.0.1:1@example.com/token",
+            "http://user@127.0.0.1/token",
+            "http://:pw@localhost/token",
+            "http://localhost@evil.example/token",
+            "http://127.0.0.1%3A1@example.com/token",
+        ];
+        for u in userinfo {
+            assert_eq!(
+                check_endpoint_url(u),
+                Err(UrlError::Userinfo(u.to_string())),
+                "{u}"
+            );
+        }
+        let plain = [
+            "http://localhost.example.com/token",
+            "http://127.0.0.1.nip.io/token",
+            "http://localhost./token",
+            "http://example.com/127.0.0.1",
+            "http://example.com?x=http://127.0.0.1",
+            "HTTP://example.com/token",
+            "http://[::2]/token",
+            "http://[::ffff:127.0.0.1]/token",
+            "http://10.0.0.1/token",
+        ];
+        for u in plain {
+            assert_eq!(
+                check_endpoint_url(u),
+                Err(UrlError::PlainHttp(u.to_string())),
+                "{u}"
+            );
+        }
+        assert_eq!(
+            check_endpoint_url("ftp://127.0.0.1/token"),
+            Err(UrlError::NotHttps("ftp://127.0.0.1/token".into()))
+        );
+        assert_eq!(
+            check_endpoint_url("/token"),
+            Err(UrlError::NotAbsolute("/token".into()))
+        );
+        assert_eq!(
+            check_endpoint_url("127.0.0.1:9/token"),
+            Err(UrlError::NotAbsolute("127.0.0.1:9/token".into()))
+        );
+        // Through the loader: the key is named.
+        let e = load(&format!(
+            "{}token_url = \"http://127.0.0.1:1@example.com/token\"\n",
+            account("")
+        ))
+        .expect_err("userinfo");
+        assert_eq!(e.key, "account[0].oauth.token_url", "{e}");
+        assert!(e.reason.contains("user name or password"), "{e}");
     }
 
     #[test]

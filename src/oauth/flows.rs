@@ -18,6 +18,10 @@ use std::time::Duration;
 
 /// Used when the provider does not say how long a token lives (Microsoft always does).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// The longest lifetime we believe (Microsoft's tokens live 60-90 minutes): a larger
+/// `expires_in` from the token endpoint, or a larger `expires_at` in the token store, is
+/// taken as this, so no expiry arithmetic can overflow and a token is re-checked daily.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A token request that takes longer than this has failed.
 const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -190,6 +194,15 @@ pub async fn request_token(
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest HTTP request head accepted on the loopback redirect listener.
 const MAX_REDIRECT_REQUEST: usize = 16 * 1024;
+/// Connections to the redirect listener served at once, each in its own task, so a local
+/// process that connects and says nothing cannot hold up the browser. A new connection
+/// beyond this displaces the oldest one still open (a browser sends its request at once;
+/// only a silent or trickling client is ever the oldest for long).
+const MAX_REDIRECT_CONNECTIONS: usize = 16;
+/// A redirect connection must deliver its whole request head within this.
+const REDIRECT_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed accept (e.g. out of file descriptors), wait this long before the next.
+const REDIRECT_ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Maps an oauth2 request error; never includes a response body (it may carry tokens).
 fn flow_error<T>(
@@ -217,7 +230,10 @@ fn token_response(r: &oauth2::basic::BasicTokenResponse) -> TokenResponse {
     TokenResponse {
         access_token: Secret::new(r.access_token().secret().clone()),
         refresh_token: r.refresh_token().map(|t| Secret::new(t.secret().clone())),
-        expires_in: r.expires_in().unwrap_or(DEFAULT_TOKEN_LIFETIME),
+        expires_in: r
+            .expires_in()
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+            .min(MAX_TOKEN_LIFETIME),
     }
 }
 
@@ -307,19 +323,44 @@ impl AuthCodeLogin {
             .map_err(|e| flow_error(e, "token endpoint"))
     }
 
+    /// Serves each connection in its own task (at most `MAX_REDIRECT_CONNECTIONS` at once,
+    /// the oldest displaced by a new one); the first request with the right state and a code
+    /// (or an error) wins, and the connections still open are dropped with the task set.
     async fn wait_for_code(&self) -> Result<Secret, FlowError> {
+        let mut conns = tokio::task::JoinSet::new();
+        let mut oldest_first = std::collections::VecDeque::new();
         loop {
-            let accepted = match &self.v6 {
-                None => self.v4.accept().await,
-                Some(v6) => tokio::select! { r = self.v4.accept() => r, r = v6.accept() => r },
-            };
-            let Ok((stream, _)) = accepted else { continue };
-            match handle_redirect(stream, self.state.expose()).await {
-                Redirect::Code(c) => return Ok(c),
-                Redirect::Error(e) => return Err(FlowError::Provider(e)),
-                Redirect::Ignored => continue,
+            tokio::select! {
+                accepted = self.accept() => match accepted {
+                    Ok(stream) => {
+                        oldest_first.retain(|h: &tokio::task::AbortHandle| !h.is_finished());
+                        if oldest_first.len() >= MAX_REDIRECT_CONNECTIONS {
+                            if let Some(oldest) = oldest_first.pop_front() {
+                                oldest.abort();
+                            }
+                        }
+                        let state = self.state.clone();
+                        oldest_first.push_back(
+                            conns.spawn(async move { handle_redirect(stream, state.expose()).await }),
+                        );
+                    }
+                    Err(_) => tokio::time::sleep(REDIRECT_ACCEPT_BACKOFF).await,
+                },
+                Some(done) = conns.join_next() => match done {
+                    Ok(Redirect::Code(c)) => return Ok(c),
+                    Ok(Redirect::Error(e)) => return Err(FlowError::Provider(e)),
+                    Ok(Redirect::Ignored) | Err(_) => {}
+                },
             }
         }
+    }
+
+    async fn accept(&self) -> std::io::Result<tokio::net::TcpStream> {
+        let accepted = match &self.v6 {
+            None => self.v4.accept().await,
+            Some(v6) => tokio::select! { r = self.v4.accept() => r, r = v6.accept() => r },
+        };
+        accepted.map(|(stream, _)| stream)
     }
 }
 
@@ -341,12 +382,22 @@ const PAGE_OK: &str = "<!doctype html><title>smtp-oauth-bridge</title><h1>Signed
 async fn handle_redirect(mut stream: tokio::net::TcpStream, expected_state: &str) -> Redirect {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = Vec::with_capacity(2048);
-    let mut chunk = [0u8; 2048];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REDIRECT_REQUEST {
-        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return Redirect::Ignored,
+    let read_head = async {
+        let mut chunk = [0u8; 2048];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REDIRECT_REQUEST {
+            match stream.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return false,
+            }
         }
+        true
+    };
+    // The whole head within the deadline, not each read: a trickle cannot hold a slot.
+    if !matches!(
+        tokio::time::timeout(REDIRECT_READ_TIMEOUT, read_head).await,
+        Ok(true)
+    ) {
+        return Redirect::Ignored;
     }
     let head = String::from_utf8_lossy(&buf);
     let target = head
@@ -401,8 +452,11 @@ async fn handle_redirect(mut stream: tokio::net::TcpStream, expected_state: &str
         "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n{page}",
         page.len()
     );
-    let _ = stream.write_all(resp.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(REDIRECT_READ_TIMEOUT, async {
+        let _ = stream.write_all(resp.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
     outcome
 }
 
@@ -457,5 +511,100 @@ pub async fn device_code(
     {
         Ok(t) => Ok(token_response(&t)),
         Err(e) => Err(flow_error(e, "token endpoint")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn auth_code_login() -> AuthCodeLogin {
+        let toml = "[upstream]\nhost = \"127.0.0.1\"\n[state]\ndir = \"state\"\n\
+             [[account]]\nusername = \"u\"\npassword_env = \"PW\"\nmailbox = \"u@example.com\"\n\
+             [account.oauth]\nflow = \"authorization_code\"\ntenant = \"t\"\nclient_id = \"c\"\n";
+        let config =
+            crate::config::Config::from_toml(toml, "t.toml", std::path::Path::new("/"), &|_| {
+                Some("pw".to_string())
+            })
+            .expect("test config");
+        start_auth_code(&config.accounts[0].oauth)
+            .await
+            .expect("redirect listener")
+    }
+
+    async fn get(port: u16, target: &str) -> String {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        c.write_all(format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_and_slow_local_clients_do_not_hold_up_the_redirect() {
+        let login = auth_code_login().await;
+        let port = login.v4.local_addr().unwrap().port();
+        let state = login.state.expose().to_string();
+        let waiting =
+            tokio::spawn(
+                async move { login.wait_for_code().await.map(|c| c.expose().to_string()) },
+            );
+        // More silent connections than are served at once, and one trickling a partial head.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_REDIRECT_CONNECTIONS + 4 {
+            idle.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        }
+        let mut partial = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        partial.write_all(b"GET /?code=slow&state=").await.unwrap();
+        let started = std::time::Instant::now();
+        // A forged callback is answered 400 and does not end the login.
+        let forged = get(port, "/?code=forged&state=wrong").await;
+        assert!(forged.starts_with("HTTP/1.1 400 "), "{forged}");
+        let page = get(port, &format!("/?code=the-code&state={state}")).await;
+        assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+        assert!(page.contains("Signed in"), "{page}");
+        let code = tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("the code within 2 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(code, "the-code");
+        // Not even one read timeout: the silent ones were displaced or left waiting.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        drop((idle, partial));
+    }
+
+    fn parsed(expires_in: &str) -> Result<TokenResponse, serde_json::Error> {
+        let body =
+            format!(r#"{{"access_token":"at","token_type":"Bearer","expires_in":{expires_in}}}"#);
+        serde_json::from_str::<oauth2::basic::BasicTokenResponse>(&body).map(|r| token_response(&r))
+    }
+
+    #[test]
+    fn expires_in_is_capped_at_a_day_and_nonsense_is_an_error() {
+        for (given, want) in [
+            ("3599", 3599),
+            ("86400", 86_400),
+            ("86401", 86_400),
+            ("9223372036854775808", 86_400),
+            ("18446744073709551615", 86_400),
+        ] {
+            assert_eq!(
+                parsed(given).unwrap().expires_in,
+                Duration::from_secs(want),
+                "{given}"
+            );
+        }
+        for bad in ["-1", "18446744073709551616", "-9223372036854775809", "1e30"] {
+            assert!(parsed(bad).is_err(), "{bad}");
+        }
     }
 }

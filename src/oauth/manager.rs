@@ -18,7 +18,9 @@
 
 use crate::clock::Clock;
 use crate::config::{Account, Config, Flow};
-use crate::oauth::flows::{self, FlowError, HttpClientError, TokenGrant, TokenResponse};
+use crate::oauth::flows::{
+    self, FlowError, HttpClientError, TokenGrant, TokenResponse, MAX_TOKEN_LIFETIME,
+};
 use crate::oauth::store::{StateKey, StoreError, StoredTokens, TokenStore};
 use crate::secret::Secret;
 use crate::sync::lock;
@@ -150,7 +152,9 @@ fn margin(lifetime: Duration) -> Duration {
 /// An access token read from the store, if still valid.
 fn token_from_store(stored: &StoredTokens, generation: u64, clock: &Clock) -> Option<AccessToken> {
     let secret = stored.access_token.clone()?;
-    let left = Duration::from_secs(stored.expires_at.checked_sub(clock.unix_now())?);
+    // A tampered or absurd `expires_at` (up to u64::MAX) counts as MAX_TOKEN_LIFETIME.
+    let left = Duration::from_secs(stored.expires_at.checked_sub(clock.unix_now())?)
+        .min(MAX_TOKEN_LIFETIME);
     if left.is_zero() {
         return None;
     }
@@ -468,14 +472,19 @@ impl TokenManager {
     /// Persists (first: a rotated refresh token must survive a crash), then publishes.
     fn adopt(&self, acc: &AccountTokens, resp: TokenResponse, started: Instant) -> AccessToken {
         let name = acc.name();
-        let lifetime = resp.expires_in;
+        // Capped where the response is parsed too; here so no TokenResponse can overflow.
+        let lifetime = resp.expires_in.min(MAX_TOKEN_LIFETIME);
         let expires_at = started + lifetime;
         let refresh_token = resp
             .refresh_token
             .or_else(|| acc.state().refresh_token.clone());
         let stored = StoredTokens {
             access_token: Some(resp.access_token.clone()),
-            expires_at: self.inner.clock.unix_now() + lifetime.as_secs(),
+            expires_at: self
+                .inner
+                .clock
+                .unix_now()
+                .saturating_add(lifetime.as_secs()),
             refresh_token: refresh_token.clone(),
         };
         if let Err(e) = self.inner.store.save(name, &stored) {
@@ -883,6 +892,71 @@ mod tests {
         assert!(t.generation > first.generation);
         assert_eq!(s.manager.status(USER), Some(AccountStatus::Ready));
         stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absurd_lifetimes_are_capped_at_a_day_not_a_panic() {
+        let s = Setup::new(HOUR, "client_credentials").await;
+        let acc = s.manager.get(USER).unwrap();
+        // From the token endpoint: expires_in up to u64::MAX seconds.
+        for secs in [u64::MAX, i64::MAX as u64 + 1, 86_401, 10 * 365 * 86_400] {
+            let started = tokio::time::Instant::now();
+            let t = s.manager.adopt(
+                acc,
+                TokenResponse {
+                    access_token: Secret::new("at"),
+                    refresh_token: None,
+                    expires_in: Duration::from_secs(secs),
+                },
+                started,
+            );
+            assert_eq!(t.expires_at - started, MAX_TOKEN_LIFETIME, "{secs}");
+            assert_eq!(
+                t.expires_at - t.refresh_at,
+                Duration::from_secs(300),
+                "{secs}"
+            );
+            let stored = s.manager.inner.store.load(USER).unwrap().unwrap();
+            assert_eq!(
+                stored.expires_at,
+                s.clock.unix_now() + MAX_TOKEN_LIFETIME.as_secs(),
+                "{secs}"
+            );
+        }
+        // From a tampered token store: expires_at up to u64::MAX (and past i64::MAX).
+        for expires_at in [u64::MAX, i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX - 1] {
+            TokenStore::new(&s.config.state.dir, None)
+                .save(
+                    USER,
+                    &StoredTokens {
+                        access_token: Some(Secret::new("tampered")),
+                        expires_at,
+                        refresh_token: None,
+                    },
+                )
+                .unwrap();
+            let m = TokenManager::with_clock(&s.config, s.clock).unwrap();
+            assert_eq!(m.expires_in(USER), Some(MAX_TOKEN_LIFETIME), "{expires_at}");
+            let t = m.token(USER).await.unwrap();
+            assert_eq!(t.secret.expose(), "tampered");
+            assert!(t.refresh_at < t.expires_at);
+        }
+        // A negative or too large number: no panic, and no access token taken from it.
+        for bad in ["-1", "18446744073709551616", "1e30", "-9223372036854775809"] {
+            let path = s.manager.inner.store.path(USER);
+            std::fs::write(
+                &path,
+                format!(r#"{{"version":1,"account":"u","access_token":"x","expires_at":{bad},"refresh_token":null}}"#),
+            )
+            .unwrap();
+            let loaded = s.manager.inner.store.load(USER);
+            assert!(
+                !matches!(&loaded, Ok(Some(t)) if t.access_token.is_some()),
+                "{bad}"
+            );
+            let m = TokenManager::with_clock(&s.config, s.clock).unwrap();
+            assert_eq!(m.expires_in(USER), None, "{bad}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

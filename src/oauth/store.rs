@@ -4,8 +4,8 @@
 //! the old one and the directory fsync'd, so a crash leaves either the old or the new file.
 //! A corrupt or newer-version file is reported, never overwritten silently. With a state
 //! key configured the tokens are sealed with ChaCha20-Poly1305 (the account name is the
-//! associated data, so a file cannot be moved to another account); a wrong key is a clear
-//! error. What the tokens mean and when to refresh them is the manager's business.
+//! associated data, so a file cannot be moved to another account); a wrong key, or a plain
+//! file where a sealed one is expected, is a clear error. What the tokens mean and when to refresh them is the manager's business.
 
 use crate::fsutil::{self, create_private_dir};
 use crate::secret::{Secret, SecretKey};
@@ -49,6 +49,11 @@ pub enum StoreError {
     WrongKey { path: PathBuf },
     #[error("token store {path} is encrypted but no state key is configured (state.key_file or state.key_env)")]
     KeyMissing { path: PathBuf },
+    /// A state key is configured, so every token file must be sealed: a plain one was not
+    /// written by us (or predates the key) and could have been put there by anyone who can
+    /// write the directory.
+    #[error("token store {path} is not sealed, but a state key is configured (state.key_file / state.key_env); remove the file or run `smtp-oauth-bridge login {account}` to write a sealed one")]
+    NotSealed { path: PathBuf, account: String },
 }
 
 /// The 32-byte key that seals token files.
@@ -179,8 +184,13 @@ impl TokenStore {
                 serde_json::from_str::<Inner>(plain.expose())
                     .map_err(|_| corrupt("bad sealed content".into()))?
             }
-            // A plain file is read even when a key is configured: it is sealed on next write.
-            (None, _) => file.plain.unwrap_or(Inner {
+            (None, Some(_)) => {
+                return Err(StoreError::NotSealed {
+                    path,
+                    account: account.to_string(),
+                })
+            }
+            (None, None) => file.plain.unwrap_or(Inner {
                 access_token: None,
                 expires_at: 0,
                 refresh_token: None,
@@ -357,6 +367,54 @@ mod tests {
                 state_key("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
             ),
             "StateKey([redacted])"
+        );
+    }
+
+    #[test]
+    fn a_sealed_store_refuses_a_plain_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let plain = TokenStore::new(tmp.path(), None);
+        let t = StoredTokens {
+            access_token: Some(Secret::new("at-planted")),
+            expires_at: 7,
+            refresh_token: Some(Secret::new("rt-planted")),
+        };
+        plain.save("acct", &t).unwrap();
+        let before = fs::read(plain.path("acct")).unwrap();
+        let sealed = TokenStore::new(
+            tmp.path(),
+            Some(state_key("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")),
+        );
+        let e = sealed.load("acct").unwrap_err();
+        assert!(
+            matches!(&e, StoreError::NotSealed { path, account } if *path == plain.path("acct") && account == "acct"),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains(&plain.path("acct").display().to_string()),
+            "{text}"
+        );
+        assert!(text.contains("is not sealed"), "{text}");
+        assert!(text.contains("smtp-oauth-bridge login acct"), "{text}");
+        assert!(!text.contains("planted") && !format!("{e:?}").contains("planted"));
+        // Also a file with no token fields at all; the file is left as it was.
+        fs::write(plain.path("empty"), br#"{"version":1,"account":"empty"}"#).unwrap();
+        assert!(matches!(
+            sealed.load("empty").unwrap_err(),
+            StoreError::NotSealed { .. }
+        ));
+        assert_eq!(fs::read(plain.path("acct")).unwrap(), before);
+        // Without a key the same file is read as before.
+        assert_eq!(
+            plain
+                .load("acct")
+                .unwrap()
+                .unwrap()
+                .refresh_token
+                .unwrap()
+                .expose(),
+            "rt-planted"
         );
     }
 }

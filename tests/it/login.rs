@@ -33,6 +33,13 @@ fn stored(env: &Env) -> StoredTokens {
 /// (the fake provider approves at once and redirects to the loopback listener), and
 /// returns login's stdout once it exited 0.
 async fn login_with_browser(env: &Env) -> String {
+    login_with_browser_after_silent_clients(env, 0).await.0
+}
+
+/// Like [`login_with_browser`], with `silent` local clients connected to the redirect
+/// listener (saying nothing) before the browser comes back; also returns how long the
+/// browser's two requests (the forged and the real callback) took.
+async fn login_with_browser_after_silent_clients(env: &Env, silent: usize) -> (String, Duration) {
     let mut child = bin()
         .args([
             "--config",
@@ -75,6 +82,21 @@ async fn login_with_browser(env: &Env) -> String {
     assert_eq!(r.status().as_u16(), 302);
     let location = r.headers()["location"].to_str().unwrap().to_string();
     assert!(location.starts_with("http://localhost:"), "{location}");
+    let port: u16 = location["http://localhost:".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut silent_clients = Vec::new();
+    for _ in 0..silent {
+        silent_clients.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    let started = Instant::now();
     // A forged callback with the wrong state is refused and does not end the login.
     let forged = format!(
         "{}?code=forged&state=wrong",
@@ -93,13 +115,15 @@ async fn login_with_browser(env: &Env) -> String {
         .unwrap();
     assert_eq!(page.status().as_u16(), 200);
     assert!(page.text().await.unwrap().contains("Signed in"));
+    let took = started.elapsed();
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
         .unwrap();
     let out = reader.join().unwrap();
     assert!(status.success(), "login failed: {out}");
-    out
+    drop(silent_clients);
+    (out, took)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,6 +181,22 @@ async fn login_with_authorization_code_then_serve_uses_the_refresh_token() {
         env.tokens.valid_refresh_tokens(),
         vec![rotated.expose().to_string()]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_local_clients_do_not_hold_up_the_login_redirect() {
+    let env = remote_ends(&Opts {
+        flow: "authorization_code",
+        ..Opts::default()
+    })
+    .await;
+    // The first edition served one connection at a time, each given 10 s to speak: three
+    // silent clients held the browser up for 30 s.
+    let (out, took) = login_with_browser_after_silent_clients(&env, 3).await;
+    assert!(out.contains("scanner: logged in"), "{out}");
+    assert!(took < Duration::from_secs(3), "the redirect took {took:?}");
+    assert_eq!(env.tokens.requests_by_grant("authorization_code"), 1);
+    assert!(stored(&env).refresh_token.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

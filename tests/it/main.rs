@@ -2,6 +2,7 @@
 //! against testkit's fake upstream and token endpoint. One test binary.
 #![allow(clippy::unwrap_used)]
 
+mod admin;
 mod cli;
 mod clients;
 mod deploy;
