@@ -86,9 +86,12 @@ pub(super) fn overlay(table: &mut toml::Table, name: &str, value: &str) -> Resul
     let mut node = table;
     let mut path = &segs[..segs.len() - 1];
     if let Some(section) = INDEXED_SECTIONS.iter().find(|s| **s == segs[0]) {
-        let index: usize = segs[1]
-            .parse()
-            .map_err(|_| err(format!("{:?} is not an {section} index (0, 1, ...)", segs[1])))?;
+        let index: usize = segs[1].parse().map_err(|_| {
+            err(format!(
+                "{:?} is not an {section} index (0, 1, ...)",
+                segs[1]
+            ))
+        })?;
         if segs.len() < 3 {
             return Err(err(format!("names no key of the {section}")));
         }
@@ -96,7 +99,9 @@ pub(super) fn overlay(table: &mut toml::Table, name: &str, value: &str) -> Resul
             .entry(*section)
             .or_insert_with(|| toml::Value::Array(Vec::new()));
         let toml::Value::Array(list) = entries else {
-            return Err(err(format!("[[{section}]] in the file is not a list of tables")));
+            return Err(err(format!(
+                "[[{section}]] in the file is not a list of tables"
+            )));
         };
         while list.len() <= index {
             list.push(toml::Value::Table(toml::Table::new()));

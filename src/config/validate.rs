@@ -322,8 +322,7 @@ impl Validator<'_> {
         let require_tls_for_auth = l.require_tls_for_auth.unwrap_or(exposed.is_some());
         // With implicit-TLS listeners clients authenticate there; with relay networks the
         // plain listener may serve devices that never AUTH.
-        if require_tls_for_auth && tls == ListenTls::Off && smtps.is_empty() && !relay_networks
-        {
+        if require_tls_for_auth && tls == ListenTls::Off && smtps.is_empty() && !relay_networks {
             let default = match exposed {
                 Some(a) if l.require_tls_for_auth.is_none() => {
                     format!(" (the default when listen.smtp {a} is not a loopback address)")
@@ -976,10 +975,18 @@ mod tests {
             Some(vec!["*@contoso.com".into(), "alerts@fabrikam.com".into()])
         );
         // A string is one listener.
-        let c = load(&format!("[listen]\nsmtp = \"127.0.0.1:25\"\n{}", account(""))).expect("valid");
+        let c = load(&format!(
+            "[listen]\nsmtp = \"127.0.0.1:25\"\n{}",
+            account("")
+        ))
+        .expect("valid");
         assert_eq!(c.listen.smtp, vec!["127.0.0.1:25".parse().unwrap()]);
         // Only implicit TLS on a public address: clients authenticate there.
-        let c = load(&format!("[listen]\nsmtp = []\nsmtps = [\"0.0.0.0:465\"]\n{}", account(""))).expect("valid");
+        let c = load(&format!(
+            "[listen]\nsmtp = []\nsmtps = [\"0.0.0.0:465\"]\n{}",
+            account("")
+        ))
+        .expect("valid");
         assert!(c.listen.smtp.is_empty());
         // A public plain port without TLS is fine when devices relay by network (AUTH is
         // then never offered there in plaintext).
@@ -991,12 +998,24 @@ mod tests {
     #[test]
     fn environment_sets_the_listener_and_network_keys() {
         let vars: Vec<(String, String)> = [
-            ("SMTP_OAUTH_BRIDGE_LISTEN__SMTP", "127.0.0.1:2525, 127.0.0.1:2526"),
+            (
+                "SMTP_OAUTH_BRIDGE_LISTEN__SMTP",
+                "127.0.0.1:2525, 127.0.0.1:2526",
+            ),
             ("SMTP_OAUTH_BRIDGE_LISTEN__SMTPS", "127.0.0.1:4465"),
-            ("SMTP_OAUTH_BRIDGE_LISTEN__ALLOW_NETWORKS", "127.0.0.0/8,::1/128"),
-            ("SMTP_OAUTH_BRIDGE_RELAY_NETWORK__0__CIDR", "10.0.5.0/24,10.0.6.17/32"),
+            (
+                "SMTP_OAUTH_BRIDGE_LISTEN__ALLOW_NETWORKS",
+                "127.0.0.0/8,::1/128",
+            ),
+            (
+                "SMTP_OAUTH_BRIDGE_RELAY_NETWORK__0__CIDR",
+                "10.0.5.0/24,10.0.6.17/32",
+            ),
             ("SMTP_OAUTH_BRIDGE_RELAY_NETWORK__0__ACCOUNT", "scanner"),
-            ("SMTP_OAUTH_BRIDGE_ACCOUNT__0__ALLOWED_RCPT", "*@contoso.com,alerts@fabrikam.com"),
+            (
+                "SMTP_OAUTH_BRIDGE_ACCOUNT__0__ALLOWED_RCPT",
+                "*@contoso.com,alerts@fabrikam.com",
+            ),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1018,7 +1037,10 @@ mod tests {
         assert_eq!(c.listen.smtps, vec!["127.0.0.1:4465".parse().unwrap()]);
         assert_eq!(
             c.listen.allow_networks,
-            Some(vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()])
+            Some(vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "::1/128".parse().unwrap()
+            ])
         );
         assert_eq!(c.relay_networks.len(), 1);
         assert_eq!(c.relay_networks[0].account, "scanner");

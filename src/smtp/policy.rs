@@ -138,13 +138,24 @@ mod tests {
         assert_eq!(who("fd12::1").as_deref(), Some("v"));
         assert_eq!(who("11.0.0.1"), None);
         assert_eq!(who("127.0.0.1"), None);
-        assert!(RelayNetworks::new(&account("")).account_for("10.0.5.9".parse().unwrap()).is_none());
+        assert!(RelayNetworks::new(&account(""))
+            .account_for("10.0.5.9".parse().unwrap())
+            .is_none());
 
         let allow: Vec<IpNet> = vec!["127.0.0.1/32".parse().unwrap(), "::1/128".parse().unwrap()];
-        assert!(connection_allowed(Some(&allow), "127.0.0.1".parse().unwrap()));
-        assert!(connection_allowed(Some(&allow), "::ffff:127.0.0.1".parse().unwrap()));
+        assert!(connection_allowed(
+            Some(&allow),
+            "127.0.0.1".parse().unwrap()
+        ));
+        assert!(connection_allowed(
+            Some(&allow),
+            "::ffff:127.0.0.1".parse().unwrap()
+        ));
         assert!(connection_allowed(Some(&allow), "::1".parse().unwrap()));
-        assert!(!connection_allowed(Some(&allow), "127.0.0.2".parse().unwrap()));
+        assert!(!connection_allowed(
+            Some(&allow),
+            "127.0.0.2".parse().unwrap()
+        ));
         assert!(connection_allowed(None, "192.0.2.1".parse().unwrap()));
     }
 

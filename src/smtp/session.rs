@@ -497,8 +497,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         }
         if via == Via::Network {
             // AUTH checks this for an authenticated client; a network's client is checked here.
-            if let Some(AccountStatus::NeedsLogin(_)) = self.ctx.tokens.status(&account.username)
-            {
+            if let Some(AccountStatus::NeedsLogin(_)) = self.ctx.tokens.status(&account.username) {
                 tracing::warn!(peer = %self.peer, account = %account.username, "relay network's account needs login");
                 return self.reply(&outcome::needs_login(&account.username));
             }

@@ -12,6 +12,7 @@ mod layout;
 mod limits;
 mod login;
 mod memory;
+mod office;
 mod operate;
 mod relay;
 mod secrets;
