@@ -1,6 +1,7 @@
 //! Wires a validated config into a running bridge: token manager (with its background
 //! refresher), upstream pool, spool and delivery workers (spool mode), local authentication,
-//! TLS and the SMTP listener. Used by `serve`, `demo` and the tests.
+//! TLS, who may connect and relay, and the SMTP listeners (plain and implicit TLS). Used by
+//! `serve`, `demo` and the tests.
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ListenTls};
@@ -11,6 +12,8 @@ use crate::relay::pool::Pool;
 use crate::relay::transport::Transport;
 use crate::relay::upstream::{local_hostname, UpstreamTarget};
 use crate::smtp::auth::LocalAuth;
+use crate::smtp::listener::{Admission, Bound};
+use crate::smtp::policy::RelayNetworks;
 use crate::smtp::session::{SessionContext, AUTH_FAILURE_DELAY};
 use crate::smtp::tls::TlsSetupError;
 use crate::smtp::{listener as server, tls};
@@ -27,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 pub enum StartError {
     #[error("listener: {0}")]
     Listener(std::io::Error),
+    #[error("no SMTP listener was given")]
+    NoListener,
     #[error("token manager: {0}")]
     Tokens(#[from] ManagerError),
     #[error("{0}")]
@@ -40,10 +45,25 @@ pub enum StartError {
     },
 }
 
+/// The sockets a bridge serves, bound by the caller (`serve` binds every configured address;
+/// tests bind port 0).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// Plain SMTP (`listen.smtp`; STARTTLS when `listen.tls = "starttls"`).
+    pub smtp: Vec<TcpListener>,
+    /// Implicit TLS (`listen.smtps`), with `listen.tls_cert`/`tls_key`.
+    pub smtps: Vec<TcpListener>,
+    /// The admin endpoint (`listen.admin`).
+    pub admin: Option<TcpListener>,
+}
+
 /// A running bridge.
 #[derive(Debug)]
 pub struct Bridge {
+    /// The first plain listener's address (the first implicit-TLS one's without any).
     pub local_addr: SocketAddr,
+    pub smtp_addrs: Vec<SocketAddr>,
+    pub smtps_addrs: Vec<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     /// What the admin endpoint serves (also usable without it).
     pub admin: AdminState,
@@ -67,17 +87,49 @@ impl Bridge {
         listener: TcpListener,
         admin: Option<TcpListener>,
     ) -> Result<Bridge, StartError> {
-        let local_addr = listener.local_addr().map_err(StartError::Listener)?;
+        Self::start_listeners(
+            config,
+            Listeners {
+                smtp: vec![listener],
+                smtps: Vec::new(),
+                admin,
+            },
+        )
+        .await
+    }
+
+    /// Starts serving SMTP on every listener of `listeners` and, if given, the admin
+    /// endpoint.
+    pub async fn start_listeners(
+        config: &Config,
+        listeners: Listeners,
+    ) -> Result<Bridge, StartError> {
+        let Listeners { smtp, smtps, admin } = listeners;
+        let addrs = |ls: &[TcpListener]| {
+            ls.iter()
+                .map(TcpListener::local_addr)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(StartError::Listener)
+        };
+        let smtp_addrs = addrs(&smtp)?;
+        let smtps_addrs = addrs(&smtps)?;
+        let local_addr = *smtp_addrs
+            .first()
+            .or(smtps_addrs.first())
+            .ok_or(StartError::NoListener)?;
         let tokens = TokenManager::new(config)?;
         let target =
             UpstreamTarget::new(&config.upstream).map_err(|e| StartError::Upstream(e.into()))?;
         let pool = Pool::new(config, target, tokens.clone());
-        let acceptor = match config.listen.tls {
-            ListenTls::Off => None,
-            ListenTls::StartTls => Some(tls::acceptor(
+        let starttls = config.listen.tls == ListenTls::StartTls;
+        // One certificate serves STARTTLS and the implicit-TLS listeners.
+        let acceptor = if starttls || !smtps.is_empty() {
+            Some(tls::acceptor(
                 &config.listen.tls_cert,
                 &config.listen.tls_key,
-            )?),
+            )?)
+        } else {
+            None
         };
         let shutdown = CancellationToken::new();
         let pacers: Arc<HashMap<String, Pacer>> = Arc::new(
@@ -115,7 +167,7 @@ impl Bridge {
             max_message_bytes: config.listen.max_message_bytes,
             max_recipients: config.listen.max_recipients,
             require_tls_for_auth: config.listen.require_tls_for_auth,
-            starttls_available: acceptor.is_some(),
+            starttls_available: starttls,
             shutdown: shutdown.clone(),
             hard_stop: CancellationToken::new(),
             command_timeout: config.listen.command_timeout,
@@ -125,6 +177,7 @@ impl Bridge {
             pacers,
             messages_per_minute: config.upstream.messages_per_minute,
             metrics: metrics.clone(),
+            relay_networks: RelayNetworks::new(config),
         });
         let smtp_up = Arc::new(AtomicBool::new(true));
         let admin_state = AdminState {
@@ -145,10 +198,24 @@ impl Bridge {
             }
         };
         let grace = config.listen.shutdown_grace;
-        let max_connections = config.listen.max_connections;
+        let admission = Admission {
+            allow_networks: config.listen.allow_networks.clone(),
+            max_connections: config.listen.max_connections,
+        };
+        let bound: Vec<Bound> = smtp
+            .into_iter()
+            .map(|listener| Bound {
+                listener,
+                implicit_tls: false,
+            })
+            .chain(smtps.into_iter().map(|listener| Bound {
+                listener,
+                implicit_tls: true,
+            }))
+            .collect();
         let q = queue.clone();
         let task = tokio::spawn(async move {
-            server::serve(listener, ctx, acceptor, max_connections, grace).await;
+            server::serve(bound, ctx, acceptor, admission, grace).await;
             smtp_up.store(false, Ordering::Relaxed);
             // Spool workers finish the delivery they are in, within the grace period; a
             // message cut off here stays in the spool and is retried at the next start.
@@ -162,8 +229,16 @@ impl Bridge {
             mode = if queue.is_some() { "spool" } else { "sync" },
             "SMTP listener ready"
         );
+        for a in smtp_addrs.iter().filter(|a| **a != local_addr) {
+            tracing::info!(address = %a, "SMTP listener ready (plain)");
+        }
+        for a in &smtps_addrs {
+            tracing::info!(address = %a, "SMTP listener ready (implicit TLS)");
+        }
         Ok(Bridge {
             local_addr,
+            smtp_addrs,
+            smtps_addrs,
             admin_addr,
             admin: admin_state,
             tokens,

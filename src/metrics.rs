@@ -10,7 +10,7 @@
 //! those names exactly (prometheus-client appends `_total` to counters itself and a `.` to
 //! every HELP text, so neither is written here).
 
-use crate::telemetry::{self, Outcome, RelayEvent};
+use crate::telemetry::{self, Outcome, RelayEvent, Via};
 use prometheus_client::encoding::{
     prometheus_text, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder,
 };
@@ -48,6 +48,25 @@ impl EncodeLabelValue for Outcome {
 struct MessageLabels {
     account: Arc<str>,
     outcome: Outcome,
+}
+
+impl EncodeLabelValue for Via {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// `{account, via}`: how a session's client was let send.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ViaLabels {
+    account: Arc<str>,
+    via: Via,
+}
+
+/// `{reason}` of a connection refused at accept.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabels {
+    reason: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -99,6 +118,8 @@ pub struct Metrics {
     latency: Histogram,
     local_sessions: Gauge,
     auth_failures: Counter,
+    via: Family<ViaLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -109,6 +130,8 @@ impl Default for Metrics {
         let latency = Histogram::new(LATENCY_BUCKETS);
         let local_sessions = Gauge::default();
         let auth_failures = Counter::default();
+        let via = Family::<ViaLabels, Counter>::default();
+        let refused = Family::<RefusedLabels, Counter>::default();
         let mut registry = Registry::with_prefix(PREFIX);
         registry.register(
             "messages",
@@ -140,6 +163,16 @@ impl Default for Metrics {
             "Failed local AUTH attempts",
             auth_failures.clone(),
         );
+        registry.register(
+            "messages_via",
+            "Messages local clients sent, by account and how the client was let send (auth: AUTH; network: a relay_network, without AUTH)",
+            via.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused at accept, by reason (network: outside listen.allow_networks)",
+            refused.clone(),
+        );
         Metrics {
             registry,
             accounts: Mutex::default(),
@@ -149,6 +182,8 @@ impl Default for Metrics {
             latency,
             local_sessions,
             auth_failures,
+            via,
+            refused,
         }
     }
 }
@@ -172,6 +207,14 @@ impl Metrics {
                 outcome: e.outcome,
             })
             .inc();
+        if let Some(via) = e.via {
+            self.via
+                .get_or_create(&ViaLabels {
+                    account: account.clone(),
+                    via,
+                })
+                .inc();
+        }
         if counts_bytes {
             self.bytes
                 .get_or_create(&AccountLabels { account })
@@ -212,6 +255,13 @@ impl Metrics {
 
     pub fn auth_failed(&self) {
         self.auth_failures.inc();
+    }
+
+    /// A client outside `listen.allow_networks` was refused at accept.
+    pub fn connection_refused_network(&self) {
+        self.refused
+            .get_or_create(&RefusedLabels { reason: "network" })
+            .inc();
     }
 
     /// The Prometheus text exposition (format 0.0.4) of the event metrics and `snap`.
@@ -329,6 +379,7 @@ mod tests {
             upstream_code: code,
             upstream_reply: "",
             ms,
+            via: None,
         }
     }
 
@@ -595,5 +646,39 @@ mod tests {
         m.record(&event("scanner", Outcome::Delivered, 250, 1, 1));
         assert_eq!(m.accounts.lock().map(|s| s.len()).unwrap_or(0), 1);
         assert!(Arc::ptr_eq(&first, &m.account("scanner")));
+    }
+
+    #[test]
+    fn sessions_count_their_path_and_refusals_their_reason() {
+        let m = Metrics::default();
+        let mut e = event("scanner", Outcome::Delivered, 250, 1, 1);
+        e.via = Some(Via::Network);
+        m.record(&e);
+        m.record(&e);
+        e.via = Some(Via::Auth);
+        m.record(&e);
+        // The spool's deliveries carry no path.
+        m.record(&event("scanner", Outcome::Delivered, 250, 1, 1));
+        m.connection_refused_network();
+        let text = m.render(&Snapshot::default()).expect("renders");
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("messages_via") || l.contains("connections_refused"))
+            .collect();
+        let mut lines = lines;
+        lines.sort_unstable();
+        assert_eq!(
+            lines,
+            [
+                "# HELP smtp_oauth_bridge_connections_refused_total Connections refused at accept, by reason (network: outside listen.allow_networks).",
+                "# HELP smtp_oauth_bridge_messages_via_total Messages local clients sent, by account and how the client was let send (auth: AUTH; network: a relay_network, without AUTH).",
+                "# TYPE smtp_oauth_bridge_connections_refused_total counter",
+                "# TYPE smtp_oauth_bridge_messages_via_total counter",
+                r#"smtp_oauth_bridge_connections_refused_total{reason="network"} 1"#,
+                r#"smtp_oauth_bridge_messages_via_total{account="scanner",via="auth"} 1"#,
+                r#"smtp_oauth_bridge_messages_via_total{account="scanner",via="network"} 2"#,
+            ],
+            "{text}"
+        );
     }
 }

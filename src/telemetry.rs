@@ -31,13 +31,25 @@ const NOISY: &[&str] = &[
     "oauth2",
 ];
 
-/// The filter every subscriber of ours uses: RUST_LOG (else `default`), with [`NOISY`] capped.
+/// rustls's module that warns about a ClientHello's server name. msmtp, mutt, nullmailer,
+/// Net::SMTP, git send-email and PHPMailer send the server's IP address as SNI, which
+/// RFC 6066 does not allow and rustls ignores with a WARN ("Illegal SNI extension: ignoring
+/// IP address presented as hostname") on every STARTTLS: normal client behaviour, nothing
+/// an operator can act on. This module's warnings are all about the peer's SNI (and one
+/// about a server's meaningless CertificateRequest, for our upstream client) and none
+/// changes what happens, so it is capped at ERROR; every other rustls module keeps its
+/// warnings (a failed handshake is logged by the listener either way).
+const RUSTLS_SNI: &str = "rustls::msgs::handshake";
+
+/// The filter every subscriber of ours uses: RUST_LOG (else `default`), with [`NOISY`] capped
+/// at INFO and [`RUSTLS_SNI`] at ERROR.
 pub fn filters(default: &str) -> (EnvFilter, Targets) {
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let mut cap = Targets::new().with_default(tracing::Level::TRACE);
     for t in NOISY {
         cap = cap.with_target(*t, tracing::Level::INFO);
     }
+    cap = cap.with_target(RUSTLS_SNI, tracing::Level::ERROR);
     (env, cap)
 }
 
@@ -118,6 +130,25 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// How a message's sender was established: the relay log's `via` field and the `via` label
+/// of `smtp_oauth_bridge_messages_via_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Via {
+    /// The client authenticated (AUTH).
+    Auth,
+    /// The client's address is in a `[[relay_network]]` (no AUTH).
+    Network,
+}
+
+impl Via {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Via::Auth => "auth",
+            Via::Network => "network",
+        }
+    }
+}
+
 /// The fields of one relay log line.
 #[derive(Debug)]
 pub struct RelayEvent<'a> {
@@ -131,6 +162,9 @@ pub struct RelayEvent<'a> {
     pub upstream_code: u16,
     pub upstream_reply: &'a str,
     pub ms: u64,
+    /// How the local client was let send (a session's lines); `None` for the spool's
+    /// deliveries, whose line has no `via` field.
+    pub via: Option<Via>,
 }
 
 pub fn relay_event(e: &RelayEvent<'_>) {
@@ -146,6 +180,7 @@ pub fn relay_event(e: &RelayEvent<'_>) {
         upstream_code = e.upstream_code,
         upstream_reply = e.upstream_reply,
         ms = e.ms,
+        via = e.via.map(Via::as_str),
     );
 }
 
@@ -188,6 +223,18 @@ mod tests {
         assert_eq!(Outcome::Dead.as_str(), "dead");
         assert_eq!(Outcome::Deleted.as_str(), "deleted");
         assert_eq!(Outcome::Dead.to_string(), "dead");
+    }
+
+    #[test]
+    fn rustls_sni_warnings_are_quiet_and_other_rustls_warnings_are_not() {
+        use tracing::Level;
+        let (_, cap) = super::filters("info");
+        assert!(!cap.would_enable("rustls::msgs::handshake", &Level::WARN));
+        assert!(cap.would_enable("rustls::msgs::handshake", &Level::ERROR));
+        assert!(cap.would_enable("rustls::server::hs", &Level::WARN));
+        assert!(cap.would_enable("rustls::conn", &Level::WARN));
+        assert!(!cap.would_enable("rustls::conn", &Level::DEBUG));
+        assert!(cap.would_enable("smtp_oauth_bridge::smtp::listener", &Level::DEBUG));
     }
 
     #[test]

@@ -91,7 +91,8 @@ token_url = "{token_url}"
     std::fs::write(&config_path, &toml).map_err(rt("cannot write the demo config"))?;
     let config = Config::load_file(&config_path)?;
 
-    let listener = match TcpListener::bind(config.listen.smtp).await {
+    let first = config.listen.smtp.first().copied();
+    let listener = match TcpListener::bind(first.unwrap_or(([127, 0, 0, 1], 2525).into())).await {
         Ok(l) => l,
         Err(e) => {
             println!("127.0.0.1:2525 is busy ({e}); the demo uses a free port instead");

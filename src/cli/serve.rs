@@ -1,7 +1,9 @@
 //! `serve`: run the listener, token manager and relay until SIGINT/SIGTERM, then drain.
 
 use super::{CliError, ConfigArg};
-use smtp_oauth_bridge::bridge::Bridge;
+use smtp_oauth_bridge::bridge::{Bridge, Listeners};
+use std::net::SocketAddr;
+use tokio::net::TcpListener;
 
 pub async fn run(config: &ConfigArg, print_config: bool) -> Result<(), CliError> {
     let config = config.load()?;
@@ -12,21 +14,19 @@ pub async fn run(config: &ConfigArg, print_config: bool) -> Result<(), CliError>
         print!("{text}");
         return Ok(());
     }
-    let listener = tokio::net::TcpListener::bind(config.listen.smtp)
-        .await
-        .map_err(|e| {
-            CliError::Runtime(format!(
-                "cannot listen on {} (listen.smtp): {e}",
-                config.listen.smtp
-            ))
-        })?;
-    let admin = match config.listen.admin {
-        None => None,
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            CliError::Runtime(format!("cannot listen on {addr} (listen.admin): {e}"))
-        })?),
-    };
-    let bridge = Bridge::start_with_admin(&config, listener, admin)
+    let mut listeners = Listeners::default();
+    for (key, addrs, out) in [
+        ("listen.smtp", &config.listen.smtp, &mut listeners.smtp),
+        ("listen.smtps", &config.listen.smtps, &mut listeners.smtps),
+    ] {
+        for addr in addrs {
+            out.push(bind(*addr, key).await?);
+        }
+    }
+    if let Some(addr) = config.listen.admin {
+        listeners.admin = Some(bind(addr, "listen.admin").await?);
+    }
+    let bridge = Bridge::start_listeners(&config, listeners)
         .await
         .map_err(|e| CliError::Runtime(e.to_string()))?;
     wait_for_signal().await;
@@ -35,6 +35,13 @@ pub async fn run(config: &ConfigArg, print_config: bool) -> Result<(), CliError>
     bridge.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds one configured address; the error names the key and the address.
+async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, CliError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| CliError::Runtime(format!("cannot listen on {addr} ({key}): {e}")))
 }
 
 /// Returns at SIGINT (Ctrl-C) or SIGTERM.

@@ -1,7 +1,8 @@
 //! The `SMTP_OAUTH_BRIDGE_*` environment overlay: each variable sets one key of the file's
-//! table before it is deserialized (`SMTP_OAUTH_BRIDGE_<SECTION>__<KEY>`, accounts as
-//! `ACCOUNT__<N>__<KEY>`). Values are typed by the key's name (lists comma-separated); what a
-//! key means is the raw structs' and the validator's business.
+//! table before it is deserialized (`SMTP_OAUTH_BRIDGE_<SECTION>__<KEY>`, accounts and relay
+//! networks as `ACCOUNT__<N>__<KEY>` and `RELAY_NETWORK__<N>__<KEY>`). Values are typed by
+//! the key's name (lists comma-separated); what a key means is the raw structs' and the
+//! validator's business.
 
 use super::ConfigError;
 
@@ -11,7 +12,17 @@ pub const ENV_PREFIX: &str = "SMTP_OAUTH_BRIDGE_";
 pub const ENV_CONFIG_FILE: &str = "SMTP_OAUTH_BRIDGE_CONFIG";
 
 /// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: &[&str] = &["allowed_from", "scopes"];
+const LIST_KEYS: &[&str] = &[
+    "allowed_from",
+    "allowed_rcpt",
+    "scopes",
+    "smtp",
+    "smtps",
+    "allow_networks",
+    "cidr",
+];
+/// Lists of tables, addressed by index: `ACCOUNT__<N>__<KEY>`, `RELAY_NETWORK__<N>__<KEY>`.
+const INDEXED_SECTIONS: &[&str] = &["account", "relay_network"];
 /// Keys whose environment value is a boolean.
 const BOOL_KEYS: &[&str] = &["require_tls_for_auth"];
 /// Keys whose environment value is an integer (besides every `*_secs`).
@@ -74,24 +85,29 @@ pub(super) fn overlay(table: &mut toml::Table, name: &str, value: &str) -> Resul
     };
     let mut node = table;
     let mut path = &segs[..segs.len() - 1];
-    if segs[0] == "account" {
-        let index: usize = segs[1]
-            .parse()
-            .map_err(|_| err(format!("{:?} is not an account index (0, 1, ...)", segs[1])))?;
+    if let Some(section) = INDEXED_SECTIONS.iter().find(|s| **s == segs[0]) {
+        let index: usize = segs[1].parse().map_err(|_| {
+            err(format!(
+                "{:?} is not an {section} index (0, 1, ...)",
+                segs[1]
+            ))
+        })?;
         if segs.len() < 3 {
-            return Err(err("names no key of the account".into()));
+            return Err(err(format!("names no key of the {section}")));
         }
-        let accounts = node
-            .entry("account")
+        let entries = node
+            .entry(*section)
             .or_insert_with(|| toml::Value::Array(Vec::new()));
-        let toml::Value::Array(list) = accounts else {
-            return Err(err("[[account]] in the file is not a list of tables".into()));
+        let toml::Value::Array(list) = entries else {
+            return Err(err(format!(
+                "[[{section}]] in the file is not a list of tables"
+            )));
         };
         while list.len() <= index {
             list.push(toml::Value::Table(toml::Table::new()));
         }
         let toml::Value::Table(t) = &mut list[index] else {
-            return Err(err(format!("account {index} is not a table")));
+            return Err(err(format!("{section} {index} is not a table")));
         };
         node = t;
         path = &segs[2..segs.len() - 1];

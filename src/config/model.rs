@@ -6,6 +6,7 @@
 //! without them (`print.rs`). Provider endpoint presets are in `presets.rs`.
 
 use crate::secret::{Secret, SecretKey};
+use ipnet::IpNet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -169,7 +170,12 @@ impl EnvSecret {
 
 #[derive(Debug, Clone)]
 pub struct Listen {
-    pub smtp: SocketAddr,
+    /// Plain listeners (STARTTLS on them when `tls` says so).
+    pub smtp: Vec<SocketAddr>,
+    /// Implicit-TLS listeners (RFC 8314), with `tls_cert`/`tls_key`.
+    pub smtps: Vec<SocketAddr>,
+    /// Clients from elsewhere get 554 5.7.1 at connect; `None`: any address.
+    pub allow_networks: Option<Vec<IpNet>>,
     pub admin: Option<SocketAddr>,
     pub tls: ListenTls,
     pub tls_cert: PathBuf,
@@ -236,7 +242,17 @@ pub struct Account {
     pub password: LocalPassword,
     pub mailbox: String,
     pub allowed_from: Vec<String>,
+    /// Recipients this account may send to (exact address or `*@domain`); `None`: any.
+    pub allowed_rcpt: Option<Vec<String>>,
     pub oauth: OAuth,
+}
+
+/// `[[relay_network]]`: clients whose address is in `cidr` may send without AUTH, as the
+/// account named `account` (an existing username).
+#[derive(Debug, Clone)]
+pub struct RelayNetwork {
+    pub cidr: Vec<IpNet>,
+    pub account: String,
 }
 
 /// `[queue] mode = "spool"`: accept after fsync, deliver in the background.
@@ -256,5 +272,6 @@ pub struct Config {
     pub state: State,
     /// `None`: synchronous relay (the default).
     pub queue: Option<Queue>,
+    pub relay_networks: Vec<RelayNetwork>,
     pub accounts: Vec<Account>,
 }

@@ -58,6 +58,7 @@ impl From<&Config> for RawConfig {
             upstream: RawUpstream::from(&c.upstream),
             state: RawState::from(&c.state),
             queue: c.queue.as_ref().map(RawQueue::from),
+            relay_network: c.relay_networks.iter().map(RawRelayNetwork::from).collect(),
             account: c.accounts.iter().map(RawAccount::from).collect(),
         }
     }
@@ -66,7 +67,14 @@ impl From<&Config> for RawConfig {
 impl From<&Listen> for RawListen {
     fn from(l: &Listen) -> RawListen {
         RawListen {
-            smtp: Some(l.smtp.to_string()),
+            smtp: Some(OneOrMany::from_vec(
+                l.smtp.iter().map(ToString::to_string).collect(),
+            )),
+            smtps: (!l.smtps.is_empty()).then(|| l.smtps.iter().map(ToString::to_string).collect()),
+            allow_networks: l
+                .allow_networks
+                .as_ref()
+                .map(|n| n.iter().map(ToString::to_string).collect()),
             admin: l.admin.map(|a| a.to_string()),
             tls: Some(l.tls.as_str().to_string()),
             tls_cert: Some(absolute(&l.tls_cert)),
@@ -78,6 +86,15 @@ impl From<&Listen> for RawListen {
             shutdown_grace_secs: secs(l.shutdown_grace),
             command_timeout_secs: secs(l.command_timeout),
             session_timeout_secs: secs(l.session_timeout),
+        }
+    }
+}
+
+impl From<&RelayNetwork> for RawRelayNetwork {
+    fn from(n: &RelayNetwork) -> RawRelayNetwork {
+        RawRelayNetwork {
+            cidr: Some(n.cidr.iter().map(ToString::to_string).collect()),
+            account: Some(n.account.clone()),
         }
     }
 }
@@ -134,6 +151,7 @@ impl From<&Account> for RawAccount {
             password_env,
             mailbox: Some(a.mailbox.clone()),
             allowed_from: Some(a.allowed_from.clone()),
+            allowed_rcpt: a.allowed_rcpt.clone(),
             oauth: Some(RawOAuth::from(&a.oauth)),
         }
     }
@@ -200,7 +218,9 @@ mod tests {
         format!(
             r#"
 [listen]
-smtp = "0.0.0.0:2525"
+smtp = ["0.0.0.0:2525", "[::1]:2526"]
+smtps = ["0.0.0.0:4465"]
+allow_networks = ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "10.9.9.9"]
 admin = "127.0.0.1:9925"
 tls = "starttls"
 max_recipients = 100
@@ -215,11 +235,15 @@ dir = "var/state"
 [queue]
 mode = "spool"
 retry_min_secs = 10
+[[relay_network]]
+cidr = ["10.0.5.0/24", "10.0.6.17/32", "fd00:5::/64"]
+account = "scanner"
 [[account]]
 username = "scanner"
 password_env = "PW"
 mailbox = "scanner@contoso.com"
 allowed_from = ["scanner@contoso.com", "*@fabrikam.com"]
+allowed_rcpt = ["*@contoso.com", "alerts@fabrikam.com"]
 [account.oauth]
 tenant = "contoso.onmicrosoft.com"
 flow = "client_credentials"
@@ -266,6 +290,21 @@ redirect_port = 8765
                 Some("# effective configuration from printed.toml")
             );
             assert_eq!(body(&second), body(&first));
+            for line in [
+                "smtp = [\"0.0.0.0:2525\", \"[::1]:2526\"]",
+                "smtps = [\"0.0.0.0:4465\"]",
+                "allow_networks = [\"127.0.0.0/8\", \"::1/128\", \"10.0.0.0/8\", \"10.9.9.9/32\"]",
+                "[[relay_network]]",
+                "cidr = [\"10.0.5.0/24\", \"10.0.6.17/32\", \"fd00:5::/64\"]",
+                "account = \"scanner\"",
+                "allowed_rcpt = [\"*@contoso.com\", \"alerts@fabrikam.com\"]",
+            ] {
+                assert_eq!(
+                    first.lines().filter(|l| *l == line).count(),
+                    1,
+                    "{line}:\n{first}"
+                );
+            }
             let third = load(&second, "printed.toml", elsewhere.path())
                 .unwrap()
                 .to_toml()

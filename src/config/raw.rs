@@ -18,6 +18,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub state: RawState,
     pub queue: Option<RawQueue>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relay_network: Vec<RawRelayNetwork>,
     #[serde(default)]
     pub account: Vec<RawAccount>,
 }
@@ -25,7 +27,9 @@ pub(super) struct RawConfig {
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawListen {
-    pub smtp: Option<String>,
+    pub smtp: Option<OneOrMany>,
+    pub smtps: Option<Vec<String>>,
+    pub allow_networks: Option<Vec<String>>,
     pub admin: Option<String>,
     pub tls: Option<String>,
     pub tls_cert: Option<PathBuf>,
@@ -69,6 +73,14 @@ pub(super) struct RawQueue {
     pub retry_max_secs: Option<u64>,
 }
 
+/// `[[relay_network]]`: clients from `cidr` may send without AUTH, as `account`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRelayNetwork {
+    pub cidr: Option<Vec<String>>,
+    pub account: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAccount {
@@ -78,6 +90,7 @@ pub(super) struct RawAccount {
     pub password_env: Option<String>,
     pub mailbox: Option<String>,
     pub allowed_from: Option<Vec<String>>,
+    pub allowed_rcpt: Option<Vec<String>>,
     pub oauth: Option<RawOAuth>,
 }
 
@@ -95,4 +108,51 @@ pub(super) struct RawOAuth {
     pub authorize_url: Option<String>,
     pub device_authorization_url: Option<String>,
     pub redirect_port: Option<u16>,
+}
+
+/// A key that takes a string or a list of strings (`listen.smtp`); printed as a string when
+/// it holds one value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn from_vec(mut v: Vec<String>) -> OneOrMany {
+        match v.len() {
+            1 => OneOrMany::One(v.remove(0)),
+            _ => OneOrMany::Many(v),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<OneOrMany, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OneOrMany;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an address or a list of addresses")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::One(v.to_string()))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<OneOrMany, A::Error> {
+                let mut v = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    v.push(s);
+                }
+                Ok(OneOrMany::Many(v))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }

@@ -7,7 +7,8 @@ use super::model::*;
 use super::raw::*;
 use super::ConfigError;
 use crate::secret::{Secret, SecretKey};
-use std::net::SocketAddr;
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -39,7 +40,7 @@ impl Validator<'_> {
             None => None,
             Some(q) => self.queue(q)?,
         };
-        let listen = self.listen(raw.listen)?;
+        let listen = self.listen(raw.listen, !raw.relay_network.is_empty())?;
         if raw.account.is_empty() {
             return Err(self.err(
                 "account",
@@ -57,6 +58,12 @@ impl Validator<'_> {
             }
             accounts.push(acc);
         }
+        let relay_networks = raw
+            .relay_network
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| self.relay_network(i, n, &accounts))
+            .collect::<Result<Vec<_>, _>>()?;
         let upstream = self.upstream(raw.upstream, accounts[0].oauth.provider)?;
         let state = self.state(raw.state)?;
         Ok(Config {
@@ -65,8 +72,38 @@ impl Validator<'_> {
             upstream,
             state,
             queue,
+            relay_networks,
             accounts,
         })
+    }
+
+    fn relay_network(
+        &self,
+        i: usize,
+        n: RawRelayNetwork,
+        accounts: &[Account],
+    ) -> Result<RelayNetwork, ConfigError> {
+        let k = |key: &str| format!("relay_network[{i}].{key}");
+        let cidr = match n.cidr {
+            Some(c) if !c.is_empty() => self.networks(&k("cidr"), &c)?,
+            _ => {
+                return Err(self.err(
+                    k("cidr"),
+                    "is missing: list the networks whose clients may send without AUTH (e.g. [\"10.0.5.0/24\"])",
+                ))
+            }
+        };
+        let account = n
+            .account
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| self.err(k("account"), "is missing (the account to send as)"))?;
+        if !accounts.iter().any(|a| a.username == account) {
+            return Err(self.err(
+                k("account"),
+                format!("{account:?} is not the username of any [[account]]"),
+            ));
+        }
+        Ok(RelayNetwork { cidr, account })
     }
 
     fn queue(&self, q: RawQueue) -> Result<Option<Queue>, ConfigError> {
@@ -163,14 +200,80 @@ impl Validator<'_> {
         }
     }
 
-    fn listen(&self, l: RawListen) -> Result<Listen, ConfigError> {
-        let smtp_text = l.smtp.unwrap_or_else(|| "127.0.0.1:2525".into());
-        let smtp: SocketAddr = smtp_text.parse().map_err(|_| {
-            self.err(
+    /// `IP:port` addresses of a listener key; `key[i]` names an entry of a list.
+    fn addrs(
+        &self,
+        key: &str,
+        texts: Vec<String>,
+        indexed: bool,
+    ) -> Result<Vec<SocketAddr>, ConfigError> {
+        let mut out = Vec::with_capacity(texts.len());
+        for (i, t) in texts.into_iter().enumerate() {
+            let k = if indexed {
+                format!("{key}[{i}]")
+            } else {
+                key.to_string()
+            };
+            let a: SocketAddr = t
+                .parse()
+                .map_err(|_| self.err(k, format!("{t:?} is not an IP:port address")))?;
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    /// CIDR blocks (`10.0.5.0/24`, `fd00::/8`; a bare address is one host).
+    fn networks(&self, key: &str, texts: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                parse_network(t).ok_or_else(|| {
+                    self.err(
+                        format!("{key}[{i}]"),
+                        format!("{t:?} is not a network (e.g. \"10.0.5.0/24\" or \"fd00::/8\")"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn listen(&self, l: RawListen, relay_networks: bool) -> Result<Listen, ConfigError> {
+        let (smtp_texts, indexed) = match l.smtp {
+            None => (vec!["127.0.0.1:2525".to_string()], false),
+            Some(OneOrMany::One(s)) => (vec![s], false),
+            Some(OneOrMany::Many(v)) => (v, true),
+        };
+        let smtp = self.addrs("listen.smtp", smtp_texts, indexed)?;
+        let smtps = self.addrs("listen.smtps", l.smtps.unwrap_or_default(), true)?;
+        if smtp.is_empty() && smtps.is_empty() {
+            return Err(self.err(
                 "listen.smtp",
-                format!("{smtp_text:?} is not an IP:port address"),
-            )
-        })?;
+                "no listener is configured; set listen.smtp or listen.smtps",
+            ));
+        }
+        let mut seen: Vec<SocketAddr> = Vec::new();
+        for (key, a) in smtp
+            .iter()
+            .map(|a| ("listen.smtp", a))
+            .chain(smtps.iter().map(|a| ("listen.smtps", a)))
+        {
+            // Port 0 (any free port) may be asked for more than once.
+            if a.port() != 0 && seen.contains(a) {
+                return Err(self.err(key, format!("{a} is listed more than once")));
+            }
+            seen.push(*a);
+        }
+        let allow_networks = match l.allow_networks {
+            None => None,
+            Some(v) if v.is_empty() => {
+                return Err(self.err(
+                    "listen.allow_networks",
+                    "is empty, so no client could connect; remove the key to allow any address",
+                ))
+            }
+            Some(v) => Some(self.networks("listen.allow_networks", &v)?),
+        };
         let admin = match l.admin {
             None => None,
             Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
@@ -186,7 +289,7 @@ impl Validator<'_> {
         })?;
         let tls_cert = self.path(&l.tls_cert.unwrap_or_else(|| "certs/bridge.crt".into()));
         let tls_key = self.path(&l.tls_key.unwrap_or_else(|| "certs/bridge.key".into()));
-        if tls == ListenTls::StartTls {
+        if tls == ListenTls::StartTls || !smtps.is_empty() {
             match (tls_cert.exists(), tls_key.exists()) {
                 (true, true) | (false, false) => {}
                 (true, false) => {
@@ -215,17 +318,28 @@ impl Validator<'_> {
                 }
             }
         }
-        let require_tls_for_auth = l.require_tls_for_auth.unwrap_or(!smtp.ip().is_loopback());
-        if require_tls_for_auth && tls == ListenTls::Off {
+        let exposed = smtp.iter().find(|a| !a.ip().is_loopback());
+        let require_tls_for_auth = l.require_tls_for_auth.unwrap_or(exposed.is_some());
+        // With implicit-TLS listeners clients authenticate there; with relay networks the
+        // plain listener may serve devices that never AUTH.
+        if require_tls_for_auth && tls == ListenTls::Off && smtps.is_empty() && !relay_networks {
+            let default = match exposed {
+                Some(a) if l.require_tls_for_auth.is_none() => {
+                    format!(" (the default when listen.smtp {a} is not a loopback address)")
+                }
+                _ => String::new(),
+            };
             return Err(self.err(
                 "listen.require_tls_for_auth",
                 format!(
-                    "is true (the default when listen.smtp {smtp} is not a loopback address) but listen.tls is \"off\", so no client could authenticate; set listen.tls = \"starttls\" or require_tls_for_auth = false"
+                    "is true{default} but listen.tls is \"off\", so no client could authenticate; set listen.tls = \"starttls\", add listen.smtps listeners, or set require_tls_for_auth = false"
                 ),
             ));
         }
         Ok(Listen {
             smtp,
+            smtps,
+            allow_networks,
             admin,
             tls,
             tls_cert,
@@ -383,17 +497,15 @@ impl Validator<'_> {
             return Err(self.err(k("mailbox"), format!("{mailbox:?} is not an email address")));
         }
         let allowed_from = a.allowed_from.unwrap_or_else(|| vec![mailbox.clone()]);
-        for (j, f) in allowed_from.iter().enumerate() {
-            let ok = match f.strip_prefix("*@") {
-                Some(domain) => !domain.is_empty() && is_address(&format!("x@{domain}")),
-                None => is_address(f),
-            };
-            if !ok {
+        self.patterns(&k("allowed_from"), &allowed_from)?;
+        if let Some(rcpt) = &a.allowed_rcpt {
+            if rcpt.is_empty() {
                 return Err(self.err(
-                    format!("account[{i}].allowed_from[{j}]"),
-                    format!("{f:?} is not an address or \"*@domain\""),
+                    k("allowed_rcpt"),
+                    "is empty, so the account could send to no one; remove the key to allow any recipient",
                 ));
             }
+            self.patterns(&k("allowed_rcpt"), rcpt)?;
         }
         let oauth = self.oauth(i, a.oauth.unwrap_or_default())?;
         Ok(Account {
@@ -401,8 +513,26 @@ impl Validator<'_> {
             password,
             mailbox,
             allowed_from,
+            allowed_rcpt: a.allowed_rcpt,
             oauth,
         })
+    }
+
+    /// Each entry an address or `*@domain` (`allowed_from`, `allowed_rcpt`).
+    fn patterns(&self, key: &str, list: &[String]) -> Result<(), ConfigError> {
+        for (j, f) in list.iter().enumerate() {
+            let ok = match f.strip_prefix("*@") {
+                Some(domain) => !domain.is_empty() && is_address(&format!("x@{domain}")),
+                None => is_address(f),
+            };
+            if !ok {
+                return Err(self.err(
+                    format!("{key}[{j}]"),
+                    format!("{f:?} is not an address or \"*@domain\""),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn oauth(&self, i: usize, o: RawOAuth) -> Result<OAuth, ConfigError> {
@@ -567,6 +697,14 @@ fn is_loopback_host(host: &url::Host<&str>) -> bool {
     }
 }
 
+/// A CIDR block, or a bare address as a one-host network.
+fn parse_network(t: &str) -> Option<IpNet> {
+    let t = t.trim();
+    t.parse::<IpNet>()
+        .ok()
+        .or_else(|| t.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
 /// A plain `local@domain` check: one '@', both sides non-empty, no spaces or angle brackets.
 fn is_address(s: &str) -> bool {
     match s.rsplit_once('@') {
@@ -604,7 +742,11 @@ mod tests {
     #[test]
     fn minimal_config_gets_the_documented_defaults() {
         let c = load(&account("")).expect("valid");
-        assert_eq!(c.listen.smtp, "127.0.0.1:2525".parse().unwrap());
+        assert_eq!(c.listen.smtp, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert!(c.listen.smtps.is_empty());
+        assert!(c.listen.allow_networks.is_none());
+        assert!(c.relay_networks.is_empty());
+        assert_eq!(c.accounts[0].allowed_rcpt, None);
         assert!(!c.listen.require_tls_for_auth);
         assert_eq!(c.listen.max_message_bytes, 36_700_160);
         assert_eq!(c.listen.max_recipients, 500);
@@ -712,6 +854,66 @@ mod tests {
             ),
             (String::new(), "account", "no [[account]]"),
             (
+                format!("[listen]\nsmtp = [\"127.0.0.1:25\", \"x\"]\n{}", account("")),
+                "listen.smtp[1]",
+                "\"x\" is not an IP:port",
+            ),
+            (
+                format!("[listen]\nsmtp = 25\n{}", account("")),
+                "",
+                "an address or a list of addresses",
+            ),
+            (
+                format!("[listen]\nsmtp = []\n{}", account("")),
+                "listen.smtp",
+                "no listener",
+            ),
+            (
+                format!("[listen]\nsmtps = [\"127.0.0.1:465\", \"127.0.0.1:465\"]\n{}", account("")),
+                "listen.smtps",
+                "127.0.0.1:465 is listed more than once",
+            ),
+            (
+                format!("[listen]\nsmtps = [\"465\"]\n{}", account("")),
+                "listen.smtps[0]",
+                "not an IP:port",
+            ),
+            (
+                format!("[listen]\nallow_networks = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n{}", account("")),
+                "listen.allow_networks[1]",
+                "\"10.0.0.0/33\" is not a network",
+            ),
+            (
+                format!("[listen]\nallow_networks = []\n{}", account("")),
+                "listen.allow_networks",
+                "no client could connect",
+            ),
+            (
+                format!("[[relay_network]]\ncidr = [\"10.0.5.0/24\"]\naccount = \"printer\"\n{}", account("")),
+                "relay_network[0].account",
+                "\"printer\" is not the username of any [[account]]",
+            ),
+            (
+                format!("[[relay_network]]\naccount = \"scanner\"\n{}", account("")),
+                "relay_network[0].cidr",
+                "is missing",
+            ),
+            (
+                format!("[[relay_network]]\ncidr = [\"10.0.5.0/24\", \"nope\"]\naccount = \"scanner\"\n{}", account("")),
+                "relay_network[0].cidr[1]",
+                "not a network",
+            ),
+            (
+                account("allowed_rcpt = [\"a@b.c\", \"*@\"]"),
+                "account[0].allowed_rcpt[1]",
+                "not an address",
+            ),
+            (
+                account("allowed_rcpt = []"),
+                "account[0].allowed_rcpt",
+                "could send to no one",
+            ),
+            (
                 format!("[queue]\nmode = \"fifo\"\n{}", account("")),
                 "queue.mode",
                 "unknown mode",
@@ -727,10 +929,155 @@ mod tests {
         ];
         for (text, key, reason) in cases {
             let e = load(&text).expect_err(key);
+            if key.is_empty() {
+                // A type error is the deserializer's, with the line.
+                assert!(e.file.starts_with("bridge.toml:"), "{e}");
+                assert!(e.reason.contains(reason), "{e}");
+                continue;
+            }
             assert_eq!(e.file, "bridge.toml", "{e}");
             assert_eq!(e.key, key, "{e}");
             assert!(e.reason.contains(reason), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn listeners_networks_and_recipients() {
+        let c = load(&format!(
+            "[listen]\nsmtp = [\"127.0.0.1:2525\", \"[::1]:25\"]\nsmtps = [\"127.0.0.1:465\"]\nallow_networks = [\"127.0.0.0/8\", \"::1/128\", \"10.0.6.17\"]\n[[relay_network]]\ncidr = [\"10.0.5.0/24\"]\naccount = \"scanner\"\n{}",
+            account("allowed_rcpt = [\"*@contoso.com\", \"alerts@fabrikam.com\"]")
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.listen.smtp,
+            vec![
+                "127.0.0.1:2525".parse::<SocketAddr>().unwrap(),
+                "[::1]:25".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.listen.smtps, vec!["127.0.0.1:465".parse().unwrap()]);
+        let nets: Vec<String> = c
+            .listen
+            .allow_networks
+            .iter()
+            .flatten()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(nets, ["127.0.0.0/8", "::1/128", "10.0.6.17/32"]);
+        assert_eq!(c.relay_networks.len(), 1);
+        assert_eq!(c.relay_networks[0].account, "scanner");
+        assert_eq!(
+            c.relay_networks[0].cidr,
+            vec!["10.0.5.0/24".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            c.accounts[0].allowed_rcpt,
+            Some(vec!["*@contoso.com".into(), "alerts@fabrikam.com".into()])
+        );
+        // A string is one listener.
+        let c = load(&format!(
+            "[listen]\nsmtp = \"127.0.0.1:25\"\n{}",
+            account("")
+        ))
+        .expect("valid");
+        assert_eq!(c.listen.smtp, vec!["127.0.0.1:25".parse().unwrap()]);
+        // Only implicit TLS on a public address: clients authenticate there.
+        let c = load(&format!(
+            "[listen]\nsmtp = []\nsmtps = [\"0.0.0.0:465\"]\n{}",
+            account("")
+        ))
+        .expect("valid");
+        assert!(c.listen.smtp.is_empty());
+        // A public plain port without TLS is fine when devices relay by network (AUTH is
+        // then never offered there in plaintext).
+        let text = format!("[listen]\nsmtp = \"0.0.0.0:25\"\n[[relay_network]]\ncidr = [\"10.0.5.0/24\"]\naccount = \"scanner\"\n{}", account(""));
+        let c = load(&text).expect("valid");
+        assert!(c.listen.require_tls_for_auth);
+    }
+
+    #[test]
+    fn environment_sets_the_listener_and_network_keys() {
+        let vars: Vec<(String, String)> = [
+            (
+                "SMTP_OAUTH_BRIDGE_LISTEN__SMTP",
+                "127.0.0.1:2525, 127.0.0.1:2526",
+            ),
+            ("SMTP_OAUTH_BRIDGE_LISTEN__SMTPS", "127.0.0.1:4465"),
+            (
+                "SMTP_OAUTH_BRIDGE_LISTEN__ALLOW_NETWORKS",
+                "127.0.0.0/8,::1/128",
+            ),
+            (
+                "SMTP_OAUTH_BRIDGE_RELAY_NETWORK__0__CIDR",
+                "10.0.5.0/24,10.0.6.17/32",
+            ),
+            ("SMTP_OAUTH_BRIDGE_RELAY_NETWORK__0__ACCOUNT", "scanner"),
+            (
+                "SMTP_OAUTH_BRIDGE_ACCOUNT__0__ALLOWED_RCPT",
+                "*@contoso.com,alerts@fabrikam.com",
+            ),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let text = account("");
+        let env = |v: &str| match v {
+            "SECRET" => Some("client-secret".to_string()),
+            _ => None,
+        };
+        let c = Config::from_parts(Some(&text), "bridge.toml", Path::new("/etc/b"), &vars, &env)
+            .expect("valid");
+        assert_eq!(
+            c.listen.smtp,
+            vec![
+                "127.0.0.1:2525".parse::<SocketAddr>().unwrap(),
+                "127.0.0.1:2526".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.listen.smtps, vec!["127.0.0.1:4465".parse().unwrap()]);
+        assert_eq!(
+            c.listen.allow_networks,
+            Some(vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "::1/128".parse().unwrap()
+            ])
+        );
+        assert_eq!(c.relay_networks.len(), 1);
+        assert_eq!(c.relay_networks[0].account, "scanner");
+        assert_eq!(
+            c.relay_networks[0].cidr,
+            vec![
+                "10.0.5.0/24".parse::<IpNet>().unwrap(),
+                "10.0.6.17/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            c.accounts[0].allowed_rcpt,
+            Some(vec!["*@contoso.com".into(), "alerts@fabrikam.com".into()])
+        );
+        // A relay network naming no account from the environment is an error naming the key.
+        let vars = vec![(
+            "SMTP_OAUTH_BRIDGE_RELAY_NETWORK__1__ACCOUNT".to_string(),
+            "nobody".to_string(),
+        )];
+        let e = Config::from_parts(Some(&text), "bridge.toml", Path::new("/etc/b"), &vars, &env)
+            .unwrap_err();
+        assert_eq!(e.key, "relay_network[0].cidr", "{e}");
+        let vars = vec![
+            (
+                "SMTP_OAUTH_BRIDGE_RELAY_NETWORK__0__CIDR".to_string(),
+                "10.0.5.0/24".to_string(),
+            ),
+            (
+                "SMTP_OAUTH_BRIDGE_RELAY_NETWORK__0__ACCOUNT".to_string(),
+                "nobody".to_string(),
+            ),
+        ];
+        let e = Config::from_parts(Some(&text), "bridge.toml", Path::new("/etc/b"), &vars, &env)
+            .unwrap_err();
+        assert_eq!(e.key, "relay_network[0].account", "{e}");
+        assert!(e.reason.contains("\"nobody\" is not the username"), "{e}");
+        assert!(e.file.contains("environment"), "{e}");
     }
 
     #[test]

@@ -311,6 +311,7 @@ impl Queue {
             upstream_code: code,
             upstream_reply: reply,
             ms: started.elapsed().as_millis() as u64,
+            via: None,
         });
     }
 

@@ -41,6 +41,17 @@ pub const TLS_REQUIRED: Reply = Reply::fixed(
 );
 pub const NOT_ALLOWED_FROM: Reply =
     Reply::fixed(550, "5.7.1", "Sender address not allowed for this account");
+pub const NOT_ALLOWED_RCPT: Reply = Reply::fixed(
+    550,
+    "5.7.1",
+    "Recipient address not allowed for this account",
+);
+/// At connect, to a client outside `listen.allow_networks` (then the connection is closed).
+pub const NETWORK_REFUSED: Reply = Reply::fixed(
+    554,
+    "5.7.1",
+    "Access denied: your address may not use this service",
+);
 pub const BAD_SEQUENCE_HELO: Reply = Reply::fixed(503, "5.5.1", "Send EHLO or HELO first");
 pub const BAD_SEQUENCE_MAIL: Reply = Reply::fixed(503, "5.5.1", "Send MAIL first");
 pub const BAD_SEQUENCE_NESTED_MAIL: Reply = Reply::fixed(503, "5.5.1", "Nested MAIL command");

@@ -23,7 +23,7 @@ use crate::secret::Secret;
 use crate::smtp::auth::{LocalAuth, Verdict};
 use crate::smtp::data::normalize_line_endings;
 use crate::smtp::framing::{sanitize, trim_crlf, Framed, Line, Stop};
-use crate::smtp::policy;
+use crate::smtp::policy::{self, RelayNetworks, Via};
 use crate::smtp::reply;
 use crate::smtp::sasl::{self, SaslError};
 use crate::telemetry::{self, Outcome, RelayEvent};
@@ -70,6 +70,8 @@ pub struct SessionContext {
     pub pacers: Arc<HashMap<String, Pacer>>,
     pub messages_per_minute: u32,
     pub metrics: Arc<Metrics>,
+    /// Clients from these networks may send without AUTH, as the network's account.
+    pub relay_networks: RelayNetworks,
 }
 
 /// How a session ended.
@@ -125,6 +127,8 @@ pub struct Session<'a, S> {
     tls: bool,
     helo: Option<String>,
     user: Option<Arc<Account>>,
+    /// The account of the `[[relay_network]]` the client is in: used when it did not AUTH.
+    network: Option<Arc<Account>>,
     txn: Option<Txn>,
     auth_failures: u32,
     started: Instant,
@@ -149,6 +153,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             tls,
             helo: None,
             user: None,
+            network: ctx.relay_networks.account_for(peer.ip()),
             txn: None,
             auth_failures: 0,
             started: Instant::now(),
@@ -159,8 +164,18 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         self.io.reply(r);
     }
 
+    /// Who the client sends as: the account it authenticated as (AUTH wins), else its relay
+    /// network's account.
+    fn sender(&self) -> Option<(&Arc<Account>, Via)> {
+        match (&self.user, &self.network) {
+            (Some(a), _) => Some((a, Via::Auth)),
+            (None, Some(a)) => Some((a, Via::Network)),
+            (None, None) => None,
+        }
+    }
+
     fn account_name(&self) -> &str {
-        self.user.as_ref().map_or("", |a| a.username.as_str())
+        self.sender().map_or("", |(a, _)| a.username.as_str())
     }
 
     /// The next command line; between transactions a shutdown ends the session politely.
@@ -474,11 +489,18 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     fn mail(&mut self, args: &[u8]) {
-        let Some(account) = self.user.clone() else {
+        let Some((account, via)) = self.sender().map(|(a, v)| (a.clone(), v)) else {
             return self.reply(&reply::AUTH_REQUIRED);
         };
         if self.txn.is_some() {
             return self.reply(&reply::BAD_SEQUENCE_NESTED_MAIL);
+        }
+        if via == Via::Network {
+            // AUTH checks this for an authenticated client; a network's client is checked here.
+            if let Some(AccountStatus::NeedsLogin(_)) = self.ctx.tokens.status(&account.username) {
+                tracing::warn!(peer = %self.peer, account = %account.username, "relay network's account needs login");
+                return self.reply(&outcome::needs_login(&account.username));
+            }
         }
         let mail = match envelope::parse_mail_args(args) {
             Ok(m) => m,
@@ -523,6 +545,15 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             Ok(a) => a,
             Err(e) => return self.reply(&envelope_error_reply(&e, false)),
         };
+        // Refused here, before anything goes upstream (in sync mode not even the transaction).
+        let refused = match (&self.user, &self.network) {
+            (Some(a), _) | (None, Some(a)) => !policy::recipient_allowed(a, &to),
+            (None, None) => false,
+        };
+        if refused {
+            tracing::warn!(peer = %self.peer, account = %account, to = %sanitize(&to.to_string()), "recipient not in allowed_rcpt");
+            return self.reply(&reply::NOT_ALLOWED_RCPT);
+        }
         let (reply, next) = match std::mem::replace(&mut txn.upstream, Upstream::Waiting) {
             Upstream::Spool => {
                 // Recipients are checked by the upstream at delivery.
@@ -650,7 +681,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
 
     /// Sync mode cannot hold messages back: exceeding the rate is reported instead.
     fn note_rate(&self) {
-        let (Some(user), limit) = (&self.user, self.ctx.messages_per_minute) else {
+        let (Some((user, _)), limit) = (self.sender(), self.ctx.messages_per_minute) else {
             return;
         };
         let Some(pacer) = self.ctx.pacers.get(&user.username) else {
@@ -707,6 +738,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             upstream_code: code,
             upstream_reply: reply,
             ms: txn.started.elapsed().as_millis() as u64,
+            via: self.sender().map(|(_, v)| v),
         });
     }
 }
@@ -841,6 +873,7 @@ fn test_context(
         pacers: Arc::new(HashMap::new()),
         messages_per_minute: 0,
         metrics: Arc::new(Metrics::default()),
+        relay_networks: RelayNetworks::default(),
     }
 }
 

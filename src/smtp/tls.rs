@@ -1,5 +1,5 @@
-//! TLS for the local listener (STARTTLS): load the certificate and key, or generate a
-//! self-signed `localhost` certificate when both files are missing.
+//! TLS for the local listeners (STARTTLS and implicit TLS): load the certificate and key, or
+//! generate a self-signed `localhost` certificate when both files are missing.
 //!
 //! Always uses the ring provider explicitly; never relies on a process-wide default.
 
@@ -56,7 +56,7 @@ pub enum PemError {
 pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
     if !cert.exists() && !key.exists() {
         generate_self_signed(cert, key)?;
-        tracing::info!(cert = %cert.display(), "generated a self-signed localhost certificate for STARTTLS");
+        tracing::info!(cert = %cert.display(), "generated a self-signed localhost certificate for the listeners (STARTTLS, implicit TLS)");
     }
     let read = |k: &'static str, p: &Path| {
         std::fs::read(p).map_err(|source| TlsSetupError::Read {

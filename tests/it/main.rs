@@ -15,6 +15,7 @@ mod layout;
 mod limits;
 mod login;
 mod memory;
+mod office;
 mod operate;
 mod relay;
 mod secrets;
