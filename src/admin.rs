@@ -63,6 +63,7 @@ impl AdminState {
                         ),
                         token_refreshes: refreshes,
                         token_failures: failures,
+                        token_store_write_failures: self.tokens.store_write_failures(a),
                         upstream_sessions_busy: self.pool.busy_sessions(a),
                         upstream_sessions_idle: self.pool.idle_sessions(a),
                     }
@@ -85,6 +86,7 @@ impl AdminState {
             let why = match self.tokens.status(a) {
                 Some(AccountStatus::NeedsLogin(r)) => format!("needs login: {r}"),
                 Some(AccountStatus::Failing(r)) => format!("token refresh failing: {r}"),
+                Some(AccountStatus::StoreFailing(r)) => format!("token store write failing: {r}"),
                 _ => "no access token yet".to_string(),
             };
             accounts.insert(a.clone(), serde_json::Value::String(why));

@@ -54,14 +54,19 @@ pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Creates (or truncates) `path` with mode 0600, writes `parts` in order and fsyncs it.
-/// Not atomic: a reader may see it half-written; use [`write_atomic`] for that.
-pub(crate) fn write_private(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
+/// Creates (or truncates) `path` with mode 0600, open for writing.
+pub(crate) fn create_private_file(path: &Path) -> io::Result<File> {
     let mut opts = OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     opts.mode(0o600);
-    let mut f = opts.open(path)?;
+    opts.open(path)
+}
+
+/// Creates (or truncates) `path` with mode 0600, writes `parts` in order and fsyncs it.
+/// Not atomic: a reader may see it half-written; use [`write_atomic`] for that.
+pub(crate) fn write_private(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
+    let mut f = create_private_file(path)?;
     for p in parts {
         f.write_all(p)?;
     }

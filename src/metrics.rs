@@ -93,6 +93,8 @@ pub struct AccountSnapshot {
     pub needs_login: bool,
     pub token_refreshes: u64,
     pub token_failures: u64,
+    /// Failed writes of the account's tokens to the token store.
+    pub token_store_write_failures: u64,
     pub upstream_sessions_busy: usize,
     pub upstream_sessions_idle: usize,
 }
@@ -290,6 +292,7 @@ fn state_registry(snap: &Snapshot) -> Registry {
     let sessions = Family::<SessionLabels, Gauge>::default();
     let refreshes = Family::<AccountLabels, Counter>::default();
     let failures = Family::<AccountLabels, Counter>::default();
+    let store_failures = Family::<AccountLabels, Counter>::default();
     let expiry = Family::<AccountLabels, FloatGauge>::default();
     let needs_login = Family::<AccountLabels, Gauge>::default();
     for a in &snap.accounts {
@@ -310,6 +313,9 @@ fn state_registry(snap: &Snapshot) -> Registry {
         }
         refreshes.get_or_create(&labels).inc_by(a.token_refreshes);
         failures.get_or_create(&labels).inc_by(a.token_failures);
+        store_failures
+            .get_or_create(&labels)
+            .inc_by(a.token_store_write_failures);
         expiry
             .get_or_create(&labels)
             .set(a.token_expires_in_secs.unwrap_or(0.0));
@@ -332,6 +338,11 @@ fn state_registry(snap: &Snapshot) -> Registry {
         "token_refresh_failures",
         "Failed token requests by account",
         failures,
+    );
+    r.register(
+        "token_store_write_failures",
+        "Failed writes of an account's tokens to the token store (a rotated refresh token not saved is lost at restart)",
+        store_failures,
     );
     r.register(
         "token_expiry_seconds",
@@ -416,6 +427,7 @@ mod tests {
                 needs_login: false,
                 token_refreshes: 2,
                 token_failures: 1,
+                token_store_write_failures: 3,
                 upstream_sessions_busy: 1,
                 upstream_sessions_idle: 3,
             }],
@@ -510,6 +522,12 @@ mod tests {
             "counter",
             "Failed token requests by account.",
             &[r#"token_refresh_failures_total{account="scanner"} 1"#],
+        );
+        family(
+            "token_store_write_failures_total",
+            "counter",
+            "Failed writes of an account's tokens to the token store (a rotated refresh token not saved is lost at restart).",
+            &[r#"token_store_write_failures_total{account="scanner"} 3"#],
         );
         family(
             "token_expiry_seconds",

@@ -29,6 +29,7 @@ const BOOL_KEYS: &[&str] = &["require_tls_for_auth"];
 const INT_KEYS: &[&str] = &[
     "port",
     "max_message_bytes",
+    "max_bytes",
     "max_recipients",
     "max_connections",
     "max_sessions_per_mailbox",

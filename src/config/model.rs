@@ -255,10 +255,16 @@ pub struct RelayNetwork {
     pub account: String,
 }
 
+/// `queue.max_bytes` when not set: 1 GiB of spooled messages.
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 1 << 30;
+
 /// `[queue] mode = "spool"`: accept after fsync, deliver in the background.
 #[derive(Debug, Clone)]
 pub struct Queue {
     pub max_age: Duration,
+    /// `queue.max_bytes`: the most the spool may hold (message files), so the token store
+    /// beside it in `state.dir` keeps room.
+    pub max_bytes: u64,
     pub retry_min: Duration,
     pub retry_max: Duration,
 }

@@ -133,6 +133,7 @@ impl From<&Queue> for RawQueue {
         RawQueue {
             mode: Some("spool".to_string()),
             max_age_secs: secs(q.max_age),
+            max_bytes: Some(q.max_bytes),
             retry_min_secs: secs(q.retry_min),
             retry_max_secs: secs(q.retry_max),
         }

@@ -69,6 +69,7 @@ pub(super) struct RawState {
 pub(super) struct RawQueue {
     pub mode: Option<String>,
     pub max_age_secs: Option<u64>,
+    pub max_bytes: Option<u64>,
     pub retry_min_secs: Option<u64>,
     pub retry_max_secs: Option<u64>,
 }

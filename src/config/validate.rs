@@ -132,8 +132,16 @@ impl Validator<'_> {
                 "must not be smaller than retry_min_secs",
             ));
         }
+        let max_bytes = q.max_bytes.unwrap_or(DEFAULT_QUEUE_MAX_BYTES);
+        if max_bytes == 0 {
+            return Err(self.err(
+                "queue.max_bytes",
+                "must be at least 1 (0 would refuse every message)",
+            ));
+        }
         Ok(Some(Queue {
             max_age: secs("queue.max_age_secs", q.max_age_secs, 86_400)?,
+            max_bytes,
             retry_min,
             retry_max,
         }))
@@ -768,6 +776,29 @@ mod tests {
             a.oauth.client_secret.as_ref().map(|s| s.expose()),
             Some("client-secret")
         );
+    }
+
+    #[test]
+    fn queue_max_bytes_defaults_to_one_gib_and_zero_is_refused() {
+        let q = load(&format!("[queue]\nmode = \"spool\"\n{}", account("")))
+            .expect("valid")
+            .queue
+            .expect("spool mode");
+        assert_eq!(q.max_bytes, 1 << 30);
+        let q = load(&format!(
+            "[queue]\nmode = \"spool\"\nmax_bytes = 5000\n{}",
+            account("")
+        ))
+        .expect("valid")
+        .queue
+        .expect("spool mode");
+        assert_eq!(q.max_bytes, 5000);
+        let e = load(&format!(
+            "[queue]\nmode = \"spool\"\nmax_bytes = 0\n{}",
+            account("")
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "queue.max_bytes");
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! everyone else waits on that lock and then finds the new token. With `spawn_refresher` a
 //! background task refreshes ahead of expiry, so in the steady state nobody waits.
 //!
+//! A token store write that fails (full disk, broken directory) is retried, logged at ERROR,
+//! counted, and keeps the account not ready until a write succeeds: a rotated refresh token
+//! that exists only in memory is lost at the next restart.
+//!
 //! Failures: a transient provider failure (network, 5xx, 429) keeps the refresh token and the
 //! current access token (used while valid) and retries with exponential backoff. A refused
 //! refresh token (invalid_grant) marks the account "needs login"; from then on the provider is
@@ -39,6 +43,14 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often an account that needs login looks for a new token in the store.
 const STORE_POLL: Duration = Duration::from_secs(1);
+/// Writes of new tokens tried at once before a failure is reported (a rotated refresh token
+/// that is not saved is lost at the next restart: the account would need a new login).
+const STORE_WRITE_ATTEMPTS: u32 = 3;
+/// Pause before the second write attempt; doubles before each further one.
+const STORE_WRITE_BACKOFF: Duration = Duration::from_millis(100);
+/// While tokens are unsaved, the background refresher tries to write them this often (and
+/// every refresh writes its new tokens anyway).
+const STORE_RETRY: Duration = Duration::from_secs(30);
 
 /// A usable access token.
 #[derive(Clone, Debug)]
@@ -91,6 +103,9 @@ pub enum AccountStatus {
     NoTokenYet,
     NeedsLogin(String),
     Failing(String),
+    /// Tokens work, but the latest could not be written to the store (a restart would
+    /// lose a rotated refresh token): the reason.
+    StoreFailing(String),
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +121,10 @@ struct State {
     failures: u64,
     /// The store file's mtime when we last read or wrote it.
     store_seen: Option<SystemTime>,
+    /// Failed writes to the token store (each attempt).
+    store_failures: u64,
+    /// Tokens that could not be written to the store yet, and why.
+    unsaved: Option<(StoredTokens, String)>,
 }
 
 #[derive(Debug)]
@@ -245,6 +264,12 @@ impl TokenManager {
             self.reload_if_changed(acc);
         }
         let st = acc.state();
+        if let (Some((_, reason)), false) = (
+            &st.unsaved,
+            matches!(st.status, Some(AccountStatus::NeedsLogin(_))),
+        ) {
+            return Some(AccountStatus::StoreFailing(reason.clone()));
+        }
         Some(match &st.status {
             Some(AccountStatus::Ready) | None
                 if !st.current.as_ref().is_some_and(|t| t.is_valid(self.now())) =>
@@ -263,6 +288,14 @@ impl TokenManager {
         st.current
             .as_ref()
             .map(|t| t.expires_at.saturating_duration_since(self.now()))
+    }
+
+    /// Failed writes of the account's tokens to the store so far (for metrics).
+    pub fn store_write_failures(&self, account: &str) -> u64 {
+        self.inner
+            .accounts
+            .get(account)
+            .map_or(0, |acc| acc.state().store_failures)
     }
 
     /// Account names, token requests that succeeded and failed, for metrics.
@@ -290,6 +323,7 @@ impl TokenManager {
         }
         let st = acc.state();
         !matches!(st.status, Some(AccountStatus::NeedsLogin(_)))
+            && st.unsaved.is_none()
             && st.current.as_ref().is_some_and(|t| t.is_valid(self.now()))
     }
 
@@ -438,7 +472,7 @@ impl TokenManager {
         };
         let started = self.now();
         match flows::request_token(&self.inner.http, &acc.account.oauth, &grant).await {
-            Ok(resp) => Ok(self.adopt(acc, resp, started)),
+            Ok(resp) => Ok(self.adopt(acc, resp, started).await),
             Err(FlowError::InvalidGrant(reason)) if grant.is_refresh() => {
                 let reason = format!("{reason}; {}", login_hint(&name));
                 tracing::warn!(account = %name, %reason, "refresh token refused; account needs login");
@@ -470,7 +504,12 @@ impl TokenManager {
     }
 
     /// Persists (first: a rotated refresh token must survive a crash), then publishes.
-    fn adopt(&self, acc: &AccountTokens, resp: TokenResponse, started: Instant) -> AccessToken {
+    async fn adopt(
+        &self,
+        acc: &AccountTokens,
+        resp: TokenResponse,
+        started: Instant,
+    ) -> AccessToken {
         let name = acc.name();
         // Capped where the response is parsed too; here so no TokenResponse can overflow.
         let lifetime = resp.expires_in.min(MAX_TOKEN_LIFETIME);
@@ -487,9 +526,7 @@ impl TokenManager {
                 .saturating_add(lifetime.as_secs()),
             refresh_token: refresh_token.clone(),
         };
-        if let Err(e) = self.inner.store.save(name, &stored) {
-            tracing::error!(account = %name, error = %e, "could not persist tokens; keeping them in memory");
-        }
+        self.persist(acc, stored).await;
         let mut st = acc.state();
         st.store_seen = self.inner.store.modified(name);
         st.generation += 1;
@@ -507,6 +544,45 @@ impl TokenManager {
         st.backoff = Duration::ZERO;
         tracing::info!(account = %name, expires_in_secs = lifetime.as_secs(), generation = st.generation, "access token obtained");
         token
+    }
+
+    /// Writes `stored` to the store, trying [`STORE_WRITE_ATTEMPTS`] times. A failure is an
+    /// emergency (a rotated refresh token lost at the next restart means a new login): it
+    /// is logged at ERROR, counted, makes the account not ready, and the tokens are kept to
+    /// be written again (every [`STORE_RETRY`], and by every later refresh).
+    async fn persist(&self, acc: &AccountTokens, stored: StoredTokens) {
+        let name = acc.name();
+        let mut reason = String::new();
+        for attempt in 0..STORE_WRITE_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(STORE_WRITE_BACKOFF * (1 << (attempt - 1))).await;
+            }
+            match self.inner.store.save(name, &stored) {
+                Ok(()) => {
+                    if acc.state().unsaved.take().is_some() {
+                        tracing::info!(account = %name, "token store written again; account ready");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    acc.state().store_failures += 1;
+                    reason = e.to_string();
+                }
+            }
+        }
+        tracing::error!(account = %name, error = %reason, attempts = STORE_WRITE_ATTEMPTS, "cannot write the token store: new tokens are only in memory, and a restart would need a new login; free space or fix permissions in state.dir (retried)");
+        acc.state().unsaved = Some((stored, reason));
+    }
+
+    /// Writes tokens that could not be written before, if any (the background refresher).
+    async fn retry_unsaved(&self, acc: &AccountTokens) {
+        let _guard = acc.refresh_lock.lock().await;
+        let Some((stored, _)) = acc.state().unsaved.clone() else {
+            return;
+        };
+        self.persist(acc, stored).await;
+        let seen = self.inner.store.modified(acc.name());
+        acc.state().store_seen = seen;
     }
 
     /// Refreshes every account ahead of expiry in the background until `shutdown`.
@@ -527,6 +603,7 @@ impl TokenManager {
                             me.reload_if_changed(acc);
                             continue;
                         }
+                        me.retry_unsaved(acc).await;
                     }
                     // Errors are logged and counted inside; the loop decides when to retry.
                     let _ = me.token(&name).await;
@@ -553,7 +630,11 @@ impl TokenManager {
             Some(n) if n > due => n,
             _ => due,
         };
-        due.saturating_duration_since(now)
+        let wait = due.saturating_duration_since(now);
+        if st.unsaved.is_some() {
+            return wait.min(STORE_RETRY);
+        }
+        wait
     }
 }
 
@@ -901,15 +982,18 @@ mod tests {
         // From the token endpoint: expires_in up to u64::MAX seconds.
         for secs in [u64::MAX, i64::MAX as u64 + 1, 86_401, 10 * 365 * 86_400] {
             let started = tokio::time::Instant::now();
-            let t = s.manager.adopt(
-                acc,
-                TokenResponse {
-                    access_token: Secret::new("at"),
-                    refresh_token: None,
-                    expires_in: Duration::from_secs(secs),
-                },
-                started,
-            );
+            let t = s
+                .manager
+                .adopt(
+                    acc,
+                    TokenResponse {
+                        access_token: Secret::new("at"),
+                        refresh_token: None,
+                        expires_in: Duration::from_secs(secs),
+                    },
+                    started,
+                )
+                .await;
             assert_eq!(t.expires_at - started, MAX_TOKEN_LIFETIME, "{secs}");
             assert_eq!(
                 t.expires_at - t.refresh_at,
@@ -980,5 +1064,98 @@ mod tests {
         let new = again.token(USER).await.unwrap();
         assert_eq!(s.requests(), 2);
         assert_ne!(new.secret.expose(), t.secret.expose());
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    /// Moves paused time on in 50 ms steps (letting tasks and loopback I/O run in between)
+    /// until `f` holds; two minutes of paused time at most.
+    async fn advance_until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..2400 {
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            if f() {
+                return;
+            }
+            tokio::time::advance(Duration::from_millis(50)).await;
+        }
+        panic!("{what} did not happen within two minutes");
+    }
+
+    /// The stored refresh token, read back as a restart would.
+    fn stored_refresh_token(config: &Config) -> Option<String> {
+        TokenStore::new(&config.state.dir, None)
+            .load(USER)
+            .expect("readable store")
+            .and_then(|t| t.refresh_token)
+            .map(|t| t.expose().to_string())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_token_store_write_is_retried_counted_and_keeps_the_account_not_ready() {
+        let s = Setup::new(HOUR, "authorization_code").await;
+        let original = stored_refresh_token(&s.config).expect("stored by login");
+        // The tokens directory becomes a regular file: every write fails, even as root.
+        let dir = s.config.state.dir.join("tokens");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, b"not a directory").unwrap();
+
+        let m = s.manager.clone();
+        let caller = tokio::spawn(async move { m.token(USER).await });
+        // Three attempts, 100 ms and then 200 ms apart.
+        until("the first write", || {
+            s.manager.store_write_failures(USER) == 1
+        })
+        .await;
+        tokio::time::advance(STORE_WRITE_BACKOFF - MS).await;
+        assert_eq!(s.manager.store_write_failures(USER), 1);
+        tokio::time::advance(MS).await;
+        until("the second write", || {
+            s.manager.store_write_failures(USER) == 2
+        })
+        .await;
+        tokio::time::advance(2 * STORE_WRITE_BACKOFF).await;
+        // The token works from memory meanwhile.
+        let t = caller.await.unwrap().expect("a token");
+        assert_eq!(s.manager.store_write_failures(USER), 3);
+        assert_eq!(s.requests(), 1);
+        match s.manager.status(USER) {
+            Some(AccountStatus::StoreFailing(r)) => {
+                assert!(r.contains("tokens"), "{r}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!s.manager.is_usable(USER));
+        assert_eq!(s.token().await.generation, t.generation);
+
+        // The background refresher writes again every STORE_RETRY, without a new request.
+        let stop = CancellationToken::new();
+        s.manager.spawn_refresher(stop.clone());
+        let started = tokio::time::Instant::now();
+        advance_until("the first retry", || {
+            s.manager.store_write_failures(USER) == 4
+        })
+        .await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= STORE_RETRY && waited < STORE_RETRY + SECOND,
+            "{waited:?}"
+        );
+        advance_until("the retry's attempts", || {
+            s.manager.store_write_failures(USER) == 6
+        })
+        .await;
+        assert!(!s.manager.is_usable(USER));
+        // The disk is fixed: the next retry saves the rotated refresh token.
+        std::fs::remove_file(&dir).unwrap();
+        advance_until("the write", || s.manager.is_usable(USER)).await;
+        assert_eq!(s.manager.status(USER), Some(AccountStatus::Ready));
+        assert_eq!(s.manager.store_write_failures(USER), 6);
+        assert_eq!(s.requests(), 1);
+        let saved = stored_refresh_token(&s.config).expect("saved");
+        assert_ne!(saved, original);
+        assert_eq!(s.tokens.valid_refresh_tokens(), vec![saved]);
+        stop.cancel();
     }
 }

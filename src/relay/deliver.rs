@@ -4,7 +4,8 @@
 //! held to `messages_per_minute`. Every attempt forwards only the recipients not yet
 //! delivered or refused; 4xx, timeouts and connection failures retry with exponential
 //! backoff and jitter; permanent refusals and `max_age` move the message to `dead/`. Every
-//! outcome is a relay log line. Storage is `spool`'s job; upstream sessions are the pool's.
+//! outcome is a relay log line. A message goes from its spool file to the upstream in
+//! pieces, never read whole. Storage is `spool`'s job; upstream sessions are the pool's.
 
 use crate::clock::unix_now;
 use crate::config::Config;
@@ -12,12 +13,14 @@ use crate::metrics::Metrics;
 use crate::relay::envelope::{Address, MailParams, ReversePath};
 use crate::relay::outcome;
 use crate::relay::pool::BeginError;
-use crate::relay::spool::{Envelope, Progress, Spool};
-use crate::relay::transport::Transport;
-use crate::relay::upstream::UpstreamError;
+use crate::relay::spool::{Envelope, Progress, Spool, SpoolError, SpoolWriter};
+use crate::relay::transport::{Transaction, Transport};
+use crate::relay::upstream::{UpReply, UpstreamError};
 use crate::sync::lock;
 use crate::telemetry::{Outcome, RelayEvent};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::File;
+use std::io::{BufReader, Read};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -25,6 +28,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How much of a spooled message is read and sent at once.
+const BODY_CHUNK: usize = 64 * 1024;
 /// The window over which `messages_per_minute` is counted.
 const PACING_WINDOW: Duration = Duration::from_secs(60);
 
@@ -113,7 +118,7 @@ impl Queue {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> std::io::Result<Arc<Queue>> {
-        let spool = Spool::open(&config.state.dir)?;
+        let spool = Spool::open(&config.state.dir, q.max_bytes)?;
         let accounts: HashMap<String, AccountQueue> = config
             .accounts
             .iter()
@@ -202,12 +207,42 @@ impl Queue {
         )
     }
 
-    /// Stores a message durably and queues it. Only Ok means the client may hear 250.
-    pub fn accept(&self, env: Envelope, body: &[u8]) -> std::io::Result<()> {
+    /// Whether a message of `size` bytes (0: unknown) may still fit in the spool
+    /// (`queue.max_bytes`).
+    pub fn has_room(&self, size: usize) -> bool {
+        self.spool.has_room(size)
+    }
+
+    /// Starts storing a message for `env.account`; the content streams in through the
+    /// writer, then [`Queue::commit`].
+    pub fn create(&self, env: &Envelope) -> Result<SpoolWriter, SpoolError> {
+        if !self.accounts.contains_key(&env.account) {
+            return Err(SpoolError::UnknownAccount(env.account.clone()));
+        }
+        self.spool.create(env)
+    }
+
+    /// Stores the written message durably and queues it; its size. Only Ok means the
+    /// client may hear 250.
+    pub fn commit(&self, w: SpoolWriter, mut env: Envelope) -> Result<usize, SpoolError> {
         let Some(aq) = self.accounts.get(&env.account) else {
-            return Err(std::io::Error::other("unknown account"));
+            return Err(SpoolError::UnknownAccount(env.account.clone()));
         };
-        self.spool.store(&env, body)?;
+        env.bytes = usize::try_from(w.commit()?).unwrap_or(usize::MAX);
+        let bytes = env.bytes;
+        self.enqueue(aq, env);
+        Ok(bytes)
+    }
+
+    /// Stores a whole message durably and queues it. Only Ok means the client may hear 250.
+    pub fn accept(&self, env: Envelope, body: &[u8]) -> Result<(), SpoolError> {
+        let mut w = self.create(&env)?;
+        w.write(body)?;
+        self.commit(w, env)?;
+        Ok(())
+    }
+
+    fn enqueue(&self, aq: &AccountQueue, env: Envelope) {
         lock(&aq.items).insert(
             (env.received_at, env.id.clone()),
             Item {
@@ -218,7 +253,6 @@ impl Queue {
             },
         );
         aq.wake.notify_one();
-        Ok(())
     }
 
     /// The oldest due message not being delivered, marked in flight; or when to look again.
@@ -327,7 +361,7 @@ impl Queue {
             );
             return self.finish_dead(aq, &env, started, 0, &reason);
         }
-        let body = match self.spool.body(&env.id) {
+        let body = match self.spool.open_body(&env.id) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(id = %env.id, error = %e, "cannot read spooled message");
@@ -352,7 +386,7 @@ impl Queue {
         };
         progress.attempts += 1;
         let (code, text, transient) = self
-            .try_send(&env, &mut progress, (&from, &params), &body)
+            .try_send(&env, &mut progress, (&from, &params), body)
             .await;
         if progress.pending(&env).next().is_none() {
             if progress.failed.is_empty() {
@@ -422,11 +456,12 @@ impl Queue {
         env: &Envelope,
         progress: &mut Progress,
         (from, params): (&ReversePath, &MailParams),
-        body: &[u8],
+        (mut body, len): (BufReader<File>, u64),
     ) -> (u16, String, bool) {
+        let size = usize::try_from(len).unwrap_or(usize::MAX);
         let begun = self
             .transport
-            .begin(&env.account, from, params, Some(body.len()))
+            .begin(&env.account, from, params, Some(size))
             .await;
         let mut txn = match begun {
             Ok((txn, _)) => txn,
@@ -469,7 +504,7 @@ impl Queue {
             return (last.0, last.1, true);
         }
         let r = match txn.start_data().await {
-            Ok(_) => txn.send_content(body).await,
+            Ok(_) => stream_body(&mut txn, &mut body, &env.id).await,
             Err(e) => Err(e),
         };
         txn.finish();
@@ -491,6 +526,30 @@ impl Queue {
             Err(UpstreamError::Reply(r)) => (r.code, r.text, true),
             Err(e) => (0, e.to_string(), true),
         }
+    }
+}
+
+/// The spooled content to the upstream in pieces of [`BODY_CHUNK`] bytes, then the final
+/// verdict. A file that cannot be read mid-way loses the transaction (no final dot: the
+/// connection is dropped) and is retried like a lost connection.
+async fn stream_body(
+    txn: &mut Transaction,
+    body: &mut BufReader<File>,
+    id: &str,
+) -> Result<UpReply, UpstreamError> {
+    let mut buf = vec![0u8; BODY_CHUNK];
+    loop {
+        let n = match body.read(&mut buf) {
+            Ok(0) => return txn.finish_content().await,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!(%id, error = %e, "cannot read the spooled message mid-way");
+                txn.break_off();
+                return Err(UpstreamError::Lost(format!("spool file unreadable: {e}")));
+            }
+        };
+        txn.send_chunk(&buf[..n]).await?;
     }
 }
 

@@ -1,8 +1,10 @@
 //! What a local session or the spool asks of an upstream: open a transaction for an account
-//! and a sender, add recipients one by one (each with its own verdict), send the content,
-//! and finish or abort. The session and the spool deliverer speak only this interface; how
-//! a transport reaches Microsoft 365 (SMTP sessions from the pool today) is its own
-//! business, so another transport is a new variant here, not an edit of the session.
+//! and a sender, add recipients one by one (each with its own verdict), send the content
+//! (whole, or streamed piece by piece as it arrives), and finish or abort (or abandon it
+//! mid-content: the upstream never sees the final dot). The session and the spool
+//! deliverer speak only this interface; how a transport reaches Microsoft 365 (SMTP
+//! sessions from the pool today) is its own business, so another transport is a new
+//! variant here, not an edit of the session.
 
 use crate::relay::envelope::{self, Address, MailParams, ReversePath};
 use crate::relay::pool::{BeginError, Lease, Pool};
@@ -64,10 +66,34 @@ impl Transaction {
         self.lease.session().command("DATA").await
     }
 
-    /// The content (unstuffed, CRLF line endings) after [`Transaction::start_data`]; the
-    /// final verdict. The transaction is complete either way.
+    /// The whole content (unstuffed, CRLF line endings) after [`Transaction::start_data`];
+    /// the final verdict. The transaction is complete either way.
     pub async fn send_content(&mut self, content: &[u8]) -> Result<UpReply, UpstreamError> {
         self.lease.session().body(content).await
+    }
+
+    /// Streams one piece of the content (unstuffed, CRLF line endings, split anywhere)
+    /// after [`Transaction::start_data`]. On an error the transaction is lost (4xx to the
+    /// client); nothing more may be sent.
+    pub async fn send_chunk(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
+        self.lease.session().body_chunk(chunk).await
+    }
+
+    /// Ends the streamed content; the final verdict. The transaction is complete either way.
+    pub async fn finish_content(&mut self) -> Result<UpReply, UpstreamError> {
+        self.lease.session().body_end().await
+    }
+
+    /// Gives up mid-content: the session is marked broken, so it is closed (without the
+    /// final dot) when the transaction ends.
+    pub fn break_off(&mut self) {
+        self.lease.session().break_off();
+    }
+
+    /// Drops the transaction mid-content: the connection is closed without the final dot,
+    /// so the upstream never takes the message (and the session is not reused).
+    pub fn abandon(self) {
+        drop(self.lease);
     }
 
     /// After a final verdict: the session goes back to the pool (unless it broke).

@@ -1,12 +1,14 @@
 //! Bytes in and out of one local connection: command lines with a length limit and a
-//! whole-line deadline, message data up to `CRLF.CRLF` (dot-unstuffed, size-limited), and
-//! buffered replies flushed only before we wait for input (PIPELINING, RFC 2920).
+//! whole-line deadline, message data up to `CRLF.CRLF` (decoded by `data`: unstuffed, line
+//! endings normalised; size-limited; handed out in pieces of a bounded buffer, never whole;
+//! under a whole-DATA deadline as well as a per-read one), and buffered replies flushed only
+//! before we wait for input (PIPELINING, RFC 2920).
 //!
 //! Knows nothing of commands or state: the session decides what a line means. Every way
 //! the connection can stop is a [`Stop`] value, never an error message to compare.
 
 use crate::reply::Reply;
-use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
+use crate::smtp::data::DataDecoder;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -14,14 +16,16 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest command or AUTH line we accept (RFC 5321 needs 512; AUTH responses are longer).
 pub const MAX_LINE: usize = 4096;
-/// How long we wait for the next chunk of message data (RFC 5321: 3 minutes per block).
+/// How long we wait for the next chunk of message data (RFC 5321: 3 minutes per block),
+/// and the least time the whole content gets.
 pub const DATA_TIMEOUT: Duration = Duration::from_secs(180);
+/// Slowest average rate at which content must arrive beyond [`DATA_TIMEOUT`]: each such
+/// many bytes received add one second to the whole-DATA deadline (30 MiB: 3 min + 8 min).
+pub const DATA_MIN_RATE: u64 = 64 * 1024;
 /// Buffer reserved for reading commands (one line is at most MAX_LINE).
 const COMMAND_READ: usize = 4096;
-/// Buffer reserved for reading message data.
-const DATA_READ: usize = 64 * 1024;
-/// The smallest receive buffer reserved for a message (grows as content arrives).
-const MIN_MESSAGE_BUFFER: usize = 16 * 1024;
+/// Buffer reserved for reading message data, and the most input decoded at once.
+pub const DATA_READ: usize = 64 * 1024;
 
 /// Why a connection stops being served.
 #[derive(Debug)]
@@ -196,68 +200,126 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
-    /// Reads message data up to CRLF.CRLF. Returns the unstuffed content, or `None` when it
-    /// exceeded `limit` bytes (then the rest was read and discarded). `hint` (SIZE=) sizes
-    /// the buffer once instead of letting it grow.
-    pub async fn receive_data(
-        &mut self,
-        hint: usize,
-        limit: usize,
-    ) -> Result<Option<Vec<u8>>, Stop> {
-        let mut rx = DataReceiver::new();
-        let mut buf = Vec::with_capacity(hint.min(limit).max(MIN_MESSAGE_BUFFER.min(limit)) + 2);
-        // smtp-proto only recognises a terminator or a stuffed dot after a line break; seed
-        // one so that the very first line is handled too.
-        rx.ingest(&mut DATA_PREFIX.iter(), &mut buf);
-        let limit = limit + DATA_PREFIX.len();
+    /// The next piece of message content: decoded bytes (unstuffed, CRLF line endings)
+    /// appended to `out`, at most about two reads' worth (a bare line ending doubles), so
+    /// the memory a message takes is this buffer, whatever its size. [`Piece::TooBig`] as
+    /// soon as the content passes the limit: then nothing more is decoded and the caller
+    /// reads the rest away with [`Framed::discard_data`].
+    pub async fn read_data(&mut self, rx: &mut DataIn, out: &mut Vec<u8>) -> Result<Piece, Stop> {
         loop {
             let avail = &self.inbuf[self.pos..];
-            let mut it = avail.iter();
-            let done = rx.ingest(&mut it, &mut buf);
-            self.pos += avail.len() - it.as_slice().len();
-            if buf.len() > limit {
-                if done {
-                    // The whole message, terminator included, arrived in what we read.
-                    return Ok(None);
-                }
-                let mut dummy = DummyDataReceiver::new_data(&rx);
-                drop(buf);
-                self.discard_data(&mut dummy).await?;
-                return Ok(None);
+            let take = avail.len().min(DATA_READ);
+            let used = rx.decoder.feed(&avail[..take], out);
+            self.pos += used;
+            rx.raw += used as u64;
+            if rx.decoder.size() > rx.limit {
+                return Ok(Piece::TooBig);
             }
-            if done {
-                // Give back the large read buffer; the session may now idle for a long time.
-                if self.inbuf.capacity() > 4 * COMMAND_READ {
-                    self.inbuf.drain(..self.pos);
-                    self.pos = 0;
-                    self.inbuf.shrink_to(COMMAND_READ);
-                }
-                buf.drain(..DATA_PREFIX.len());
-                return Ok(Some(buf));
+            if rx.decoder.is_done() {
+                self.data_done();
+                return Ok(Piece::End);
             }
-            if !self.fill(Instant::now() + DATA_TIMEOUT, DATA_READ).await? {
+            if !out.is_empty() {
+                return Ok(Piece::More);
+            }
+            if self.pos < self.inbuf.len() {
+                continue;
+            }
+            if !self.fill(rx.read_deadline(), DATA_READ).await? {
                 return Err(Stop::Eof);
             }
         }
     }
 
-    async fn discard_data(&mut self, rx: &mut DummyDataReceiver) -> Result<(), Stop> {
+    /// Reads the rest of the content up to CRLF.CRLF and drops it (too big, or nowhere to
+    /// send it), within the same whole-DATA deadline.
+    pub async fn discard_data(&mut self, rx: &mut DataIn) -> Result<(), Stop> {
+        let mut scratch = Vec::new();
         loop {
             let avail = &self.inbuf[self.pos..];
-            let mut it = avail.iter();
-            let done = rx.ingest(&mut it);
-            self.pos += avail.len() - it.as_slice().len();
-            if done {
+            let take = avail.len().min(DATA_READ);
+            let used = rx.decoder.feed(&avail[..take], &mut scratch);
+            scratch.clear();
+            self.pos += used;
+            rx.raw += used as u64;
+            if rx.decoder.is_done() {
+                self.data_done();
                 return Ok(());
             }
-            if !self.fill(Instant::now() + DATA_TIMEOUT, DATA_READ).await? {
+            if self.pos < self.inbuf.len() {
+                continue;
+            }
+            if !self.fill(rx.read_deadline(), DATA_READ).await? {
                 return Err(Stop::Eof);
             }
+        }
+    }
+
+    /// Gives back the large read buffer; the session may now idle for a long time.
+    fn data_done(&mut self) {
+        if self.inbuf.capacity() > 4 * COMMAND_READ {
+            self.inbuf.drain(..self.pos);
+            self.pos = 0;
+            self.inbuf.shrink_to(COMMAND_READ);
         }
     }
 }
 
-const DATA_PREFIX: &[u8] = b"\r\n";
+/// What [`Framed::read_data`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// Some content (in `out`); more follows.
+    More,
+    /// The end of the content (`out` may hold its last bytes).
+    End,
+    /// The content passed the size limit.
+    TooBig,
+}
+
+/// One DATA phase: the decoder, the size limit and the whole-DATA deadline.
+#[derive(Debug)]
+pub struct DataIn {
+    decoder: DataDecoder,
+    limit: u64,
+    started: Instant,
+    /// Bytes read from the client so far (stuffed, terminator included).
+    raw: u64,
+}
+
+impl DataIn {
+    /// Starts a DATA phase now, for content of at most `limit` bytes.
+    pub fn new(limit: usize) -> DataIn {
+        DataIn {
+            decoder: DataDecoder::new(),
+            limit: limit as u64,
+            started: Instant::now(),
+            raw: 0,
+        }
+    }
+
+    /// The content's size so far (unstuffed, as the client sent it).
+    pub fn size(&self) -> u64 {
+        self.decoder.size()
+    }
+
+    /// Whether the end of the content (CRLF.CRLF) was read.
+    pub fn is_done(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    /// When the whole content must have arrived: [`DATA_TIMEOUT`], plus one second per
+    /// [`DATA_MIN_RATE`] bytes received (up to the size limit). It does not move with every
+    /// read, so a trickle cannot hold the session (and its upstream transaction) forever.
+    pub fn deadline(&self) -> Instant {
+        let counted = self.raw.min(self.limit);
+        self.started + DATA_TIMEOUT + Duration::from_secs(counted / DATA_MIN_RATE)
+    }
+
+    /// The deadline of the next read: [`DATA_TIMEOUT`] from now, or the whole-DATA one.
+    fn read_deadline(&self) -> Instant {
+        (Instant::now() + DATA_TIMEOUT).min(self.deadline())
+    }
+}
 
 /// The line without its CRLF (or LF).
 pub fn trim_crlf(l: &[u8]) -> &[u8] {
@@ -277,6 +339,38 @@ pub fn sanitize(s: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The whole content through `read_data`, or `None` when it was too big (and then
+    /// read away).
+    async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+        f: &mut Framed<S>,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, Stop> {
+        let mut rx = DataIn::new(limit);
+        let mut all = Vec::new();
+        let mut out = Vec::new();
+        loop {
+            out.clear();
+            match f.read_data(&mut rx, &mut out).await? {
+                Piece::More => all.extend_from_slice(&out),
+                Piece::End => {
+                    all.extend_from_slice(&out);
+                    return Ok(Some(all));
+                }
+                Piece::TooBig => {
+                    f.discard_data(&mut rx).await?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    async fn next(f: &mut Framed<tokio::io::DuplexStream>) -> Vec<u8> {
+        let Some(Line::Ok(l)) = f.next_line(Duration::from_secs(5), None).await.unwrap() else {
+            panic!("a line")
+        };
+        l
+    }
+
     #[tokio::test]
     async fn data_is_unstuffed_and_size_limited() {
         let (mut client, server) = tokio::io::duplex(1 << 16);
@@ -286,25 +380,85 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            f.receive_data(0, 100).await.unwrap().unwrap(),
+            receive(&mut f, 100).await.unwrap().unwrap(),
             b".dot\r\nline\r\n"
         );
-        let Some(Line::Ok(l)) = f.next_line(Duration::from_secs(5), None).await.unwrap() else {
-            panic!("a line")
-        };
-        assert_eq!(l, b"NEXT\r\n");
+        assert_eq!(next(&mut f).await, b"NEXT\r\n");
         // Over the limit: read to the end and discarded; the next line is still in sync.
         client
             .write_all(b"0123456789\r\n0123456789\r\n.\r\nAFTER\r\n")
             .await
             .unwrap();
-        assert!(f.receive_data(10_000, 10).await.unwrap().is_none());
-        let Some(Line::Ok(l)) = f.next_line(Duration::from_secs(5), None).await.unwrap() else {
-            panic!("a line")
-        };
-        assert_eq!(l, b"AFTER\r\n");
-        // A limit smaller than the minimum buffer does not panic.
+        assert!(receive(&mut f, 10).await.unwrap().is_none());
+        assert_eq!(next(&mut f).await, b"AFTER\r\n");
+        // A tiny limit does not panic.
         client.write_all(b"x\r\n.\r\n").await.unwrap();
-        assert_eq!(f.receive_data(0, 3).await.unwrap().unwrap(), b"x\r\n");
+        assert_eq!(receive(&mut f, 3).await.unwrap().unwrap(), b"x\r\n");
+    }
+
+    #[tokio::test]
+    async fn crlf_dot_cr_cr_lf_does_not_end_data() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut f = Framed::new(server, CancellationToken::new());
+        client
+            .write_all(b"a\r\n.\r\r\nRSET\r\n.\r\nNEXT\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            receive(&mut f, 1000).await.unwrap().unwrap(),
+            b"a\r\n\r\n\r\nRSET\r\n"
+        );
+        assert_eq!(next(&mut f).await, b"NEXT\r\n");
+    }
+
+    #[tokio::test]
+    async fn content_comes_in_bounded_pieces() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut f = Framed::new(server, CancellationToken::new());
+        let body = b"0123456789abcdef\n".repeat(40_000);
+        let writer = tokio::spawn(async move {
+            client.write_all(&body).await.unwrap();
+            client.write_all(b"\r\n.\r\n").await.unwrap();
+            client
+        });
+        let mut rx = DataIn::new(usize::MAX);
+        let mut out = Vec::new();
+        let mut total = 0;
+        loop {
+            out.clear();
+            let p = f.read_data(&mut rx, &mut out).await.unwrap();
+            assert!(out.len() <= 2 * DATA_READ, "{}", out.len());
+            total += out.len();
+            if p == Piece::End {
+                break;
+            }
+            assert_eq!(p, Piece::More);
+        }
+        // Every bare LF became CRLF; the size counts what the client sent.
+        assert_eq!(total, 18 * 40_000 + 2);
+        assert_eq!(rx.size(), 17 * 40_000 + 2);
+        drop(writer.await.unwrap());
+    }
+
+    /// A client that sends a byte just before each read times out still has to finish the
+    /// whole content within the whole-DATA deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_trickle_cannot_outlast_the_whole_data_deadline() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut f = Framed::new(server, CancellationToken::new());
+        let started = Instant::now();
+        let trickle = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(DATA_TIMEOUT - Duration::from_secs(1)).await;
+                if client.write_all(b"x").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let r = receive(&mut f, 1 << 20).await;
+        assert!(matches!(r, Err(Stop::TimedOut)), "{r:?}");
+        // Each read waited up to DATA_TIMEOUT and got a byte; the whole phase did not.
+        assert_eq!(started.elapsed(), DATA_TIMEOUT);
+        trickle.abort();
     }
 }

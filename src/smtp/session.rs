@@ -5,9 +5,11 @@
 //! (`relay::envelope`), and drives the upstream only through `relay::transport`. In sync
 //! mode the upstream transaction is opened at the first RCPT (MAIL is checked locally and
 //! answered 250, so a mailbox's few sessions are not held across the client's round trip),
-//! each RCPT is forwarded live, and DATA is answered only after the upstream answered it.
-//! In spool mode the message is stored durably before 250. Every reply that depends on the
-//! upstream comes from `relay::outcome`. Accepting connections and TLS are `listener`'s.
+//! each RCPT is forwarded live, the content streams upstream piece by piece as it arrives,
+//! and DATA is answered only after the upstream answered it. In spool mode the content
+//! streams into the spool file and is stored durably before 250. A message is never held
+//! whole in memory. Every reply that depends on the upstream comes from `relay::outcome`.
+//! Accepting connections and TLS are `listener`'s.
 
 use crate::config::Account;
 use crate::metrics::Metrics;
@@ -15,14 +17,13 @@ use crate::oauth::manager::{AccountStatus, TokenManager};
 use crate::relay::deliver::{Pacer, Queue};
 use crate::relay::envelope::{self, Address, EnvelopeError, MailFrom};
 use crate::relay::outcome;
-use crate::relay::spool::{Envelope, SPOOL_VERSION};
+use crate::relay::spool::{Envelope, SpoolError, SPOOL_VERSION};
 use crate::relay::transport::{Transaction, Transport};
 use crate::relay::upstream::UpstreamError;
 use crate::reply::Reply;
 use crate::secret::Secret;
 use crate::smtp::auth::{LocalAuth, Verdict};
-use crate::smtp::data::normalize_line_endings;
-use crate::smtp::framing::{sanitize, trim_crlf, Framed, Line, Stop};
+use crate::smtp::framing::{sanitize, trim_crlf, DataIn, Framed, Line, Piece, Stop, DATA_READ};
 use crate::smtp::policy::{self, RelayNetworks, Via};
 use crate::smtp::reply;
 use crate::smtp::sasl::{self, SaslError};
@@ -509,6 +510,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         if mail.params.size > self.ctx.max_message_bytes {
             return self.reply(&reply::TOO_BIG);
         }
+        if let Some(queue) = &self.ctx.queue {
+            if !queue.has_room(mail.params.size) {
+                tracing::warn!(peer = %self.peer, size = mail.params.size, "spool full (queue.max_bytes); MAIL refused");
+                return self.reply(&reply::SPOOL_FULL);
+            }
+        }
         if !policy::sender_allowed(&account, &mail.from) {
             tracing::warn!(peer = %self.peer, account = %account.username, from = %sanitize(&mail.from.to_string()), "sender not in allowed_from");
             return self.reply(&reply::NOT_ALLOWED_FROM);
@@ -609,59 +616,86 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             self.reply(&r);
             return Ok(());
         }
-        let hint = txn.mail.params.size;
-        let mut upstream = match std::mem::replace(&mut txn.upstream, Upstream::Spool) {
+        let upstream = match std::mem::replace(&mut txn.upstream, Upstream::Spool) {
             Upstream::Ready(t) => Some(*t),
             _ => None,
         };
         self.reply(&reply::START_DATA);
-        // Sync mode: DATA goes upstream while the content arrives (one round trip less per
-        // message); the upstream's answer to it is looked at once the content is complete.
-        // Any failure from here on drops the transaction, closing a session that may be in
-        // DATA.
-        let limit = self.ctx.max_message_bytes;
-        let (upstream_data, received) = match upstream.as_mut() {
-            Some(t) => {
-                let (up, local) = tokio::join!(t.start_data(), self.io.receive_data(hint, limit));
-                (Some(up), local)
+        let rx = DataIn::new(self.ctx.max_message_bytes);
+        // Any failure from here on (EOF, timeout, hard stop) drops the upstream transaction
+        // with its connection, mid-DATA: the upstream never sees a final dot.
+        match upstream {
+            Some(t) => self.data_sync(t, rx).await,
+            None => self.data_spool(rx).await,
+        }
+    }
+
+    /// The content was too big: the rest is read away, the client gets 552.
+    async fn too_big(&mut self, rx: &mut DataIn) -> Result<(), Stop> {
+        self.io.discard_data(rx).await?;
+        if let Some(txn) = self.txn.take() {
+            let limit = self.ctx.max_message_bytes;
+            let why = format!("message exceeds listen.max_message_bytes ({limit})");
+            self.log_relay(&txn, 0, Outcome::Rejected, 0, &why);
+        }
+        self.reply(&reply::TOO_BIG);
+        Ok(())
+    }
+
+    /// Sync mode: each piece of content goes upstream as it arrives; the upstream's final
+    /// reply is the client's. DATA goes upstream while the client starts sending.
+    async fn data_sync(&mut self, mut t: Transaction, mut rx: DataIn) -> Result<(), Stop> {
+        let (started, flushed) = tokio::join!(t.start_data(), self.io.flush());
+        flushed?;
+        let mut upstream = Some(t);
+        // The upstream refused DATA or broke: the rest is read away and this is the answer.
+        let mut failure = started.err();
+        let mut out = Vec::with_capacity(2 * DATA_READ);
+        let mut bytes = 0usize;
+        while failure.is_none() {
+            out.clear();
+            let piece = self.io.read_data(&mut rx, &mut out).await?;
+            if piece == Piece::TooBig {
+                // Never a final dot for it: the upstream connection is dropped.
+                if let Some(t) = upstream.take() {
+                    t.abandon();
+                }
+                return self.too_big(&mut rx).await;
             }
-            None => (None, self.io.receive_data(hint, limit).await),
-        };
-        let Some(received) = received? else {
-            // Too big: the data was read and discarded, and the upstream gets no content.
-            drop(upstream);
-            if let Some(txn) = self.txn.take() {
-                let why = format!("message exceeds listen.max_message_bytes ({limit})");
-                self.log_relay(&txn, 0, Outcome::Rejected, 0, &why);
+            bytes += out.len();
+            if let Some(t) = upstream.as_mut() {
+                if let Err(e) = t.send_chunk(&out).await {
+                    failure = Some(e);
+                    if let Some(t) = upstream.take() {
+                        t.abandon();
+                    }
+                }
             }
-            self.reply(&reply::TOO_BIG);
-            return Ok(());
-        };
+            if piece == Piece::End {
+                break;
+            }
+        }
+        if failure.is_some() && !rx.is_done() {
+            self.io.discard_data(&mut rx).await?;
+        }
         let Some(txn) = self.txn.take() else {
             return Ok(());
         };
-        let normalized = normalize_line_endings(&received);
-        if normalized.is_some() {
-            tracing::info!(id = %txn.id, "message had bare LF or CR line endings; normalized to CRLF");
-        }
-        let body: &[u8] = normalized.as_deref().unwrap_or(&received);
-        let (Some(mut upstream), Some(upstream_data)) = (upstream, upstream_data) else {
-            self.spool(txn, body);
-            return Ok(());
-        };
-        let stop = self.ctx.hard_stop.clone();
-        let result = match upstream_data {
-            // The upstream refused DATA itself: its reply is the answer.
-            Err(e) => Err(e),
-            Ok(_) => tokio::select! {
-                r = upstream.send_content(body) => r,
-                _ = stop.cancelled() => {
-                    // The grace period is over; the upstream's answer will not come in time.
-                    drop(upstream);
-                    self.log_relay(&txn, body.len(), Outcome::Deferred, 0, "shut down before the upstream answered");
-                    return Err(Stop::HardStop);
+        let result = match (failure, upstream.as_mut()) {
+            (Some(e), _) => Err(e),
+            (None, None) => Err(UpstreamError::Lost("upstream transaction gone".into())),
+            (None, Some(t)) => {
+                let stop = self.ctx.hard_stop.clone();
+                tokio::select! {
+                    r = t.finish_content() => r,
+                    _ = stop.cancelled() => {
+                        // The grace period is over; the upstream's answer will not come in time.
+                        drop(upstream);
+                        self.log_relay(&txn, bytes, Outcome::Deferred, 0, "shut down before the upstream answered");
+                        return Err(Stop::HardStop);
+                    }
                 }
-            },
+            }
         };
         let (reply, outcome) = outcome::data_reply(&result, &txn.id);
         let (code, text) = match &result {
@@ -669,13 +703,93 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             Err(UpstreamError::Reply(r)) => (r.code, Cow::Borrowed(r.text.as_str())),
             Err(e) => (0, Cow::Owned(e.to_string())),
         };
-        self.log_relay(&txn, body.len(), outcome, code, &text);
+        self.log_relay(&txn, bytes, outcome, code, &text);
         // After any final DATA reply the upstream session is idle again, unless it broke.
-        upstream.finish();
+        if let Some(t) = upstream {
+            t.finish();
+        }
         if result.is_ok() {
             self.note_rate();
         }
         self.reply(&reply);
+        Ok(())
+    }
+
+    /// Spool mode: the content goes to the spool file as it arrives; fsync'd and renamed
+    /// before 250. A full spool (`queue.max_bytes`) or a storage failure is 452 4.3.1 and
+    /// nothing is kept.
+    async fn data_spool(&mut self, mut rx: DataIn) -> Result<(), Stop> {
+        let Some(txn) = self.txn.as_ref() else {
+            self.reply(&reply::INTERNAL);
+            return Ok(());
+        };
+        let env = Envelope {
+            version: SPOOL_VERSION,
+            id: txn.id.clone(),
+            account: self.account_name().to_string(),
+            from: txn.mail.from.to_string(),
+            params: txn.mail.params.stored(),
+            rcpts: txn.rcpt_strings(),
+            received_at: crate::clock::unix_now(),
+            bytes: 0,
+        };
+        let mut writer = match &self.ctx.queue {
+            Some(queue) => queue.create(&env),
+            // Unreachable by construction (sync mode always has an upstream transaction
+            // here); never leave the client without a reply.
+            None => Err(SpoolError::NotSpooling),
+        };
+        let mut out = Vec::with_capacity(2 * DATA_READ);
+        while writer.is_ok() {
+            out.clear();
+            let piece = self.io.read_data(&mut rx, &mut out).await?;
+            if piece == Piece::TooBig {
+                // Dropping the writer removes its temporary file.
+                drop(writer);
+                return self.too_big(&mut rx).await;
+            }
+            if let Ok(w) = writer.as_mut() {
+                if let Err(e) = w.write(&out) {
+                    writer = Err(e);
+                }
+            }
+            if piece == Piece::End {
+                break;
+            }
+        }
+        if writer.is_err() && !rx.is_done() {
+            self.io.discard_data(&mut rx).await?;
+        }
+        let Some(txn) = self.txn.take() else {
+            return Ok(());
+        };
+        let stored = match (writer, &self.ctx.queue) {
+            (Ok(w), Some(queue)) => queue.commit(w, env),
+            (Ok(_), None) => Err(SpoolError::NotSpooling),
+            (Err(e), _) => Err(e),
+        };
+        match stored {
+            Ok(bytes) => {
+                self.log_relay(&txn, bytes, Outcome::Spooled, 0, "");
+                self.reply(&Reply::new(
+                    250,
+                    "2.0.0",
+                    format!("{} queued for delivery", txn.id),
+                ));
+            }
+            Err(SpoolError::NotSpooling) => self.reply(&reply::INTERNAL),
+            Err(e) => {
+                match &e {
+                    SpoolError::Full { .. } => {
+                        tracing::warn!(id = %txn.id, error = %e, "spool full; message refused");
+                    }
+                    _ => {
+                        tracing::error!(id = %txn.id, error = %e, "cannot write the message to the spool");
+                    }
+                }
+                self.reply(&reply::SPOOL_FULL);
+            }
+        }
         Ok(())
     }
 
@@ -690,40 +804,6 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let n = pacer.note();
         if limit > 0 && n == limit as usize + 1 {
             tracing::warn!(account = %user.username, limit, "more than upstream.messages_per_minute messages in the last minute; Microsoft 365 may throttle this mailbox (spool mode would pace them)");
-        }
-    }
-
-    /// Spool mode: store durably, then 250; a storage failure is 452 4.3.1 and nothing is kept.
-    fn spool(&mut self, txn: Txn, body: &[u8]) {
-        let Some(queue) = self.ctx.queue.clone() else {
-            // Unreachable by construction (sync mode always has an upstream transaction
-            // here); never leave the client without a reply.
-            self.reply(&reply::INTERNAL);
-            return;
-        };
-        let env = Envelope {
-            version: SPOOL_VERSION,
-            id: txn.id.clone(),
-            account: self.account_name().to_string(),
-            from: txn.mail.from.to_string(),
-            params: txn.mail.params.stored(),
-            rcpts: txn.rcpt_strings(),
-            received_at: crate::clock::unix_now(),
-            bytes: body.len(),
-        };
-        match queue.accept(env, body) {
-            Ok(()) => {
-                self.log_relay(&txn, body.len(), Outcome::Spooled, 0, "");
-                self.reply(&Reply::new(
-                    250,
-                    "2.0.0",
-                    format!("{} queued for delivery", txn.id),
-                ));
-            }
-            Err(e) => {
-                tracing::error!(id = %txn.id, error = %e, "cannot write the message to the spool");
-                self.reply(&reply::SPOOL_FULL);
-            }
         }
     }
 

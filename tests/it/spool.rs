@@ -619,3 +619,65 @@ async fn upstream_session_limit_432_is_transient() {
         12
     );
 }
+
+/// `[queue] max_bytes`: a MAIL whose SIZE= does not fit, and content that crosses the limit
+/// while it is written, get 452 4.3.1 and leave nothing in the spool; delivered messages
+/// free their room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_max_bytes_refuses_with_452_and_keeps_nothing() {
+    let mut env = start(Opts {
+        extra: format!("{SPOOL}max_bytes = 20000\n"),
+        ..spool_opts()
+    })
+    .await;
+    let spool = env.dir.path().join("state/spool");
+    // The upstream is down: accepted messages stay in the spool.
+    env.upstream.pause();
+    let body = |n: usize, id: &str| {
+        let mut m = message(id);
+        while m.len() < n {
+            m.extend_from_slice(b"0123456789012345678901234567890123456789\r\n");
+        }
+        m
+    };
+    let mut c = TcpSmtp::connect(env.addr).await;
+    c.login().await;
+    let (code, t) = c
+        .send_message(MAILBOX, &["a@fabrikam.com"], &body(8000, "first"))
+        .await;
+    assert_eq!(code, 250, "{t}");
+    // SIZE= beyond what is left: refused at MAIL.
+    let (code, t) = c.cmd(&format!("MAIL FROM:<{MAILBOX}> SIZE=15000")).await;
+    assert_eq!(code, 452, "{t}");
+    assert!(t.starts_with("4.3.1"), "{t}");
+    // No SIZE=: the content crosses the limit while it is written.
+    let (code, t) = c
+        .send_message(MAILBOX, &["a@fabrikam.com"], &body(15000, "crossing"))
+        .await;
+    assert_eq!(code, 452, "{t}");
+    assert!(t.starts_with("4.3.1"), "{t}");
+    assert_eq!(files(&spool, "msg"), 1);
+    assert_eq!(std::fs::read_dir(spool.join("tmp")).unwrap().count(), 0);
+    // The session goes on: a message that fits is accepted.
+    let (code, t) = c
+        .send_message(MAILBOX, &["a@fabrikam.com"], &body(1000, "small"))
+        .await;
+    assert_eq!(code, 250, "{t}");
+    assert_eq!(files(&spool, "msg"), 2);
+    // Delivered messages give their room back.
+    env.upstream.resume();
+    env.upstream.wait_received(2, Duration::from_secs(20)).await;
+    wait_for("empty spool", Duration::from_secs(10), || {
+        files(&spool, "msg") == 0
+    })
+    .await;
+    let (code, t) = c
+        .send_message(MAILBOX, &["a@fabrikam.com"], &body(15000, "later"))
+        .await;
+    assert_eq!(code, 250, "{t}");
+    env.upstream.wait_received(3, Duration::from_secs(20)).await;
+    stop(&mut env).await;
+    let mut ids = env.upstream.message_ids();
+    ids.sort();
+    assert_eq!(ids, ["<first@test>", "<later@test>", "<small@test>"]);
+}

@@ -1,6 +1,6 @@
 //! The upstream connection under the session: our own TCP socket (TCP_NODELAY), the TLS
 //! upgrade (STARTTLS or implicit), buffered reply reading through the bounded parser, and
-//! writing commands and dot-stuffed content.
+//! writing commands and dot-stuffed content (streamed: piece by piece as it arrives).
 //!
 //! Two rules keep replies matched to commands: a reply is only read when we sent a command
 //! that waits for one, and bytes the server sends that no command asked for (after a
@@ -95,6 +95,8 @@ pub(crate) struct Connection {
     buf: Vec<u8>,
     /// Command line being written (zeroed after each write: AUTH lines carry a token).
     line: Vec<u8>,
+    /// Stuffed content being written (at most twice [`WRITE_CHUNK`]).
+    out: Vec<u8>,
 }
 
 impl Connection {
@@ -111,6 +113,7 @@ impl Connection {
             stream,
             buf: Vec::with_capacity(READ_CHUNK),
             line: Vec::new(),
+            out: Vec::new(),
         }
     }
 
@@ -192,18 +195,42 @@ impl Connection {
         }
     }
 
-    /// Message content after the `354`: dot-stuffed, written in chunks of at most
-    /// [`WRITE_CHUNK`] bytes, ended by CRLF.CRLF (a CRLF is added first if the content does
-    /// not end with one).
+    /// Message content after the `354`, the whole of it: dot-stuffed, written in pieces of
+    /// at most [`WRITE_CHUNK`] bytes, ended by CRLF.CRLF.
+    #[cfg(test)]
     pub(crate) async fn send_content(&mut self, content: &[u8]) -> Result<(), ClientError> {
+        let mut stuffer = DotStuffer::new();
+        self.send_content_chunk(&mut stuffer, content).await?;
+        self.end_content(&stuffer).await
+    }
+
+    /// One piece of message content after the `354` (any split: `stuffer` remembers where
+    /// the previous piece ended), dot-stuffed and written in pieces of at most
+    /// [`WRITE_CHUNK`] input bytes. Fails if the server said anything meanwhile (an early
+    /// reply is no reply to content we have not finished).
+    pub(crate) async fn send_content_chunk(
+        &mut self,
+        stuffer: &mut DotStuffer,
+        chunk: &[u8],
+    ) -> Result<(), ClientError> {
         self.ensure_quiet()?;
-        let mut stuffer = DotStuffer::new(content);
-        let mut out = Vec::with_capacity(WRITE_CHUNK.min(content.len() + 8));
-        while stuffer.fill(&mut out, WRITE_CHUNK) {
-            self.stream.write_all(&out).await?;
-            out.clear();
+        for piece in chunk.chunks(WRITE_CHUNK) {
+            self.out.clear();
+            stuffer.stuff(piece, &mut self.out);
+            write_flush(&mut self.stream, &self.out).await?;
         }
-        write_flush(&mut self.stream, &out).await?;
+        if self.out.capacity() > 2 * WRITE_CHUNK + 8 {
+            self.out = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Ends the content: CRLF.CRLF (a CRLF first if the content did not end with one).
+    pub(crate) async fn end_content(&mut self, stuffer: &DotStuffer) -> Result<(), ClientError> {
+        self.ensure_quiet()?;
+        self.out.clear();
+        stuffer.finish(&mut self.out);
+        write_flush(&mut self.stream, &self.out).await?;
         Ok(())
     }
 
@@ -218,53 +245,56 @@ async fn write_flush(stream: &mut Stream, bytes: &[u8]) -> io::Result<()> {
     stream.flush().await
 }
 
-/// Dot-stuffs message content chunk by chunk (RFC 5321 section 4.5.2): a `.` at the start of
-/// a line (after any LF) gets a second `.`; the end is CRLF.CRLF.
-pub(crate) struct DotStuffer<'a> {
-    rest: &'a [u8],
+/// Dot-stuffs message content piece by piece (RFC 5321 section 4.5.2): a `.` at the start
+/// of a line (after any LF) gets a second `.`; the end is CRLF.CRLF. The pieces may split
+/// the content anywhere: the state carries over.
+#[derive(Debug, Clone)]
+pub(crate) struct DotStuffer {
     /// The next byte starts a line.
     line_start: bool,
-    /// Whether the content ended with CRLF (decides the terminator).
-    ends_with_crlf: bool,
-    done: bool,
+    /// The content's last two bytes so far (decides the terminator).
+    tail: [u8; 2],
 }
 
-impl<'a> DotStuffer<'a> {
-    pub(crate) fn new(content: &'a [u8]) -> DotStuffer<'a> {
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer::new()
+    }
+}
+
+impl DotStuffer {
+    pub(crate) fn new() -> DotStuffer {
         DotStuffer {
-            rest: content,
             line_start: true,
-            ends_with_crlf: content.ends_with(b"\r\n"),
-            done: false,
+            tail: [0, 0],
         }
     }
 
-    /// Appends up to about `max` bytes of stuffed output to `out` (never less than one line
-    /// piece). Returns true while more is to come: then `out` is full and should be written.
-    /// The last call (false) has put the terminator in `out`.
-    pub(crate) fn fill(&mut self, out: &mut Vec<u8>, max: usize) -> bool {
-        while out.len() < max {
-            if self.rest.is_empty() {
-                if !self.done {
-                    if !self.ends_with_crlf {
-                        out.extend_from_slice(b"\r\n");
-                    }
-                    out.extend_from_slice(b".\r\n");
-                    self.done = true;
-                }
-                return false;
-            }
-            if self.line_start && self.rest[0] == b'.' {
+    /// Appends `piece`, stuffed, to `out` (at most twice its length).
+    pub(crate) fn stuff(&mut self, piece: &[u8], out: &mut Vec<u8>) {
+        let mut rest = piece;
+        while let Some((&first, _)) = rest.split_first() {
+            if self.line_start && first == b'.' {
                 out.push(b'.');
             }
-            let room = max.saturating_sub(out.len()).max(1);
-            let line_end = memchr::memchr(b'\n', self.rest).map_or(self.rest.len(), |i| i + 1);
-            let take = line_end.min(room);
-            out.extend_from_slice(&self.rest[..take]);
-            self.line_start = self.rest[take - 1] == b'\n';
-            self.rest = &self.rest[take..];
+            let line_end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+            out.extend_from_slice(&rest[..line_end]);
+            self.line_start = rest[line_end - 1] == b'\n';
+            rest = &rest[line_end..];
         }
-        true
+        match piece {
+            [] => {}
+            [b] => self.tail = [self.tail[1], *b],
+            [.., a, b] => self.tail = [*a, *b],
+        }
+    }
+
+    /// Appends the terminator to `out`.
+    pub(crate) fn finish(&self, out: &mut Vec<u8>) {
+        if self.tail != *b"\r\n" {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
     }
 }
 
@@ -272,23 +302,25 @@ impl<'a> DotStuffer<'a> {
 mod tests {
     use super::*;
 
+    /// The content stuffed in pieces of `max` bytes, and the largest stuffed piece.
     fn stuff(content: &[u8], max: usize) -> (Vec<u8>, usize) {
-        let mut s = DotStuffer::new(content);
+        let mut s = DotStuffer::new();
         let mut all = Vec::new();
-        let mut out = Vec::new();
-        let mut writes = 1;
-        while s.fill(&mut out, max) {
+        let mut largest = 0;
+        for piece in content.chunks(max) {
+            let mut out = Vec::new();
+            s.stuff(piece, &mut out);
             assert!(
-                out.len() <= max + 1,
-                "a chunk stays near max: {}",
-                out.len()
+                out.len() <= 2 * piece.len(),
+                "{} for {}",
+                out.len(),
+                piece.len()
             );
+            largest = largest.max(out.len());
             all.extend_from_slice(&out);
-            out.clear();
-            writes += 1;
         }
-        all.extend_from_slice(&out);
-        (all, writes)
+        s.finish(&mut all);
+        (all, largest)
     }
 
     #[test]
@@ -301,19 +333,31 @@ mod tests {
             assert_eq!(stuff(b"x\r", max).0, b"x\r\r\n.\r\n", "max {max}");
             assert_eq!(stuff(b"", max).0, b"\r\n.\r\n", "max {max}");
             assert_eq!(stuff(b"\r\n", max).0, b"\r\n.\r\n", "max {max}");
+            assert_eq!(stuff(b"\n", max).0, b"\n\r\n.\r\n", "max {max}");
             // A dot after a bare LF is stuffed as well (a lenient server ends lines there).
             assert_eq!(stuff(b"a\n.\r\n", max).0, b"a\n..\r\n.\r\n", "max {max}");
         }
     }
 
     #[test]
-    fn content_goes_in_bounded_chunks() {
+    fn content_goes_in_bounded_pieces() {
         let content = b"0123456789\r\n".repeat(10_000);
-        let (got, writes) = stuff(&content, 4096);
+        let (got, largest) = stuff(&content, 4096);
         let mut want = content.clone();
         want.extend_from_slice(b".\r\n");
         assert_eq!(got, want);
-        assert_eq!(writes, content.len().div_ceil(4096));
+        assert_eq!(largest, 4096);
+    }
+
+    proptest::proptest! {
+        /// Any split gives the stuffing of the whole.
+        #[test]
+        fn any_split_stuffs_like_the_whole(
+            content in proptest::collection::vec(proptest::sample::select(&b"\r\n.x"[..]), 0..64),
+            max in 1usize..9,
+        ) {
+            proptest::prop_assert_eq!(stuff(&content, max).0, stuff(&content, usize::MAX).0);
+        }
     }
 }
 

@@ -1,12 +1,13 @@
 //! One upstream SMTP session: connect, STARTTLS (required, verified) or implicit TLS, AUTH
 //! XOAUTH2, and the transaction commands, on our own client (`client.rs`).
 //!
-//! Every operation is bounded by `upstream.timeout_secs` (the content by a limit that grows
-//! with its size). A session whose command failed on the network, timed out, broke the
+//! Every operation is bounded by `upstream.timeout_secs` (each piece of content too; the
+//! final reply by a limit that grows with the message's size). Content is streamed: piece by
+//! piece as the local client sends it, never held whole. A session whose command failed on the network, timed out, broke the
 //! protocol or got a 421 is broken and must not be reused. Pooling, token choice and reply
 //! mapping live in `relay::pool` and `relay::outcome`.
 
-use super::client::{ClientError, Connection};
+use super::client::{ClientError, Connection, DotStuffer};
 use super::reply::{Capabilities, Reply, UpReply};
 use crate::config::{Upstream, UpstreamSecurity};
 use crate::secret::Secret;
@@ -171,6 +172,15 @@ pub struct UpstreamSession {
     timeout: Duration,
     broken: bool,
     caps: Capabilities,
+    /// The content being sent (between the 354 and the final dot).
+    content: Option<Content>,
+}
+
+/// Content on its way: the stuffing state across pieces and the bytes so far.
+#[derive(Debug, Default)]
+struct Content {
+    stuffer: DotStuffer,
+    bytes: u64,
 }
 
 impl fmt::Debug for UpstreamSession {
@@ -213,6 +223,7 @@ impl UpstreamSession {
             timeout: t.timeout,
             broken: false,
             caps,
+            content: None,
         })
     }
 
@@ -267,6 +278,13 @@ impl UpstreamSession {
 
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// Marks the session broken (e.g. mid-content with nothing more to send): it must be
+    /// closed, never reused or ended with a final dot.
+    pub fn break_off(&mut self) {
+        self.broken = true;
+        self.content = None;
     }
 
     /// What the upstream announced in its EHLO reply (after TLS).
@@ -339,18 +357,48 @@ impl UpstreamSession {
         self.body(content).await
     }
 
-    /// After the upstream's 354: the content (unstuffed, as the client sent it; dot-stuffed
-    /// here while it is written, ended by CRLF.CRLF) and the final reply. (The local session
-    /// sends DATA while it still receives the content.)
+    /// After the upstream's 354: the whole content and the final reply.
     pub async fn body(&mut self, content: &[u8]) -> Result<UpReply, UpstreamError> {
-        // The timeout grows with the message: at least MIN_UPLOAD_RATE bytes per second.
+        self.body_chunk(content).await?;
+        self.body_end().await
+    }
+
+    /// After the upstream's 354: one piece of the content (unstuffed, as the client sent
+    /// it, split anywhere); dot-stuffed here while it is written. Each piece is bounded by
+    /// `upstream.timeout_secs`. A failure breaks the session: it is mid-DATA.
+    pub async fn body_chunk(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
         if self.broken {
             return Err(UpstreamError::Lost("session already broken".into()));
         }
-        let limit = self.timeout + Duration::from_secs(content.len() as u64 / MIN_UPLOAD_RATE);
+        let body = self.content.get_or_insert_with(Content::default);
+        body.bytes += chunk.len() as u64;
+        let conn = &mut self.conn;
+        let r = within(
+            self.timeout,
+            conn.send_content_chunk(&mut body.stuffer, chunk),
+        )
+        .await;
+        let e = match r {
+            Some(Ok(())) => return Ok(()),
+            None => format!("content not taken within {}s", self.timeout.as_secs()),
+            Some(Err(e)) => format!("DATA: {e}"),
+        };
+        self.broken = true;
+        self.content = None;
+        Err(UpstreamError::Lost(e))
+    }
+
+    /// Ends the content (CRLF.CRLF) and reads the final reply, within a limit that grows
+    /// with the message (the upstream may scan it): at least MIN_UPLOAD_RATE bytes a second.
+    pub async fn body_end(&mut self) -> Result<UpReply, UpstreamError> {
+        let body = self.content.take().unwrap_or_default();
+        if self.broken {
+            return Err(UpstreamError::Lost("session already broken".into()));
+        }
+        let limit = self.timeout + Duration::from_secs(body.bytes / MIN_UPLOAD_RATE);
         let conn = &mut self.conn;
         let r = bounded("DATA", limit, async {
-            conn.send_content(content).await?;
+            conn.end_content(&body.stuffer).await?;
             conn.read_reply().await
         })
         .await;
