@@ -172,6 +172,7 @@ impl Bridge {
             hard_stop: CancellationToken::new(),
             command_timeout: config.listen.command_timeout,
             session_timeout: config.listen.session_timeout,
+            upstream_hold: config.upstream.timeout,
             auth_failure_delay: AUTH_FAILURE_DELAY,
             queue: queue.clone(),
             pacers,

@@ -101,6 +101,11 @@ pub const TOO_MANY_AUTH_FAILURES: Reply = Reply::fixed(
     "Too many authentication failures, closing connection",
 );
 pub const IDLE_TIMEOUT: Reply = Reply::fixed(421, "4.4.2", "Idle timeout, closing connection");
+pub const HELD_TOO_LONG: Reply = Reply::fixed(
+    451,
+    "4.4.2",
+    "Transaction took too long before DATA; upstream session released, start again with MAIL",
+);
 pub const SPOOL_FULL: Reply = Reply::fixed(
     452,
     "4.3.1",

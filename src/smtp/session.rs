@@ -63,6 +63,9 @@ pub struct SessionContext {
     pub hard_stop: CancellationToken,
     pub command_timeout: Duration,
     pub session_timeout: Duration,
+    /// How long a transaction may hold an upstream session before DATA (`upstream.timeout_secs`):
+    /// one of a mailbox's few sessions must not be kept by a client that dawdles (or NOOPs).
+    pub upstream_hold: Duration,
     /// Delay before answering the first failed AUTH of a connection; doubles with each.
     pub auth_failure_delay: Duration,
     /// Spool mode: accept after fsync and deliver in the background.
@@ -105,9 +108,19 @@ struct Txn {
     mail: MailFrom,
     rcpts: Vec<Address>,
     started: Instant,
+    /// Since when this transaction holds an upstream session (sync mode, from the first RCPT).
+    held_since: Option<Instant>,
 }
 
 impl Txn {
+    /// When the upstream session this transaction holds must be given back, if it holds one.
+    fn hold_deadline(&self, hold: Duration) -> Option<Instant> {
+        match self.upstream {
+            Upstream::Ready(_) => self.held_since.map(|t| t + hold),
+            _ => None,
+        }
+    }
+
     fn rcpt_strings(&self) -> Vec<String> {
         self.rcpts.iter().map(ToString::to_string).collect()
     }
@@ -187,6 +200,46 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             .await
     }
 
+    /// The next command line of the command loop. While a transaction holds an upstream
+    /// session, waiting for the client is bounded by [`SessionContext::upstream_hold`]: when
+    /// it runs out, the upstream session is given back and the transaction fails with 451
+    /// (a partial line stays buffered; the client's own command timeout still applies).
+    async fn next_command_line(&mut self) -> Result<Option<Line>, Stop> {
+        let hold = self.ctx.upstream_hold;
+        loop {
+            let Some(deadline) = self.txn.as_ref().and_then(|t| t.hold_deadline(hold)) else {
+                return self.next_line(true).await;
+            };
+            let now = Instant::now();
+            let wait = deadline.saturating_duration_since(now);
+            if wait < self.ctx.command_timeout {
+                if wait.is_zero() {
+                    self.release_held_upstream().await;
+                    continue;
+                }
+                match self.io.next_line(wait, None).await {
+                    Err(Stop::TimedOut) => {
+                        self.release_held_upstream().await;
+                        continue;
+                    }
+                    r => return r,
+                }
+            }
+            return self.next_line(true).await;
+        }
+    }
+
+    /// The transaction kept its upstream session too long: RSET it back to the pool; the
+    /// client's next RCPT or DATA gets 451 4.4.2 and it starts again with MAIL.
+    async fn release_held_upstream(&mut self) {
+        let Some(txn) = self.txn.as_mut() else { return };
+        let previous = std::mem::replace(&mut txn.upstream, Upstream::Failed(reply::HELD_TOO_LONG));
+        if let Upstream::Ready(t) = previous {
+            tracing::info!(peer = %self.peer, id = %txn.id, held_secs = self.ctx.upstream_hold.as_secs(), "transaction held its upstream session too long before DATA; released");
+            t.abort().await;
+        }
+    }
+
     /// Runs the session until QUIT, EOF, an I/O error, or STARTTLS.
     pub async fn run(mut self, greet: bool) -> End<S> {
         if greet {
@@ -227,11 +280,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
 
     async fn serve(&mut self) -> Result<Flow, Stop> {
         loop {
-            if self.txn.is_none() && self.started.elapsed() >= self.ctx.session_timeout {
+            // Checked inside a transaction too (run() aborts the open one).
+            if self.started.elapsed() >= self.ctx.session_timeout {
                 self.reply(&reply::SESSION_TOO_LONG);
                 return Ok(Flow::Quit);
             }
-            let line = match self.next_line(true).await? {
+            let line = match self.next_command_line().await? {
                 None => return Err(Stop::Eof),
                 Some(Line::TooLong) => {
                     self.reply(&reply::LINE_TOO_LONG);
@@ -535,6 +589,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             mail,
             rcpts: Vec::new(),
             started: Instant::now(),
+            held_since: None,
         });
         self.reply(&reply::SENDER_OK);
     }
@@ -592,6 +647,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 }
             }
         };
+        if matches!(next, Upstream::Ready(_)) && txn.held_since.is_none() {
+            txn.held_since = Some(Instant::now());
+        }
         txn.upstream = next;
         if !reply.is_positive() && reply.code < 500 {
             txn.transient = Some(reply.clone());
@@ -948,6 +1006,7 @@ fn test_context(
         hard_stop: CancellationToken::new(),
         command_timeout: timeout,
         session_timeout: Duration::from_secs(3600),
+        upstream_hold: Duration::from_secs(60),
         auth_failure_delay: Duration::ZERO,
         queue: None,
         pacers: Arc::new(HashMap::new()),

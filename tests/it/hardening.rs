@@ -698,3 +698,61 @@ async fn max_message_bytes_4000_delivers_small_refuses_larger_with_552_and_lives
 async fn max_message_bytes_4000_delivers_small_refuses_larger_with_552_and_lives_spool() {
     small_max_message_bytes(true).await;
 }
+
+/// A client that opens a transaction (so it holds one of the mailbox's upstream sessions)
+/// and then only NOOPs used to keep that session for ever: with one session per mailbox, a
+/// second client could never send. Now a transaction holds its upstream session at most
+/// `upstream.timeout_secs` before DATA; then it is given back and the holder gets 451.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_noop_ing_client_cannot_hold_the_mailboxs_upstream_session() {
+    let env = start(Opts {
+        upstream: "timeout_secs = 2\nmax_sessions_per_mailbox = 1".into(),
+        ..Opts::default()
+    })
+    .await;
+    let mut holder = TcpSmtp::connect(env.addr).await;
+    holder.login().await;
+    holder.expect(&format!("MAIL FROM:<{MAILBOX}>"), 250).await;
+    holder.expect("RCPT TO:<a@fabrikam.com>", 250).await;
+    let noops = tokio::spawn(async move {
+        // Far longer than the hold limit; every NOOP is answered.
+        for _ in 0..40 {
+            holder.expect("NOOP", 250).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        holder
+    });
+    // The other client keeps trying for up to 12 s (451 4.3.2 while the session is held).
+    let started = std::time::Instant::now();
+    let mut delivered = false;
+    let mut attempts = 0;
+    while !delivered && started.elapsed() < Duration::from_secs(12) {
+        attempts += 1;
+        let mut c = TcpSmtp::connect(env.addr).await;
+        c.login().await;
+        c.expect(&format!("MAIL FROM:<{MAILBOX}>"), 250).await;
+        let (code, _) = c.cmd("RCPT TO:<b@fabrikam.com>").await;
+        if code == 250 {
+            c.expect("DATA", 354).await;
+            c.send(b"Subject: second\r\n\r\nsecond client\r\n.\r\n")
+                .await;
+            let (code, t) = c.reply().await;
+            assert_eq!(code, 250, "{t}");
+            delivered = true;
+        } else {
+            assert_eq!(code, 451, "while the session is held");
+        }
+    }
+    assert!(
+        delivered,
+        "the second client never got the session ({attempts} attempts)"
+    );
+    let mut holder = noops.await.unwrap();
+    // The holder's transaction lost its session: DATA is refused with 451, never 354.
+    let (code, t) = holder.cmd("DATA").await;
+    assert_eq!(code, 451, "{t}");
+    assert!(t.starts_with("4.4.2"), "{t}");
+    let got = env.upstream.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpts, vec!["b@fabrikam.com".to_string()]);
+}
