@@ -77,7 +77,7 @@ impl AdminState {
     }
 
     /// `None` when ready, else the JSON body naming what is not.
-    pub fn not_ready(&self) -> Option<serde_json::Value> {
+    pub(crate) fn not_ready(&self) -> Option<serde_json::Value> {
         let mut accounts = serde_json::Map::new();
         for a in &self.accounts {
             if self.tokens.is_usable(a) {
@@ -165,7 +165,7 @@ async fn deadline(req: axum::extract::Request, next: axum::middleware::Next) -> 
 }
 
 /// Serves until `shutdown`: at most `MAX_ADMIN_CONNECTIONS` at once, each bounded in time.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
     let app = router(state);
     let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     let tracker = TaskTracker::new();

@@ -21,7 +21,7 @@ fn since_epoch(t: SystemTime) -> Duration {
 /// Where time comes from: `now()` is tokio's monotonic clock; `unix_now()` is the system
 /// clock or, for tests, a wall clock that follows tokio's (possibly paused) clock.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Clock {
+pub(crate) struct Clock {
     wall: Wall,
 }
 
@@ -29,19 +29,21 @@ pub struct Clock {
 enum Wall {
     #[default]
     System,
-    /// Wall time = `at_start` + tokio time elapsed since `start`.
+    /// Wall time = `at_start` + tokio time elapsed since `start` (tests under paused time).
+    #[cfg(test)]
     FollowsTokio { at_start: Duration, start: Instant },
 }
 
 impl Clock {
     /// Tokio's monotonic clock and the system's wall clock.
-    pub fn system() -> Clock {
+    pub(crate) fn system() -> Clock {
         Clock { wall: Wall::System }
     }
 
     /// A clock whose wall time starts at the system's and then advances only with tokio's
     /// clock: under `tokio::time::pause`, `advance` moves `now()` and `unix_now()` alike.
-    pub fn following_tokio() -> Clock {
+    #[cfg(test)]
+    pub(crate) fn following_tokio() -> Clock {
         Clock {
             wall: Wall::FollowsTokio {
                 at_start: since_epoch(SystemTime::now()),
@@ -51,14 +53,15 @@ impl Clock {
     }
 
     /// Monotonic now (tokio's clock; paused time applies).
-    pub fn now(&self) -> Instant {
+    pub(crate) fn now(&self) -> Instant {
         Instant::now()
     }
 
     /// Seconds since the Unix epoch by this clock.
-    pub fn unix_now(&self) -> u64 {
+    pub(crate) fn unix_now(&self) -> u64 {
         match self.wall {
             Wall::System => unix_now(),
+            #[cfg(test)]
             Wall::FollowsTokio { at_start, start } => (at_start + start.elapsed()).as_secs(),
         }
     }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// A file system operation that failed, with the path it failed on.
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {source}", path.display())]
-pub struct FsError {
+pub(crate) struct FsError {
     pub path: PathBuf,
     #[source]
     pub source: io::Error,

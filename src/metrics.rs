@@ -25,7 +25,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 /// The `Content-Type` of [`Metrics::render`]'s output (SPEC: exactly this, no charset).
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
 /// Every metric name starts with this and an underscore.
 const PREFIX: &str = "smtp_oauth_bridge";
@@ -247,20 +247,20 @@ impl Metrics {
         a
     }
 
-    pub fn session_opened(&self) {
+    pub(crate) fn session_opened(&self) {
         self.local_sessions.inc();
     }
 
-    pub fn session_closed(&self) {
+    pub(crate) fn session_closed(&self) {
         self.local_sessions.dec();
     }
 
-    pub fn auth_failed(&self) {
+    pub(crate) fn auth_failed(&self) {
         self.auth_failures.inc();
     }
 
     /// A client outside `listen.allow_networks` was refused at accept.
-    pub fn connection_refused_network(&self) {
+    pub(crate) fn connection_refused_network(&self) {
         self.refused
             .get_or_create(&RefusedLabels { reason: "network" })
             .inc();

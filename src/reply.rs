@@ -9,14 +9,14 @@ use std::fmt;
 
 /// An SMTP reply: code, enhanced status code (RFC 3463) and text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
+pub(crate) struct Reply {
     pub code: u16,
     pub status: Cow<'static, str>,
     pub text: Cow<'static, str>,
 }
 
 impl Reply {
-    pub const fn fixed(code: u16, status: &'static str, text: &'static str) -> Reply {
+    pub(crate) const fn fixed(code: u16, status: &'static str, text: &'static str) -> Reply {
         Reply {
             code,
             status: Cow::Borrowed(status),
@@ -32,13 +32,13 @@ impl Reply {
         }
     }
 
-    pub fn is_positive(&self) -> bool {
+    pub(crate) fn is_positive(&self) -> bool {
         self.code < 400
     }
 
     /// Appends the wire form: one line, CR/LF and other control characters in the text
     /// replaced by spaces so a reply can never be split or smuggle a second one.
-    pub fn write_to(&self, out: &mut Vec<u8>) {
+    pub(crate) fn write_to(&self, out: &mut Vec<u8>) {
         // 3xx intermediate replies (354, 334) carry no enhanced status code (RFC 2034).
         if self.status.is_empty() {
             out.extend_from_slice(format!("{} ", self.code).as_bytes());

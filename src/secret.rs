@@ -58,7 +58,7 @@ const KEY_HINT: &str = "create one with: head -c 32 /dev/urandom | base64";
 
 /// Why a text is not a 32-byte key in base64.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     #[error("is not base64 ({KEY_HINT})")]
     NotBase64,
     #[error("decodes to {0} bytes; 32 are needed ({KEY_HINT})")]
@@ -72,7 +72,7 @@ pub struct SecretKey([u8; 32]);
 impl SecretKey {
     /// Parses a key written as base64 (standard or URL-safe) of 32 bytes; surrounding
     /// whitespace (a trailing newline in a key file) is ignored.
-    pub fn from_base64(text: &str) -> Result<SecretKey, KeyError> {
+    pub(crate) fn from_base64(text: &str) -> Result<SecretKey, KeyError> {
         let t = text.trim();
         let mut bytes = base64::engine::general_purpose::STANDARD
             .decode(t)

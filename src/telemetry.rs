@@ -43,7 +43,7 @@ const RUSTLS_SNI: &str = "rustls::msgs::handshake";
 
 /// The filter every subscriber of ours uses: RUST_LOG (else `default`), with [`NOISY`] capped
 /// at INFO and [`RUSTLS_SNI`] at ERROR.
-pub fn filters(default: &str) -> (EnvFilter, Targets) {
+pub(crate) fn filters(default: &str) -> (EnvFilter, Targets) {
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let mut cap = Targets::new().with_default(tracing::Level::TRACE);
     for t in NOISY {
@@ -84,7 +84,7 @@ pub fn init(format: LogFormat, default: &str) -> tracing_appender::non_blocking:
 
 /// What happened to a message: the relay log's `outcome` field (SPEC "Relay log").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The upstream accepted it.
     Delivered,
     /// Refused for good (an upstream 5xx, or too big): the client got a 5xx.
@@ -97,12 +97,14 @@ pub enum Outcome {
     /// The spool gave up on it (5xx for every recipient, or too old): moved to `dead`.
     Dead,
     /// Removed from the spool by an operator (`queue delete`).
+    #[allow(dead_code)] // constructed by `queue delete`, which lands with queue control
     Deleted,
 }
 
 impl Outcome {
     /// Every outcome, in the order SPEC lists them.
-    pub const ALL: [Outcome; 6] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [Outcome; 6] = [
         Outcome::Delivered,
         Outcome::Rejected,
         Outcome::Deferred,
@@ -112,7 +114,7 @@ impl Outcome {
     ];
 
     /// The value in the relay log and in the metric label.
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             Outcome::Delivered => "delivered",
             Outcome::Rejected => "rejected",
@@ -141,7 +143,7 @@ pub enum Via {
 }
 
 impl Via {
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             Via::Auth => "auth",
             Via::Network => "network",
@@ -151,7 +153,7 @@ impl Via {
 
 /// The fields of one relay log line.
 #[derive(Debug)]
-pub struct RelayEvent<'a> {
+pub(crate) struct RelayEvent<'a> {
     pub id: &'a str,
     pub account: &'a str,
     pub from: &'a str,
@@ -167,7 +169,7 @@ pub struct RelayEvent<'a> {
     pub via: Option<Via>,
 }
 
-pub fn relay_event(e: &RelayEvent<'_>) {
+pub(crate) fn relay_event(e: &RelayEvent<'_>) {
     let rcpts = e.rcpts.join(",");
     tracing::info!(
         target: "relay",
@@ -188,7 +190,7 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A message id, unique within this host: seconds since the epoch and a counter, in hex
 /// (Postfix-like, sorts by time).
-pub fn new_message_id() -> String {
+pub(crate) fn new_message_id() -> String {
     let secs = crate::clock::unix_now();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!(

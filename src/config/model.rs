@@ -28,7 +28,7 @@ pub enum ListenTls {
 }
 
 impl ListenTls {
-    pub(crate) fn parse(s: &str) -> Option<ListenTls> {
+    pub fn parse(s: &str) -> Option<ListenTls> {
         match s {
             "off" => Some(ListenTls::Off),
             "starttls" => Some(ListenTls::StartTls),
@@ -54,7 +54,7 @@ pub enum UpstreamSecurity {
 }
 
 impl UpstreamSecurity {
-    pub(crate) fn parse(s: &str) -> Option<UpstreamSecurity> {
+    pub fn parse(s: &str) -> Option<UpstreamSecurity> {
         match s {
             "starttls" => Some(UpstreamSecurity::StartTls),
             "tls" => Some(UpstreamSecurity::Tls),
@@ -79,7 +79,7 @@ pub enum Flow {
 }
 
 impl Flow {
-    pub(crate) fn parse(s: &str) -> Option<Flow> {
+    pub fn parse(s: &str) -> Option<Flow> {
         match s {
             "authorization_code" => Some(Flow::AuthorizationCode),
             "device_code" => Some(Flow::DeviceCode),
@@ -107,7 +107,7 @@ pub enum Provider {
 }
 
 impl Provider {
-    pub(crate) fn parse(s: &str) -> Option<Provider> {
+    pub fn parse(s: &str) -> Option<Provider> {
         match s {
             "microsoft" => Some(Provider::Microsoft),
             "microsoft-us-gov" => Some(Provider::MicrosoftUsGov),

@@ -27,13 +27,13 @@ const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What we send to the token endpoint.
 #[derive(Debug)]
-pub enum TokenGrant {
+pub(crate) enum TokenGrant {
     ClientCredentials,
     RefreshToken(Secret),
 }
 
 impl TokenGrant {
-    pub fn is_refresh(&self) -> bool {
+    pub(crate) fn is_refresh(&self) -> bool {
         matches!(self, TokenGrant::RefreshToken(_))
     }
 }
@@ -154,7 +154,7 @@ fn scopes(oauth: &OAuth) -> impl Iterator<Item = Scope> + '_ {
     oauth.scopes.iter().map(|s| Scope::new(s.clone()))
 }
 
-pub async fn request_token(
+pub(crate) async fn request_token(
     http: &reqwest::Client,
     oauth: &OAuth,
     grant: &TokenGrant,
@@ -191,7 +191,7 @@ pub async fn request_token(
 // ---- interactive flows for `login` ---------------------------------------------------
 
 /// How long `login` waits for the browser to come back to the loopback redirect.
-pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const LOGIN_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest HTTP request head accepted on the loopback redirect listener.
 const MAX_REDIRECT_REQUEST: usize = 16 * 1024;
 /// Connections to the redirect listener served at once, each in its own task, so a local

@@ -64,11 +64,11 @@ pub struct AccessToken {
 }
 
 impl AccessToken {
-    pub fn is_fresh(&self, now: Instant) -> bool {
+    pub(crate) fn is_fresh(&self, now: Instant) -> bool {
         now < self.refresh_at
     }
 
-    pub fn is_valid(&self, now: Instant) -> bool {
+    pub(crate) fn is_valid(&self, now: Instant) -> bool {
         now < self.expires_at
     }
 }
@@ -199,7 +199,7 @@ impl TokenManager {
     }
 
     /// As [`TokenManager::new`], with time from `clock`.
-    pub fn with_clock(config: &Config, clock: Clock) -> Result<TokenManager, ManagerError> {
+    pub(crate) fn with_clock(config: &Config, clock: Clock) -> Result<TokenManager, ManagerError> {
         let store = TokenStore::new(
             &config.state.dir,
             config.state.key.as_ref().map(|k| StateKey::from(&k.value)),
@@ -282,7 +282,7 @@ impl TokenManager {
     }
 
     /// Seconds until the account's access token expires (None without a token).
-    pub fn expires_in(&self, account: &str) -> Option<Duration> {
+    pub(crate) fn expires_in(&self, account: &str) -> Option<Duration> {
         let acc = self.inner.accounts.get(account)?;
         let st = acc.state();
         st.current
@@ -291,7 +291,7 @@ impl TokenManager {
     }
 
     /// Failed writes of the account's tokens to the store so far (for metrics).
-    pub fn store_write_failures(&self, account: &str) -> u64 {
+    pub(crate) fn store_write_failures(&self, account: &str) -> u64 {
         self.inner
             .accounts
             .get(account)
@@ -299,7 +299,7 @@ impl TokenManager {
     }
 
     /// Account names, token requests that succeeded and failed, for metrics.
-    pub fn counts(&self) -> Vec<(String, u64, u64)> {
+    pub(crate) fn counts(&self) -> Vec<(String, u64, u64)> {
         let mut v: Vec<_> = self
             .inner
             .accounts
@@ -586,7 +586,7 @@ impl TokenManager {
     }
 
     /// Refreshes every account ahead of expiry in the background until `shutdown`.
-    pub fn spawn_refresher(&self, shutdown: CancellationToken) {
+    pub(crate) fn spawn_refresher(&self, shutdown: CancellationToken) {
         for name in self.inner.accounts.keys() {
             let me = self.clone();
             let name = name.clone();

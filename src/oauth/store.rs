@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 /// The file format version this build writes and reads.
-pub const STORE_VERSION: u32 = 1;
+pub(crate) const STORE_VERSION: u32 = 1;
 
 /// What is persisted for one account.
 #[derive(Debug, Clone, Default)]
@@ -117,7 +117,7 @@ impl TokenStore {
     }
 
     /// When the account's file last changed (None if there is none).
-    pub fn modified(&self, account: &str) -> Option<SystemTime> {
+    pub(crate) fn modified(&self, account: &str) -> Option<SystemTime> {
         fs::metadata(self.path(account))
             .and_then(|m| m.modified())
             .ok()

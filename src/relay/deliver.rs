@@ -53,7 +53,7 @@ impl Pacer {
     }
 
     /// Records a send now and returns how many fell in the last minute (including it).
-    pub fn note(&self) -> usize {
+    pub(crate) fn note(&self) -> usize {
         let now = Instant::now();
         let mut q = self.window(now);
         q.push_back(now);
@@ -185,7 +185,7 @@ impl Queue {
     }
 
     /// Waits for the workers to finish the deliveries they are in (after shutdown).
-    pub async fn stopped(&self) {
+    pub(crate) async fn stopped(&self) {
         self.workers.wait().await;
     }
 
@@ -209,13 +209,13 @@ impl Queue {
 
     /// Whether a message of `size` bytes (0: unknown) may still fit in the spool
     /// (`queue.max_bytes`).
-    pub fn has_room(&self, size: usize) -> bool {
+    pub(crate) fn has_room(&self, size: usize) -> bool {
         self.spool.has_room(size)
     }
 
     /// Starts storing a message for `env.account`; the content streams in through the
     /// writer, then [`Queue::commit`].
-    pub fn create(&self, env: &Envelope) -> Result<SpoolWriter, SpoolError> {
+    pub(crate) fn create(&self, env: &Envelope) -> Result<SpoolWriter, SpoolError> {
         if !self.accounts.contains_key(&env.account) {
             return Err(SpoolError::UnknownAccount(env.account.clone()));
         }
@@ -224,7 +224,7 @@ impl Queue {
 
     /// Stores the written message durably and queues it; its size. Only Ok means the
     /// client may hear 250.
-    pub fn commit(&self, w: SpoolWriter, mut env: Envelope) -> Result<usize, SpoolError> {
+    pub(crate) fn commit(&self, w: SpoolWriter, mut env: Envelope) -> Result<usize, SpoolError> {
         let Some(aq) = self.accounts.get(&env.account) else {
             return Err(SpoolError::UnknownAccount(env.account.clone()));
         };
@@ -235,7 +235,8 @@ impl Queue {
     }
 
     /// Stores a whole message durably and queues it. Only Ok means the client may hear 250.
-    pub fn accept(&self, env: Envelope, body: &[u8]) -> Result<(), SpoolError> {
+    #[cfg(test)]
+    pub(crate) fn accept(&self, env: Envelope, body: &[u8]) -> Result<(), SpoolError> {
         let mut w = self.create(&env)?;
         w.write(body)?;
         self.commit(w, env)?;

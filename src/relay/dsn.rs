@@ -8,6 +8,9 @@
 //! `<>` (RFC 3464 section 2 / RFC 5321 4.5.5), never for a message whose sender was `<>`,
 //! and is marked `Auto-Submitted: auto-replied` (RFC 3834) so it does not loop.
 
+// Used by `[queue] bounce` (relay::deliver), which lands with queue control.
+#![allow(dead_code)]
+
 use crate::relay::envelope::Address;
 
 /// Longest original header block copied into a report.
@@ -15,7 +18,7 @@ const MAX_HEADERS: usize = 64 * 1024;
 
 /// One recipient the message could not be delivered to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
+pub(crate) struct Failure {
     pub recipient: String,
     /// The upstream's reply (or our reason), e.g. `550 5.1.10 Recipient not found`.
     pub reason: String,
@@ -23,7 +26,7 @@ pub struct Failure {
 
 /// What a report is about.
 #[derive(Debug)]
-pub struct Report<'a> {
+pub(crate) struct Report<'a> {
     /// Our host name, for `Reporting-MTA` and the Message-ID.
     pub reporting_mta: &'a str,
     /// The mailbox the report is sent from (Microsoft 365 sends only as the account).
@@ -42,7 +45,7 @@ pub struct Report<'a> {
 }
 
 /// The report as a complete RFC 5322 message with CRLF line endings.
-pub fn build(r: &Report<'_>) -> Vec<u8> {
+pub(crate) fn build(r: &Report<'_>) -> Vec<u8> {
     let boundary = format!("=_dsn_{}", r.id);
     let mut m = String::new();
     let line = |m: &mut String, s: &str| {
@@ -154,7 +157,7 @@ fn clean(s: &str) -> String {
 }
 
 /// `Sat, 28 Nov 2026 18:54:16 +0000` for seconds since the epoch (UTC).
-pub fn rfc5322_date(secs: u64) -> String {
+pub(crate) fn rfc5322_date(secs: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",

@@ -12,7 +12,7 @@
 use std::fmt;
 
 /// Longest path we accept (RFC 5321 4.5.3.1.3: 256 octets including the brackets).
-pub const MAX_PATH: usize = 256;
+pub(crate) const MAX_PATH: usize = 256;
 /// Longest local part (RFC 5321 4.5.3.1.1).
 const MAX_LOCAL: usize = 64;
 /// Longest domain (RFC 5321 4.5.3.1.2).
@@ -43,16 +43,18 @@ pub struct Address {
 
 impl Address {
     /// The unquoted local part.
-    pub fn local(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn local(&self) -> &str {
         &self.local
     }
 
-    pub fn domain(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn domain(&self) -> &str {
         &self.domain
     }
 
     /// Whether rendering it needs SMTPUTF8 upstream.
-    pub fn is_utf8(&self) -> bool {
+    pub(crate) fn is_utf8(&self) -> bool {
         !self.local.is_ascii() || !self.domain.is_ascii()
     }
 
@@ -106,19 +108,19 @@ pub enum ReversePath {
 }
 
 impl ReversePath {
-    pub fn address(&self) -> Option<&Address> {
+    pub(crate) fn address(&self) -> Option<&Address> {
         match self {
             ReversePath::Null => None,
             ReversePath::Address(a) => Some(a),
         }
     }
 
-    pub fn is_utf8(&self) -> bool {
+    pub(crate) fn is_utf8(&self) -> bool {
         self.address().is_some_and(Address::is_utf8)
     }
 
     /// Parses the stored form (the text between the brackets, empty for `<>`).
-    pub fn parse_stored(s: &str) -> Result<ReversePath, EnvelopeError> {
+    pub(crate) fn parse_stored(s: &str) -> Result<ReversePath, EnvelopeError> {
         if s.is_empty() {
             Ok(ReversePath::Null)
         } else {
@@ -156,7 +158,7 @@ pub struct MailParams {
 
 impl MailParams {
     /// The parameters as the spool stores them (`BODY=8BITMIME SMTPUTF8`); SIZE is not kept.
-    pub fn stored(&self) -> String {
+    pub(crate) fn stored(&self) -> String {
         let mut v = Vec::new();
         if self.body == Body::EightBitMime {
             v.push("BODY=8BITMIME");
@@ -168,7 +170,7 @@ impl MailParams {
     }
 
     /// Parses the spool's stored form back.
-    pub fn parse_stored(s: &str) -> Result<MailParams, EnvelopeError> {
+    pub(crate) fn parse_stored(s: &str) -> Result<MailParams, EnvelopeError> {
         let mut p = MailParams::default();
         for word in s.split_ascii_whitespace() {
             match word {
@@ -197,20 +199,20 @@ pub fn mail_command(from: &ReversePath, params: &MailParams, size: Option<usize>
 }
 
 /// `RCPT TO:<to>`, the only RCPT line we send (no parameters: we offer no DSN).
-pub fn rcpt_command(to: &Address) -> String {
+pub(crate) fn rcpt_command(to: &Address) -> String {
     format!("RCPT TO:<{to}>")
 }
 
 /// What a client's `MAIL FROM:` line said, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MailFrom {
+pub(crate) struct MailFrom {
     pub from: ReversePath,
     pub params: MailParams,
 }
 
 /// Parses the arguments of `MAIL` (everything after the verb, e.g. `FROM:<a@b> SIZE=10`,
 /// without CRLF). Unknown parameters are refused; `AUTH=` (RFC 4954) is accepted and dropped.
-pub fn parse_mail_args(args: &[u8]) -> Result<MailFrom, EnvelopeError> {
+pub(crate) fn parse_mail_args(args: &[u8]) -> Result<MailFrom, EnvelopeError> {
     let rest = strip_keyword(args, b"FROM:").ok_or(EnvelopeError::Syntax)?;
     let (path, params_text) = split_path(rest)?;
     let mut params = MailParams::default();
@@ -244,7 +246,7 @@ pub fn parse_mail_args(args: &[u8]) -> Result<MailFrom, EnvelopeError> {
 /// Parses the arguments of `RCPT` (`TO:<a@b>`). `<Postmaster>` without a domain (RFC 5321
 /// 4.1.1.3: every server must accept it) is an address with an empty domain, rendered as
 /// `<Postmaster>` again.
-pub fn parse_rcpt_args(args: &[u8], smtputf8: bool) -> Result<Address, EnvelopeError> {
+pub(crate) fn parse_rcpt_args(args: &[u8], smtputf8: bool) -> Result<Address, EnvelopeError> {
     let rest = strip_keyword(args, b"TO:").ok_or(EnvelopeError::Syntax)?;
     let (path, params_text) = split_path(rest)?;
     if let Some((key, _)) = parse_params(params_text)?.into_iter().next() {
@@ -261,7 +263,7 @@ pub fn parse_rcpt_args(args: &[u8], smtputf8: bool) -> Result<Address, EnvelopeE
 
 /// A pattern of `allowed_from` / `allowed_rcpt`: an exact address or `*@domain`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pattern {
+pub(crate) enum Pattern {
     Exact(String),
     Domain(String),
 }
@@ -275,7 +277,7 @@ impl Pattern {
     }
 
     /// ASCII case-insensitive; a non-ASCII character matches only itself.
-    pub fn matches(&self, a: &Address) -> bool {
+    pub(crate) fn matches(&self, a: &Address) -> bool {
         match self {
             Pattern::Domain(d) => a.domain.eq_ignore_ascii_case(d),
             Pattern::Exact(e) => match e.rsplit_once('@') {

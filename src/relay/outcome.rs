@@ -88,7 +88,7 @@ fn upstream_failure(e: &UpstreamError, stage: Stage) -> Reply {
 }
 
 /// An account whose refresh token the provider refused: 454 with the command that fixes it.
-pub fn needs_login(account: &str) -> Reply {
+pub(crate) fn needs_login(account: &str) -> Reply {
     Reply::new(
         454,
         "4.7.0",
@@ -98,7 +98,7 @@ pub fn needs_login(account: &str) -> Reply {
 
 /// What DATA answers after the upstream connection broke during the envelope: the last
 /// transient reply, or 451 4.4.2 (never a 354 that nothing would follow up).
-pub fn transaction_lost(last: &Reply) -> Reply {
+pub(crate) fn transaction_lost(last: &Reply) -> Reply {
     if (400..500).contains(&last.code) {
         last.clone()
     } else {

@@ -81,7 +81,7 @@ impl std::fmt::Debug for Pool {
 }
 
 /// One upstream session lent to one local transaction.
-pub struct Lease {
+pub(crate) struct Lease {
     session: Option<UpstreamSession>,
     token: AccessToken,
     mailbox: Arc<Mailbox>,
@@ -97,7 +97,7 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    pub fn session(&mut self) -> &mut UpstreamSession {
+    pub(crate) fn session(&mut self) -> &mut UpstreamSession {
         self.session
             .as_mut()
             .expect("a lease holds its session until release or drop")
@@ -105,7 +105,7 @@ impl Lease {
 
     /// Returns the session to the pool if `clean` (no transaction open, nothing broken, token
     /// still fresh); otherwise closes it.
-    pub fn release(mut self, clean: bool) {
+    pub(crate) fn release(mut self, clean: bool) {
         let Some(session) = self.session.take() else {
             return;
         };
@@ -155,12 +155,8 @@ impl Pool {
         pool
     }
 
-    pub fn tokens(&self) -> &TokenManager {
-        &self.inner.tokens
-    }
-
     /// Sessions currently idle for `account` (for tests and metrics).
-    pub fn idle_sessions(&self, account: &str) -> usize {
+    pub(crate) fn idle_sessions(&self, account: &str) -> usize {
         self.inner
             .mailboxes
             .get(account)
@@ -168,7 +164,7 @@ impl Pool {
     }
 
     /// Sessions lent to transactions now for `account` (for metrics).
-    pub fn busy_sessions(&self, account: &str) -> usize {
+    pub(crate) fn busy_sessions(&self, account: &str) -> usize {
         self.inner.mailboxes.get(account).map_or(0, |m| {
             self.inner.max_sessions - m.sessions.available_permits()
         })
@@ -176,7 +172,7 @@ impl Pool {
 
     /// Takes a session for `account` and sends `MAIL FROM` on it. A reused session that
     /// fails before answering MAIL (closed by the server while idle) is replaced by a new one.
-    pub async fn begin(
+    pub(crate) async fn begin(
         &self,
         account: &str,
         mail_command: &str,

@@ -22,13 +22,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The spool file format version this build writes and reads.
-pub const SPOOL_VERSION: u32 = 1;
+pub(crate) const SPOOL_VERSION: u32 = 1;
 /// Longest envelope line accepted when reading a spool file back.
 const MAX_ENVELOPE_LINE: u64 = 1024 * 1024;
 
 /// Who the message is from and for, as the client gave it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Envelope {
+pub(crate) struct Envelope {
     pub version: u32,
     pub id: String,
     pub account: String,
@@ -43,7 +43,7 @@ pub struct Envelope {
 
 /// Delivery progress, so a restart never sends to a recipient twice.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Progress {
+pub(crate) struct Progress {
     pub attempts: u32,
     pub delivered: Vec<String>,
     /// Recipients refused permanently, with the upstream's reply.
@@ -53,7 +53,10 @@ pub struct Progress {
 
 impl Progress {
     /// Recipients still to be tried.
-    pub fn pending<'a>(&'a self, env: &'a Envelope) -> impl Iterator<Item = &'a String> + 'a {
+    pub(crate) fn pending<'a>(
+        &'a self,
+        env: &'a Envelope,
+    ) -> impl Iterator<Item = &'a String> + 'a {
         env.rcpts
             .iter()
             .filter(|r| !self.delivered.contains(r) && !self.failed.iter().any(|(f, _)| f == *r))
@@ -66,7 +69,7 @@ const BYTES_FIELD: usize = 20;
 
 /// Why a message could not be stored.
 #[derive(Debug, thiserror::Error)]
-pub enum SpoolError {
+pub(crate) enum SpoolError {
     /// Storing it would take the spool past `queue.max_bytes`.
     #[error("the spool is full: {used} of queue.max_bytes = {max} bytes in use")]
     Full { used: u64, max: u64 },
@@ -80,7 +83,7 @@ pub enum SpoolError {
 }
 
 #[derive(Debug, Clone)]
-pub struct Spool {
+pub(crate) struct Spool {
     dir: PathBuf,
     tmp: PathBuf,
     dead: PathBuf,
@@ -92,7 +95,7 @@ pub struct Spool {
 impl Spool {
     /// Creates the directories (0700), discards half-written temporary files, and counts
     /// what the spool holds against `max_bytes`.
-    pub fn open(state_dir: &Path, max_bytes: u64) -> io::Result<Spool> {
+    pub(crate) fn open(state_dir: &Path, max_bytes: u64) -> io::Result<Spool> {
         let dir = state_dir.join("spool");
         let spool = Spool {
             tmp: dir.join("tmp"),
@@ -121,12 +124,12 @@ impl Spool {
     }
 
     /// Bytes the spool holds (message files, and those being written).
-    pub fn used(&self) -> u64 {
+    pub(crate) fn used(&self) -> u64 {
         self.used.load(Ordering::SeqCst)
     }
 
     /// Whether a message of `size` bytes (0: unknown) may still fit under `max_bytes`.
-    pub fn has_room(&self, size: usize) -> bool {
+    pub(crate) fn has_room(&self, size: usize) -> bool {
         let used = self.used();
         used < self.max_bytes && used.saturating_add(size as u64) <= self.max_bytes
     }
@@ -153,7 +156,7 @@ impl Spool {
 
     /// Starts storing a message: its temporary file with the envelope line. The content
     /// follows with [`SpoolWriter::write`]; only after [`SpoolWriter::commit`] is it stored.
-    pub fn create(&self, env: &Envelope) -> Result<SpoolWriter, SpoolError> {
+    pub(crate) fn create(&self, env: &Envelope) -> Result<SpoolWriter, SpoolError> {
         let mut head = serde_json::to_vec(&Envelope {
             bytes: 0,
             ..env.clone()
@@ -195,7 +198,8 @@ impl Spool {
 
     /// Stores a whole message durably (as [`Spool::create`], one write, commit); the
     /// envelope's `bytes` is the body's length.
-    pub fn store(&self, env: &Envelope, body: &[u8]) -> Result<(), SpoolError> {
+    #[cfg(test)]
+    pub(crate) fn store(&self, env: &Envelope, body: &[u8]) -> Result<(), SpoolError> {
         let mut w = self.create(env)?;
         w.write(body)?;
         w.commit()?;
@@ -203,7 +207,7 @@ impl Spool {
     }
 
     /// Every message in the spool with its progress, for resuming after a start.
-    pub fn scan(&self) -> io::Result<Vec<(Envelope, Progress)>> {
+    pub(crate) fn scan(&self) -> io::Result<Vec<(Envelope, Progress)>> {
         let mut out = Vec::new();
         for e in fs::read_dir(&self.dir)? {
             let p = e?.path();
@@ -246,7 +250,8 @@ impl Spool {
     }
 
     /// The message bytes (after the envelope line), whole.
-    pub fn body(&self, id: &str) -> io::Result<Vec<u8>> {
+    #[cfg(test)]
+    pub(crate) fn body(&self, id: &str) -> io::Result<Vec<u8>> {
         let mut body = Vec::new();
         self.open_body(id)?.0.read_to_end(&mut body)?;
         Ok(body)
@@ -254,7 +259,7 @@ impl Spool {
 
     /// A reader of the message bytes (after the envelope line) and their length, to send
     /// them in pieces.
-    pub fn open_body(&self, id: &str) -> io::Result<(BufReader<File>, u64)> {
+    pub(crate) fn open_body(&self, id: &str) -> io::Result<(BufReader<File>, u64)> {
         let file = File::open(self.msg(id))?;
         let len = file.metadata()?.len();
         let mut r = BufReader::new(file);
@@ -265,14 +270,14 @@ impl Spool {
         Ok((r, len.saturating_sub(line.len() as u64)))
     }
 
-    pub fn save_progress(&self, id: &str, p: &Progress) -> io::Result<()> {
+    pub(crate) fn save_progress(&self, id: &str, p: &Progress) -> io::Result<()> {
         let tmp = self.tmp.join(format!("{id}.state"));
         let bytes = serde_json::to_vec(p).map_err(io::Error::other)?;
         Ok(write_atomic(&tmp, &self.state(id), &[&bytes])?)
     }
 
     /// Delivered: the message leaves the spool.
-    pub fn remove(&self, id: &str) -> io::Result<()> {
+    pub(crate) fn remove(&self, id: &str) -> io::Result<()> {
         let len = fs::metadata(self.msg(id))?.len();
         fs::remove_file(self.msg(id))?;
         self.release(len);
@@ -281,7 +286,7 @@ impl Spool {
     }
 
     /// Will not be delivered: moved to `dead/` with the reason beside it.
-    pub fn bury(&self, id: &str, reason: &str) -> io::Result<()> {
+    pub(crate) fn bury(&self, id: &str, reason: &str) -> io::Result<()> {
         self.entomb(id, reason, false)
     }
 
@@ -322,7 +327,7 @@ impl Spool {
 /// A message on its way into the spool: a temporary file written as the content arrives.
 /// Dropped without [`SpoolWriter::commit`], the file is removed and its bytes released.
 #[derive(Debug)]
-pub struct SpoolWriter {
+pub(crate) struct SpoolWriter {
     spool: Spool,
     file: Option<File>,
     tmp: PathBuf,
@@ -337,7 +342,7 @@ pub struct SpoolWriter {
 impl SpoolWriter {
     /// Appends content; refused (and nothing more accepted) when the spool would pass
     /// `queue.max_bytes`.
-    pub fn write(&mut self, chunk: &[u8]) -> Result<(), SpoolError> {
+    pub(crate) fn write(&mut self, chunk: &[u8]) -> Result<(), SpoolError> {
         let Some(file) = self.file.as_mut() else {
             return Err(io::Error::other("spool file already failed").into());
         };
@@ -355,20 +360,10 @@ impl SpoolWriter {
         Ok(())
     }
 
-    /// The content's length so far.
-    pub fn len(&self) -> u64 {
-        self.body
-    }
-
-    /// Whether no content was written yet.
-    pub fn is_empty(&self) -> bool {
-        self.body == 0
-    }
-
     /// Completes the message: its size into the envelope, fsync, rename into the spool,
     /// fsync of the directory. Only after this returns Ok may the client hear 250. Returns
     /// the content's length.
-    pub fn commit(mut self) -> Result<u64, SpoolError> {
+    pub(crate) fn commit(mut self) -> Result<u64, SpoolError> {
         let Some(mut file) = self.file.take() else {
             return Err(io::Error::other("spool file already failed").into());
         };

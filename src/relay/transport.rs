@@ -17,18 +17,13 @@ pub struct Transport {
 }
 
 impl Transport {
-    pub fn smtp(pool: Pool) -> Transport {
+    pub(crate) fn smtp(pool: Pool) -> Transport {
         Transport { pool }
-    }
-
-    /// The SMTP session pool (for metrics and tests).
-    pub fn pool(&self) -> &Pool {
-        &self.pool
     }
 
     /// Opens a transaction: takes an authenticated session for `account` and sends MAIL.
     /// `size` is the real message size when known (spool), else the client's SIZE=.
-    pub async fn begin(
+    pub(crate) async fn begin(
         &self,
         account: &str,
         from: &ReversePath,
@@ -43,13 +38,13 @@ impl Transport {
 
 /// One open upstream transaction (MAIL accepted).
 #[derive(Debug)]
-pub struct Transaction {
+pub(crate) struct Transaction {
     lease: Lease,
 }
 
 impl Transaction {
     /// Adds a recipient; the upstream's verdict on it.
-    pub async fn rcpt(&mut self, to: &Address) -> Result<UpReply, UpstreamError> {
+    pub(crate) async fn rcpt(&mut self, to: &Address) -> Result<UpReply, UpstreamError> {
         self.lease
             .session()
             .command(&envelope::rcpt_command(to))
@@ -57,42 +52,36 @@ impl Transaction {
     }
 
     /// The upstream can no longer carry this transaction (the connection broke).
-    pub fn is_broken(&mut self) -> bool {
+    pub(crate) fn is_broken(&mut self) -> bool {
         self.lease.session().is_broken()
     }
 
     /// Announces the content (SMTP: `DATA`, answered 354).
-    pub async fn start_data(&mut self) -> Result<UpReply, UpstreamError> {
+    pub(crate) async fn start_data(&mut self) -> Result<UpReply, UpstreamError> {
         self.lease.session().command("DATA").await
-    }
-
-    /// The whole content (unstuffed, CRLF line endings) after [`Transaction::start_data`];
-    /// the final verdict. The transaction is complete either way.
-    pub async fn send_content(&mut self, content: &[u8]) -> Result<UpReply, UpstreamError> {
-        self.lease.session().body(content).await
     }
 
     /// Streams one piece of the content (unstuffed, CRLF line endings, split anywhere)
     /// after [`Transaction::start_data`]. On an error the transaction is lost (4xx to the
     /// client); nothing more may be sent.
-    pub async fn send_chunk(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
+    pub(crate) async fn send_chunk(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
         self.lease.session().body_chunk(chunk).await
     }
 
     /// Ends the streamed content; the final verdict. The transaction is complete either way.
-    pub async fn finish_content(&mut self) -> Result<UpReply, UpstreamError> {
+    pub(crate) async fn finish_content(&mut self) -> Result<UpReply, UpstreamError> {
         self.lease.session().body_end().await
     }
 
     /// Gives up mid-content: the session is marked broken, so it is closed (without the
     /// final dot) when the transaction ends.
-    pub fn break_off(&mut self) {
+    pub(crate) fn break_off(&mut self) {
         self.lease.session().break_off();
     }
 
     /// Drops the transaction mid-content: the connection is closed without the final dot,
     /// so the upstream never takes the message (and the session is not reused).
-    pub fn abandon(self) {
+    pub(crate) fn abandon(self) {
         drop(self.lease);
     }
 
@@ -102,7 +91,7 @@ impl Transaction {
     }
 
     /// Abandons the transaction (RSET); the session is reused only if RSET worked.
-    pub async fn abort(mut self) {
+    pub(crate) async fn abort(mut self) {
         let ok = self.lease.session().command("RSET").await.is_ok();
         self.lease.release(ok);
     }

@@ -35,23 +35,23 @@ const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$
 
 /// Threads that run argon2 checks: about two per core (each check holds ~19 MiB while it
 /// runs); at least 2, at most 16.
-pub fn verifier_threads() -> usize {
+pub(crate) fn verifier_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(2, |n| n.get() * 2)
         .clamp(2, 16)
 }
 /// Checks that may wait for a verifier thread; more are refused at once with 454.
-pub const VERIFY_QUEUE: usize = 64;
+pub(crate) const VERIFY_QUEUE: usize = 64;
 /// Recent failed AUTHs from one client address before it gets no more argon2 checks.
-pub const MAX_ADDRESS_FAILURES: f64 = 30.0;
+pub(crate) const MAX_ADDRESS_FAILURES: f64 = 30.0;
 /// How fast an address's failure score decays (one failure forgiven per this interval).
-pub const ADDRESS_FAILURE_DECAY: Duration = Duration::from_secs(10);
+pub(crate) const ADDRESS_FAILURE_DECAY: Duration = Duration::from_secs(10);
 /// Client addresses we remember failures of (oldest forgotten first beyond this).
 const MAX_TRACKED_ADDRESSES: usize = 10_000;
 
 /// The outcome of one AUTH.
 #[derive(Debug)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Ok(Arc<Account>),
     /// Wrong user name or password.
     Denied,
@@ -68,7 +68,7 @@ struct Job {
 }
 
 #[derive(Clone)]
-pub struct LocalAuth {
+pub(crate) struct LocalAuth {
     users: Arc<HashMap<String, Arc<Account>>>,
     /// Per-process random key for the verified-password cache.
     key: Arc<[u8; 32]>,
@@ -147,7 +147,7 @@ impl LocalAuth {
     }
 
     /// Checks `username` / `password` from a client at `peer`.
-    pub async fn verify(&self, peer: IpAddr, username: &str, password: Secret) -> Verdict {
+    pub(crate) async fn verify(&self, peer: IpAddr, username: &str, password: Secret) -> Verdict {
         let account = self.users.get(username).cloned();
         let fp = fingerprint(&self.key, username, &password);
         if let Some(a) = &account {

@@ -29,7 +29,7 @@ enum State {
 /// Decodes DATA content incrementally: unstuffed, line endings normalised to CRLF, up to
 /// the `CRLF.CRLF` terminator (not included in the output).
 #[derive(Debug, Clone)]
-pub struct DataDecoder {
+pub(crate) struct DataDecoder {
     state: State,
     done: bool,
     /// Unstuffed bytes before normalisation (what `SIZE` and the size limit count: a bare
@@ -53,19 +53,19 @@ impl DataDecoder {
     }
 
     /// The content's size so far (unstuffed, before normalisation).
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.size
     }
 
     /// Whether the terminator was seen.
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.done
     }
 
     /// Decodes from `input`, appending content to `out`; returns how many input bytes were
     /// consumed. It stops right after the terminator (then [`DataDecoder::is_done`]): the
     /// bytes after it are the next command's.
-    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
+    pub(crate) fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
         let mut i = 0;
         while i < input.len() && !self.done {
             if self.state == State::Mid {
@@ -132,7 +132,8 @@ impl DataDecoder {
 
 /// The whole-buffer form: the decoded content and the bytes consumed, or `None` when the
 /// terminator is not in `data`.
-pub fn decode_all(data: &[u8]) -> Option<(Vec<u8>, usize)> {
+#[cfg(test)]
+pub(crate) fn decode_all(data: &[u8]) -> Option<(Vec<u8>, usize)> {
     let mut d = DataDecoder::new();
     let mut out = Vec::with_capacity(data.len());
     let used = d.feed(data, &mut out);
@@ -141,7 +142,8 @@ pub fn decode_all(data: &[u8]) -> Option<(Vec<u8>, usize)> {
 
 /// `None` when `data` has only CRLF line endings (the common case: nothing is copied);
 /// otherwise the content with every bare LF and bare CR replaced by CRLF.
-pub fn normalize_line_endings(data: &[u8]) -> Option<Vec<u8>> {
+#[cfg(test)]
+pub(crate) fn normalize_line_endings(data: &[u8]) -> Option<Vec<u8>> {
     let clean = memchr::memchr2_iter(b'\r', b'\n', data).all(|i| match data[i] {
         b'\r' => data.get(i + 1) == Some(&b'\n'),
         _ => i > 0 && data[i - 1] == b'\r',

@@ -15,27 +15,27 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Longest command or AUTH line we accept (RFC 5321 needs 512; AUTH responses are longer).
-pub const MAX_LINE: usize = 4096;
+pub(crate) const MAX_LINE: usize = 4096;
 /// How long we wait for the next chunk of message data (RFC 5321: 3 minutes per block),
 /// and the least time the whole content gets.
-pub const DATA_TIMEOUT: Duration = Duration::from_secs(180);
+pub(crate) const DATA_TIMEOUT: Duration = Duration::from_secs(180);
 /// Slowest average rate at which content must arrive beyond [`DATA_TIMEOUT`]: each such
 /// many bytes received add one second to the whole-DATA deadline (30 MiB: 3 min + 8 min).
-pub const DATA_MIN_RATE: u64 = 64 * 1024;
+pub(crate) const DATA_MIN_RATE: u64 = 64 * 1024;
 /// Buffer reserved for reading commands (one line is at most MAX_LINE).
 const COMMAND_READ: usize = 4096;
 /// Buffer reserved for reading message data, and the most input decoded at once.
-pub const DATA_READ: usize = 64 * 1024;
+pub(crate) const DATA_READ: usize = 64 * 1024;
 
 /// Why a connection stops being served.
 #[derive(Debug)]
-pub enum Stop {
+pub(crate) enum Stop {
     /// The client closed the connection.
     Eof,
     /// No complete line or data chunk arrived in time.
     TimedOut,
     /// The shutdown grace period is over.
-    HardStop,
+    GraceOver,
     /// A shutdown reached an idle session; it has been told 421 already.
     Shutdown,
     /// Too many failed AUTH attempts on this connection.
@@ -52,7 +52,7 @@ impl From<std::io::Error> for Stop {
 
 /// One line read from the client.
 #[derive(Debug)]
-pub enum Line {
+pub(crate) enum Line {
     /// The line with its line ending.
     Ok(Vec<u8>),
     /// Longer than [`MAX_LINE`]: it was read and dropped.
@@ -60,7 +60,7 @@ pub enum Line {
 }
 
 /// The connection's input and output buffers.
-pub struct Framed<S> {
+pub(crate) struct Framed<S> {
     io: S,
     inbuf: Vec<u8>,
     pos: usize,
@@ -88,27 +88,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     }
 
     /// Queues a reply (sent before the next read).
-    pub fn reply(&mut self, r: &Reply) {
+    pub(crate) fn reply(&mut self, r: &Reply) {
         r.write_to(&mut self.out);
     }
 
     /// Queues raw reply bytes (multi-line EHLO, the greeting).
-    pub fn raw(&mut self, bytes: &[u8]) {
+    pub(crate) fn raw(&mut self, bytes: &[u8]) {
         self.out.extend_from_slice(bytes);
     }
 
     /// Drops queued replies (a 421 at hard stop replaces whatever was pending).
-    pub fn clear_output(&mut self) {
+    pub(crate) fn clear_output(&mut self) {
         self.out.clear();
     }
 
     /// Drops buffered input (anything pipelined after STARTTLS, RFC 3207 section 4.2).
-    pub fn discard_input(&mut self) {
+    pub(crate) fn discard_input(&mut self) {
         self.inbuf.clear();
         self.pos = 0;
     }
 
-    pub async fn flush(&mut self) -> std::io::Result<()> {
+    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
             self.io.write_all(&self.out).await?;
             self.io.flush().await?;
@@ -123,7 +123,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         let _ = self.io.shutdown().await;
     }
 
-    pub fn into_inner(self) -> S {
+    pub(crate) fn into_inner(self) -> S {
         self.io
     }
 
@@ -133,7 +133,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     async fn fill(&mut self, deadline: Instant, want: usize) -> Result<bool, Stop> {
         self.flush().await?;
         if self.hard_stop.is_cancelled() {
-            return Err(Stop::HardStop);
+            return Err(Stop::GraceOver);
         }
         if self.pos > 0 {
             self.inbuf.drain(..self.pos);
@@ -147,14 +147,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 Ok(Err(e)) => Err(Stop::Io(e)),
                 Err(_) => Err(Stop::TimedOut),
             },
-            _ = stop.cancelled() => Err(Stop::HardStop),
+            _ = stop.cancelled() => Err(Stop::GraceOver),
         }
     }
 
     /// The next line (with its LF), reading as needed; `None` on EOF. The whole line must
     /// arrive within `timeout` (a byte a second does not keep a session alive). With
     /// `shutdown`, a shutdown while waiting for the line tells the client 421 and stops.
-    pub async fn next_line(
+    pub(crate) async fn next_line(
         &mut self,
         timeout: Duration,
         shutdown: Option<&CancellationToken>,
@@ -205,7 +205,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// the memory a message takes is this buffer, whatever its size. [`Piece::TooBig`] as
     /// soon as the content passes the limit: then nothing more is decoded and the caller
     /// reads the rest away with [`Framed::discard_data`].
-    pub async fn read_data(&mut self, rx: &mut DataIn, out: &mut Vec<u8>) -> Result<Piece, Stop> {
+    pub(crate) async fn read_data(
+        &mut self,
+        rx: &mut DataIn,
+        out: &mut Vec<u8>,
+    ) -> Result<Piece, Stop> {
         loop {
             let avail = &self.inbuf[self.pos..];
             let take = avail.len().min(DATA_READ);
@@ -233,7 +237,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
 
     /// Reads the rest of the content up to CRLF.CRLF and drops it (too big, or nowhere to
     /// send it), within the same whole-DATA deadline.
-    pub async fn discard_data(&mut self, rx: &mut DataIn) -> Result<(), Stop> {
+    pub(crate) async fn discard_data(&mut self, rx: &mut DataIn) -> Result<(), Stop> {
         let mut scratch = Vec::new();
         loop {
             let avail = &self.inbuf[self.pos..];
@@ -267,7 +271,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
 
 /// What [`Framed::read_data`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Piece {
+pub(crate) enum Piece {
     /// Some content (in `out`); more follows.
     More,
     /// The end of the content (`out` may hold its last bytes).
@@ -278,7 +282,7 @@ pub enum Piece {
 
 /// One DATA phase: the decoder, the size limit and the whole-DATA deadline.
 #[derive(Debug)]
-pub struct DataIn {
+pub(crate) struct DataIn {
     decoder: DataDecoder,
     limit: u64,
     started: Instant,
@@ -298,19 +302,20 @@ impl DataIn {
     }
 
     /// The content's size so far (unstuffed, as the client sent it).
-    pub fn size(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn size(&self) -> u64 {
         self.decoder.size()
     }
 
     /// Whether the end of the content (CRLF.CRLF) was read.
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.decoder.is_done()
     }
 
     /// When the whole content must have arrived: [`DATA_TIMEOUT`], plus one second per
     /// [`DATA_MIN_RATE`] bytes received (up to the size limit). It does not move with every
     /// read, so a trickle cannot hold the session (and its upstream transaction) forever.
-    pub fn deadline(&self) -> Instant {
+    pub(crate) fn deadline(&self) -> Instant {
         let counted = self.raw.min(self.limit);
         self.started + DATA_TIMEOUT + Duration::from_secs(counted / DATA_MIN_RATE)
     }
@@ -322,13 +327,13 @@ impl DataIn {
 }
 
 /// The line without its CRLF (or LF).
-pub fn trim_crlf(l: &[u8]) -> &[u8] {
+pub(crate) fn trim_crlf(l: &[u8]) -> &[u8] {
     let l = l.strip_suffix(b"\n").unwrap_or(l);
     l.strip_suffix(b"\r").unwrap_or(l)
 }
 
 /// Client-supplied text made safe for replies and logs (bounded, no control characters).
-pub fn sanitize(s: &str) -> String {
+pub(crate) fn sanitize(s: &str) -> String {
     s.chars()
         .take(255)
         .map(|c| if c.is_control() { '?' } else { c })

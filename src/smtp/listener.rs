@@ -32,7 +32,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One bound socket and what is spoken on it.
 #[derive(Debug)]
-pub struct Bound {
+pub(crate) struct Bound {
     pub listener: TcpListener,
     /// TLS from the first byte (`listen.smtps`); otherwise plain, STARTTLS when offered.
     pub implicit_tls: bool,
@@ -40,7 +40,7 @@ pub struct Bound {
 
 /// Who may connect and how many at once.
 #[derive(Debug, Clone)]
-pub struct Admission {
+pub(crate) struct Admission {
     /// `listen.allow_networks`; `None`: any address.
     pub allow_networks: Option<Vec<IpNet>>,
     pub max_connections: usize,
@@ -48,7 +48,7 @@ pub struct Admission {
 
 /// Accepts connections on every listener until `ctx.shutdown` fires, then drains sessions
 /// (bounded). `tls` serves STARTTLS and the implicit-TLS listeners.
-pub async fn serve(
+pub(crate) async fn serve(
     listeners: Vec<Bound>,
     ctx: Arc<SessionContext>,
     tls: Option<TlsAcceptor>,

@@ -3,11 +3,11 @@
 //! `sasl` decoding, `auth` verifying and `policy` deciding who may send what.
 
 pub mod auth;
-pub mod data;
-pub mod framing;
-pub mod listener;
-pub mod policy;
-pub mod reply;
-pub mod sasl;
-pub mod session;
-pub mod tls;
+pub(crate) mod data;
+pub(crate) mod framing;
+pub(crate) mod listener;
+pub(crate) mod policy;
+pub(crate) mod reply;
+pub(crate) mod sasl;
+pub(crate) mod session;
+pub(crate) mod tls;

@@ -16,14 +16,14 @@ pub use crate::telemetry::Via;
 
 /// Whether a client at `ip` may connect: `allow` is `listen.allow_networks` (`None`: any).
 /// An IPv4 client on an IPv6 socket (`::ffff:a.b.c.d`) is matched as IPv4.
-pub fn connection_allowed(allow: Option<&[IpNet]>, ip: IpAddr) -> bool {
+pub(crate) fn connection_allowed(allow: Option<&[IpNet]>, ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
     allow.is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
 }
 
 /// `[[relay_network]]`: the account a client address may send as without AUTH.
 #[derive(Debug, Clone, Default)]
-pub struct RelayNetworks {
+pub(crate) struct RelayNetworks {
     nets: Vec<(IpNet, Arc<Account>)>,
 }
 
@@ -42,7 +42,7 @@ impl RelayNetworks {
     }
 
     /// The account of the most specific network holding `ip`, if any.
-    pub fn account_for(&self, ip: IpAddr) -> Option<Arc<Account>> {
+    pub(crate) fn account_for(&self, ip: IpAddr) -> Option<Arc<Account>> {
         let ip = ip.to_canonical();
         self.nets
             .iter()
@@ -50,15 +50,11 @@ impl RelayNetworks {
             .max_by_key(|(n, _)| n.prefix_len())
             .map(|(_, a)| a.clone())
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.nets.is_empty()
-    }
 }
 
 /// Whether `account` may send to `to` (`allowed_rcpt`: exact address or `*@domain`, ASCII
 /// case folded; no list: anyone).
-pub fn recipient_allowed(account: &Account, to: &Address) -> bool {
+pub(crate) fn recipient_allowed(account: &Account, to: &Address) -> bool {
     account
         .allowed_rcpt
         .as_ref()
@@ -66,7 +62,7 @@ pub fn recipient_allowed(account: &Account, to: &Address) -> bool {
 }
 
 /// Whether `account` may send with `from` (exact address or `*@domain`, ASCII case folded).
-pub fn sender_allowed(account: &Account, from: &ReversePath) -> bool {
+pub(crate) fn sender_allowed(account: &Account, from: &ReversePath) -> bool {
     match from.address() {
         None => true,
         Some(a) => account

@@ -6,7 +6,7 @@ use base64::Engine as _;
 
 /// Why a SASL response is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SaslError {
+pub(crate) enum SaslError {
     /// The client sent `*` (RFC 4954 section 4).
     #[error("authentication cancelled")]
     Cancelled,
@@ -19,7 +19,7 @@ pub enum SaslError {
 }
 
 /// Decodes one base64 response line (`=` is the empty response).
-pub fn decode(line: &str) -> Result<Secret, SaslError> {
+pub(crate) fn decode(line: &str) -> Result<Secret, SaslError> {
     let s = line.trim();
     if s == "*" {
         return Err(SaslError::Cancelled);
@@ -37,7 +37,7 @@ pub fn decode(line: &str) -> Result<Secret, SaslError> {
 
 /// PLAIN: `authzid NUL authcid NUL passwd` -> (authcid, passwd). An empty authzid, or one
 /// equal to the user, is accepted.
-pub fn plain(response: &str) -> Result<(String, Secret), SaslError> {
+pub(crate) fn plain(response: &str) -> Result<(String, Secret), SaslError> {
     let decoded = decode(response)?;
     let mut parts = decoded.expose().splitn(3, '\0');
     let (Some(authz), Some(user), Some(pw)) = (parts.next(), parts.next(), parts.next()) else {

@@ -39,17 +39,18 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How long we wait for the next command (RFC 5321 4.5.3.2: at least 5 minutes).
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+#[cfg(test)]
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 /// Failed AUTH attempts per connection before it is closed with 421.
-pub const MAX_AUTH_FAILURES: u32 = 5;
+pub(crate) const MAX_AUTH_FAILURES: u32 = 5;
 /// The longest the failed-AUTH delay grows to.
 const MAX_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(5);
 /// After the first failed AUTH of a connection the client waits this long for the 535.
-pub const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(250);
+pub(crate) const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(250);
 
 /// Everything a session needs that outlives it.
 #[derive(Debug, Clone)]
-pub struct SessionContext {
+pub(crate) struct SessionContext {
     pub hostname: String,
     pub auth: LocalAuth,
     pub transport: Transport,
@@ -80,7 +81,7 @@ pub struct SessionContext {
 
 /// How a session ended.
 #[derive(Debug)]
-pub enum End<S> {
+pub(crate) enum End<S> {
     Closed,
     /// The client asked for STARTTLS and got 220: upgrade `S` and start a new session.
     StartTls(S),
@@ -134,7 +135,7 @@ enum Flow {
 }
 
 /// The per-connection state machine.
-pub struct Session<'a, S> {
+pub(crate) struct Session<'a, S> {
     ctx: &'a SessionContext,
     io: Framed<S>,
     peer: SocketAddr,
@@ -241,7 +242,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     /// Runs the session until QUIT, EOF, an I/O error, or STARTTLS.
-    pub async fn run(mut self, greet: bool) -> End<S> {
+    pub(crate) async fn run(mut self, greet: bool) -> End<S> {
         if greet {
             let greeting = format!(
                 "220 {} ESMTP smtp-oauth-bridge ready\r\n",
@@ -260,13 +261,16 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             }
             Ok(_) | Err(Stop::Eof) => None,
             Err(Stop::AuthFailures) => Some(&reply::TOO_MANY_AUTH_FAILURES),
-            Err(Stop::HardStop) => {
+            Err(Stop::GraceOver) => {
                 self.io.clear_output();
                 Some(&reply::SHUTTING_DOWN)
             }
             Err(Stop::Shutdown) => Some(&reply::SHUTTING_DOWN),
             Err(Stop::TimedOut) => Some(&reply::IDLE_TIMEOUT),
-            Err(Stop::Io(_)) => None,
+            Err(Stop::Io(e)) => {
+                tracing::debug!(peer = %self.peer, error = %e, "connection failed");
+                None
+            }
         };
         if let Some(r) = last {
             self.reply(r);
@@ -328,7 +332,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             // Polled first, so a command that notices the stop itself (DATA logs it) does.
             biased;
             r = self.command(cmd) => r,
-            _ = stop.cancelled() => Err(Stop::HardStop),
+            _ = stop.cancelled() => Err(Stop::GraceOver),
         }
     }
 
@@ -750,7 +754,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                         // The grace period is over; the upstream's answer will not come in time.
                         drop(upstream);
                         self.log_relay(&txn, bytes, Outcome::Deferred, 0, "shut down before the upstream answered");
-                        return Err(Stop::HardStop);
+                        return Err(Stop::GraceOver);
                     }
                 }
             }

@@ -53,7 +53,7 @@ pub enum PemError {
 }
 
 /// Builds the acceptor from PEM files, generating them first if both are absent.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
+pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
     if !cert.exists() && !key.exists() {
         generate_self_signed(cert, key)?;
         tracing::info!(cert = %cert.display(), "generated a self-signed localhost certificate for the listeners (STARTTLS, implicit TLS)");
@@ -74,7 +74,7 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
     })
 }
 
-pub fn acceptor_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor, PemError> {
+pub(crate) fn acceptor_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor, PemError> {
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
         .collect::<Result<_, _>>()
         .map_err(PemError::BadCertificate)?;

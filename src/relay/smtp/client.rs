@@ -235,7 +235,7 @@ impl Connection {
     }
 
     /// Orderly close (TLS close_notify, then FIN).
-    pub(crate) async fn shutdown(&mut self) {
+    pub async fn shutdown(&mut self) {
         let _ = self.stream.shutdown().await;
     }
 }
@@ -263,7 +263,7 @@ impl Default for DotStuffer {
 }
 
 impl DotStuffer {
-    pub(crate) fn new() -> DotStuffer {
+    pub fn new() -> DotStuffer {
         DotStuffer {
             line_start: true,
             tail: [0, 0],
@@ -290,7 +290,7 @@ impl DotStuffer {
     }
 
     /// Appends the terminator to `out`.
-    pub(crate) fn finish(&self, out: &mut Vec<u8>) {
+    pub fn finish(&self, out: &mut Vec<u8>) {
         if self.tail != *b"\r\n" {
             out.extend_from_slice(b"\r\n");
         }

@@ -21,12 +21,6 @@ pub struct UpReply {
     pub text: String,
 }
 
-impl UpReply {
-    pub fn is_positive(&self) -> bool {
-        self.code < 400
-    }
-}
-
 impl fmt::Display for UpReply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.code, self.text)

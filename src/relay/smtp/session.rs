@@ -195,7 +195,7 @@ impl fmt::Debug for UpstreamSession {
 impl UpstreamSession {
     /// Connects, reads the greeting, EHLO, and secures the session (STARTTLS or implicit
     /// TLS, then EHLO again).
-    pub async fn connect(t: &UpstreamTarget) -> Result<UpstreamSession, UpstreamError> {
+    pub(crate) async fn connect(t: &UpstreamTarget) -> Result<UpstreamSession, UpstreamError> {
         let addr = t.addr();
         let fail = |m: String| UpstreamError::Connect(format!("{addr}: {m}"));
         let (conn, caps) = match within(t.timeout, Self::open(t)).await {
@@ -276,19 +276,20 @@ impl UpstreamSession {
         Ok((conn, caps))
     }
 
-    pub fn is_broken(&self) -> bool {
+    pub(crate) fn is_broken(&self) -> bool {
         self.broken
     }
 
     /// Marks the session broken (e.g. mid-content with nothing more to send): it must be
     /// closed, never reused or ended with a final dot.
-    pub fn break_off(&mut self) {
+    pub(crate) fn break_off(&mut self) {
         self.broken = true;
         self.content = None;
     }
 
     /// What the upstream announced in its EHLO reply (after TLS).
-    pub fn capabilities(&self) -> &Capabilities {
+    #[cfg(test)]
+    pub(crate) fn capabilities(&self) -> &Capabilities {
         &self.caps
     }
 
@@ -318,7 +319,7 @@ impl UpstreamSession {
     }
 
     /// AUTH XOAUTH2 with base64("user=" mailbox "\x01auth=Bearer " token "\x01\x01").
-    pub async fn auth_xoauth2(
+    pub(crate) async fn auth_xoauth2(
         &mut self,
         mailbox: &str,
         token: &Secret,
@@ -352,13 +353,15 @@ impl UpstreamSession {
     }
 
     /// DATA, the content (unstuffed, as the client sent it), and the final reply.
-    pub async fn data(&mut self, content: &[u8]) -> Result<UpReply, UpstreamError> {
+    #[cfg(test)]
+    pub(crate) async fn data(&mut self, content: &[u8]) -> Result<UpReply, UpstreamError> {
         self.command("DATA").await?;
         self.body(content).await
     }
 
     /// After the upstream's 354: the whole content and the final reply.
-    pub async fn body(&mut self, content: &[u8]) -> Result<UpReply, UpstreamError> {
+    #[cfg(test)]
+    pub(crate) async fn body(&mut self, content: &[u8]) -> Result<UpReply, UpstreamError> {
         self.body_chunk(content).await?;
         self.body_end().await
     }
@@ -366,7 +369,7 @@ impl UpstreamSession {
     /// After the upstream's 354: one piece of the content (unstuffed, as the client sent
     /// it, split anywhere); dot-stuffed here while it is written. Each piece is bounded by
     /// `upstream.timeout_secs`. A failure breaks the session: it is mid-DATA.
-    pub async fn body_chunk(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
+    pub(crate) async fn body_chunk(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
         if self.broken {
             return Err(UpstreamError::Lost("session already broken".into()));
         }
@@ -390,7 +393,7 @@ impl UpstreamSession {
 
     /// Ends the content (CRLF.CRLF) and reads the final reply, within a limit that grows
     /// with the message (the upstream may scan it): at least MIN_UPLOAD_RATE bytes a second.
-    pub async fn body_end(&mut self) -> Result<UpReply, UpstreamError> {
+    pub(crate) async fn body_end(&mut self) -> Result<UpReply, UpstreamError> {
         let body = self.content.take().unwrap_or_default();
         if self.broken {
             return Err(UpstreamError::Lost("session already broken".into()));
