@@ -1205,6 +1205,85 @@ mod tests {
         assert_ne!(new.secret.expose(), t.secret.expose());
     }
 
+    /// `s.config` with its oauth table's `key = "old"` line replaced (the same file and
+    /// environment otherwise).
+    fn reconfigured(s: &Setup, secret: &str, tenant: &str) -> Config {
+        let mut c = s.config.clone();
+        let oauth = &mut c.accounts[0].oauth;
+        if let Some(cs) = &mut oauth.client_secret {
+            cs.value = Secret::new(secret);
+        }
+        oauth.tenant = tenant.to_string();
+        c
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_unchanged_tokens_and_gets_new_ones_for_changed_oauth_settings() {
+        let s = Setup::new(HOUR, "client_credentials").await;
+        let stop = CancellationToken::new();
+        s.manager.spawn_refresher(stop.clone());
+        until("the start-up token", || s.manager.is_usable(USER)).await;
+        let first = s.token().await;
+        assert_eq!(s.requests(), 1);
+
+        // Unchanged (a password or mailbox change is not the manager's business): same
+        // token, no request, now or from the refresher.
+        let mut same = s.config.clone();
+        same.accounts[0].mailbox = "other@example.com".into();
+        let changes = s.manager.reload(&same).unwrap();
+        assert_eq!(changes, TokenChanges::default());
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        let t = s.token().await;
+        assert_eq!(
+            (t.generation, t.secret.expose(), s.requests()),
+            (first.generation, first.secret.expose(), 1)
+        );
+
+        // A changed tenant: the cached token is discarded; the refresher (a new one for
+        // the new entry) gets a new token at once, exactly one request.
+        let changes = s.manager.reload(&reconfigured(&s, "test-secret", "t2")).unwrap();
+        assert_eq!(changes.changed, vec![USER.to_string()]);
+        until("the new entry's token", || s.requests() == 2).await;
+        until("adopted", || s.manager.is_usable(USER)).await;
+        let t = s.token().await;
+        assert_eq!(s.requests(), 2);
+        assert!(t.generation > first.generation);
+        assert_ne!(t.secret.expose(), first.secret.expose());
+
+        // A changed client secret: a new request with it (the fake endpoint refuses that
+        // secret), and the old token is not handed out any more.
+        s.manager
+            .reload(&reconfigured(&s, "rotated-secret", "t2"))
+            .unwrap();
+        until("the request with the new secret", || s.requests() == 3).await;
+        assert!(matches!(
+            s.manager.token(USER).await,
+            Err(TokenError::Provider { .. })
+        ));
+        assert!(!s.manager.is_usable(USER));
+
+        // Removed: unknown at once; added back: loaded like at start (the stored token,
+        // as a restart would).
+        let mut none = s.config.clone();
+        none.accounts.clear();
+        let changes = s.manager.reload(&none).unwrap();
+        assert_eq!(changes.removed, vec![USER.to_string()]);
+        assert!(matches!(
+            s.manager.token(USER).await,
+            Err(TokenError::UnknownAccount(_))
+        ));
+        assert!(s.manager.account_names().is_empty());
+        let before = s.requests();
+        let changes = s.manager.reload(&s.config).unwrap();
+        assert_eq!(changes.added, vec![USER.to_string()]);
+        until("the re-added account's token", || s.manager.is_usable(USER)).await;
+        assert_eq!(s.requests(), before);
+        assert_eq!(s.token().await.secret.expose(), t.secret.expose());
+        stop.cancel();
+    }
+
     const SECOND: Duration = Duration::from_secs(1);
 
     /// Moves paused time on in 50 ms steps (letting tasks and loopback I/O run in between)
