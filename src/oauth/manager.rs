@@ -1243,7 +1243,10 @@ mod tests {
 
         // A changed tenant: the cached token is discarded; the refresher (a new one for
         // the new entry) gets a new token at once, exactly one request.
-        let changes = s.manager.reload(&reconfigured(&s, "test-secret", "t2")).unwrap();
+        let changes = s
+            .manager
+            .reload(&reconfigured(&s, "test-secret", "t2"))
+            .unwrap();
         assert_eq!(changes.changed, vec![USER.to_string()]);
         until("the new entry's token", || s.requests() == 2).await;
         until("adopted", || s.manager.is_usable(USER)).await;

@@ -299,12 +299,9 @@ impl Queue {
                     continue;
                 }
             };
-            let pace = self
-                .pacers
-                .get(account)
-                .map_or(Duration::ZERO, |p| {
-                    p.wait(self.per_minute.load(std::sync::atomic::Ordering::Relaxed))
-                });
+            let pace = self.pacers.get(account).map_or(Duration::ZERO, |p| {
+                p.wait(self.per_minute.load(std::sync::atomic::Ordering::Relaxed))
+            });
             if !pace.is_zero() {
                 tracing::debug!(
                     account,
@@ -580,7 +577,8 @@ impl Queue {
                 let q = self.clone();
                 let name = a.username.clone();
                 let token = token.clone();
-                self.workers.spawn(async move { q.work(&name, token).await });
+                self.workers
+                    .spawn(async move { q.work(&name, token).await });
             }
         }
     }

@@ -162,12 +162,12 @@ impl LocalAuth {
             .collect();
         let verified: HashMap<String, [u8; 32]> = lock(&self.verified)
             .iter()
-            .filter(|(user, _)| {
-                match (self.users.get(*user), users.get(*user)) {
+            .filter(
+                |(user, _)| match (self.users.get(*user), users.get(*user)) {
                     (Some(old), Some(new)) => same_password(&old.password, &new.password),
                     _ => false,
-                }
-            })
+                },
+            )
             .map(|(u, fp)| (u.clone(), *fp))
             .collect();
         LocalAuth {
