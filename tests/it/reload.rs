@@ -1,7 +1,8 @@
 //! SIGHUP reload, with the real binary (so the signal is real) against testkit's fakes:
 //! an account added to the file relays without a restart; a changed password fails at
 //! once although the old one was cached; a broken file changes nothing, says why and is
-//! counted in `smtp_oauth_bridge_config_reloads_total`.
+//! counted in `smtp_oauth_bridge_config_reloads_total`; in spool mode, a removed account's
+//! spooled message waits (neither delivered nor dead) and is delivered when it comes back.
 
 use crate::harness::*;
 use smtp_oauth_bridge::secret::Secret;
@@ -18,6 +19,8 @@ struct Setup {
     dir: tempfile::TempDir,
     tokens: FakeTokenEndpoint,
     upstream: FakeUpstream,
+    /// Tables after `[state]` (e.g. `[queue]`).
+    extra: String,
 }
 
 impl Setup {
@@ -36,6 +39,7 @@ impl Setup {
             dir,
             tokens,
             upstream,
+            extra: String::new(),
         }
     }
 
@@ -48,8 +52,9 @@ impl Setup {
         let mut text = format!(
             "[listen]\nsmtp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              [upstream]\nhost = \"localhost\"\nport = {}\nca_file = \"upstream-ca.pem\"\ntimeout_secs = 5\n\
-             [state]\ndir = \"state\"\n",
-            self.upstream.addr().port()
+             [state]\ndir = \"state\"\n{}\n",
+            self.upstream.addr().port(),
+            self.extra
         );
         for (user, mailbox, password) in accounts {
             let hash = hash_password(&Secret::new(*password)).expect("hash");
@@ -239,6 +244,46 @@ async fn a_broken_file_on_sighup_changes_nothing_says_why_and_is_counted() {
             r#"smtp_oauth_bridge_config_reloads_total{result="ok"} 1"#,
         ]
     );
+    let (status, log) = bridge.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_accounts_spooled_message_waits_and_is_delivered_when_it_comes_back() {
+    let mut s = Setup::new().await;
+    s.extra = "[queue]\nmode = \"spool\"\nretry_min_secs = 1\nretry_max_secs = 1\n".into();
+    let both = [(USER, MAILBOX, "pw-1"), (NEW_USER, NEW_MAILBOX, "pw-2")];
+    s.write(&both);
+    let bridge = BridgeProcess::start(&s.path(), "info");
+    // The upstream defers MAIL: the message stays spooled.
+    s.upstream
+        .set_mail_reply(Some(testkit::Reply::new(451, "4.3.2 try later")));
+    assert_eq!(send(bridge.addr, NEW_USER, "pw-2", NEW_MAILBOX).await, 250);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !bridge.log().contains("delivery deferred") {
+        assert!(std::time::Instant::now() < deadline, "{}", bridge.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Removed; the upstream would now accept, but nothing is delivered or buried.
+    s.write(&both[..1]);
+    hup_and_wait(&bridge, "configuration reloaded", 1);
+    s.upstream.set_mail_reply(None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(s.upstream.received_count(), 0);
+    let dead = s.dir.path().join("state/dead");
+    let buried = std::fs::read_dir(&dead).map_or(0, |d| d.count());
+    assert_eq!(buried, 0, "moved to dead: {}", bridge.log());
+    assert_eq!(auth(bridge.addr, NEW_USER, "pw-2").await.0, 535);
+
+    // Back: delivered once, as its mailbox.
+    s.write(&both);
+    hup_and_wait(&bridge, "configuration reloaded", 2);
+    let got = s.upstream.wait_received(1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1, "{}", bridge.log());
+    assert_eq!(got[0].auth_user, NEW_MAILBOX);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.upstream.received_count(), 1);
     let (status, log) = bridge.stop();
     assert!(status.success(), "{log}");
 }
