@@ -37,7 +37,6 @@ pub struct AdminState {
     pub tokens: TokenManager,
     pub pool: Pool,
     pub queue: Option<Arc<Queue>>,
-    pub accounts: Vec<String>,
     /// True while the SMTP listener accepts connections.
     pub smtp_up: Arc<AtomicBool>,
 }
@@ -46,8 +45,10 @@ impl AdminState {
     pub fn snapshot(&self) -> Snapshot {
         let counts = self.tokens.counts();
         Snapshot {
+            // The token manager's accounts: they follow configuration reloads.
             accounts: self
-                .accounts
+                .tokens
+                .account_names()
                 .iter()
                 .map(|a| {
                     let (refreshes, failures) = counts
@@ -79,7 +80,7 @@ impl AdminState {
     /// `None` when ready, else the JSON body naming what is not.
     pub(crate) fn not_ready(&self) -> Option<serde_json::Value> {
         let mut accounts = serde_json::Map::new();
-        for a in &self.accounts {
+        for a in &self.tokens.account_names() {
             if self.tokens.is_usable(a) {
                 continue;
             }

@@ -2,26 +2,35 @@
 //! refresher), upstream pool, spool and delivery workers (spool mode), local authentication,
 //! TLS, who may connect and relay, and the SMTP listeners (plain and implicit TLS). Used by
 //! `serve`, `demo` and the tests.
+//!
+//! [`Bridge::reload`] swaps the shared state for a new configuration (SIGHUP): the parts
+//! that follow (token manager, pool, spool queue, pacers) are told first, then a new
+//! session context and admission rules are published to the listener, which serves each
+//! new connection with the value current at accept; sessions in flight keep theirs. Keys
+//! that need a restart (listener addresses, TLS files, upstream endpoint, state, queue
+//! settings) are logged at WARN by name. Everything that can fail is done before anything
+//! changes, so an invalid configuration leaves the running one as it was.
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, ListenTls};
+use crate::config::{Config, ConfigError, ListenTls};
 use crate::metrics::Metrics;
 use crate::oauth::manager::{ManagerError, TokenManager};
-use crate::relay::deliver::{Pacer, Queue};
+use crate::relay::deliver::{Pacers, Queue};
 use crate::relay::pool::Pool;
 use crate::relay::transport::Transport;
 use crate::relay::upstream::{local_hostname, UpstreamTarget};
 use crate::smtp::auth::LocalAuth;
-use crate::smtp::listener::{Admission, Bound};
+use crate::smtp::listener::{Admission, Bound, Live};
 use crate::smtp::policy::RelayNetworks;
 use crate::smtp::session::{SessionContext, AUTH_FAILURE_DELAY};
 use crate::smtp::tls::TlsSetupError;
 use crate::smtp::{listener as server, tls};
-use std::collections::HashMap;
+use crate::sync::lock;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +52,120 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+}
+
+/// Why a reloaded configuration was not taken (the running one stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("token manager: {0}")]
+    Tokens(#[from] ManagerError),
+}
+
+/// What every session context shares, whatever the configuration.
+struct Shared {
+    hostname: String,
+    transport: Transport,
+    tokens: TokenManager,
+    starttls: bool,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+    queue: Option<Arc<Queue>>,
+    pacers: Arc<Pacers>,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    /// The context new sessions get under `config`.
+    fn context(&self, config: &Config, auth: LocalAuth) -> SessionContext {
+        SessionContext {
+            hostname: self.hostname.clone(),
+            auth,
+            transport: self.transport.clone(),
+            tokens: self.tokens.clone(),
+            max_message_bytes: config.listen.max_message_bytes,
+            max_recipients: config.listen.max_recipients,
+            require_tls_for_auth: config.listen.require_tls_for_auth,
+            starttls_available: self.starttls,
+            shutdown: self.shutdown.clone(),
+            hard_stop: self.hard_stop.clone(),
+            command_timeout: config.listen.command_timeout,
+            session_timeout: config.listen.session_timeout,
+            upstream_hold: config.upstream.timeout,
+            auth_failure_delay: AUTH_FAILURE_DELAY,
+            queue: self.queue.clone(),
+            pacers: self.pacers.clone(),
+            messages_per_minute: config.upstream.messages_per_minute,
+            metrics: self.metrics.clone(),
+            relay_networks: RelayNetworks::new(config),
+        }
+    }
+}
+
+fn admission(config: &Config) -> Admission {
+    Admission {
+        allow_networks: config.listen.allow_networks.clone(),
+        max_connections: config.listen.max_connections,
+    }
+}
+
+/// The running configuration and what a reload swaps.
+struct Reloader {
+    shared: Shared,
+    /// The configuration the process started with (what restart-only keys are compared
+    /// with, so a change is reported at every reload until a restart).
+    started: Config,
+    /// The `LocalAuth` of the configuration in effect (a reload derives the next one).
+    auth: Mutex<LocalAuth>,
+    pool: Pool,
+    live: watch::Sender<Live>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader").finish_non_exhaustive()
+    }
+}
+
+/// The keys whose change needs a restart, with whether they differ.
+fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (ol, nl) = (&old.listen, &new.listen);
+    let (ou, nu) = (&old.upstream, &new.upstream);
+    let queue = |c: &Config| {
+        c.queue
+            .as_ref()
+            .map(|q| (q.max_age, q.max_bytes, q.retry_min, q.retry_max))
+    };
+    let key_source = |c: &Config| c.state.key.as_ref().map(|k| k.source.clone());
+    [
+        ("listen.smtp", ol.smtp != nl.smtp),
+        ("listen.smtps", ol.smtps != nl.smtps),
+        ("listen.admin", ol.admin != nl.admin),
+        ("listen.tls", ol.tls != nl.tls),
+        ("listen.tls_cert", ol.tls_cert != nl.tls_cert),
+        ("listen.tls_key", ol.tls_key != nl.tls_key),
+        (
+            "listen.shutdown_grace_secs",
+            ol.shutdown_grace != nl.shutdown_grace,
+        ),
+        ("upstream.host", ou.host != nu.host),
+        ("upstream.port", ou.port != nu.port),
+        ("upstream.security", ou.security != nu.security),
+        ("upstream.ca_file", ou.ca_file != nu.ca_file),
+        ("upstream.timeout_secs", ou.timeout != nu.timeout),
+        ("upstream.idle_secs", ou.idle != nu.idle),
+        ("state.dir", old.state.dir != new.state.dir),
+        ("state.key_file/key_env", key_source(old) != key_source(new)),
+        ("queue.mode", old.queue.is_some() != new.queue.is_some()),
+        (
+            "queue (max_age_secs, max_bytes, retry_*_secs)",
+            old.queue.is_some() && new.queue.is_some() && queue(old) != queue(new),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(k, changed)| changed.then_some(k))
+    .collect()
 }
 
 /// The sockets a bridge serves, bound by the caller (`serve` binds every configured address;
@@ -71,6 +194,7 @@ pub struct Bridge {
     pub pool: Pool,
     /// Spool mode only.
     pub queue: Option<Arc<Queue>>,
+    reloader: Arc<Reloader>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -132,13 +256,7 @@ impl Bridge {
             None
         };
         let shutdown = CancellationToken::new();
-        let pacers: Arc<HashMap<String, Pacer>> = Arc::new(
-            config
-                .accounts
-                .iter()
-                .map(|a| (a.username.clone(), Pacer::default()))
-                .collect(),
-        );
+        let pacers = Arc::new(Pacers::new(config));
         let metrics = Arc::new(Metrics::default());
         let queue = match &config.queue {
             None => None,
@@ -159,26 +277,28 @@ impl Bridge {
         };
         // Tokens are fetched at start (client credentials) and refreshed ahead of expiry.
         tokens.spawn_refresher(shutdown.clone());
-        let ctx = Arc::new(SessionContext {
+        let shared = Shared {
             hostname: local_hostname(),
-            auth: LocalAuth::new(config),
             transport: Transport::smtp(pool.clone()),
             tokens: tokens.clone(),
-            max_message_bytes: config.listen.max_message_bytes,
-            max_recipients: config.listen.max_recipients,
-            require_tls_for_auth: config.listen.require_tls_for_auth,
-            starttls_available: starttls,
+            starttls,
             shutdown: shutdown.clone(),
             hard_stop: CancellationToken::new(),
-            command_timeout: config.listen.command_timeout,
-            session_timeout: config.listen.session_timeout,
-            upstream_hold: config.upstream.timeout,
-            auth_failure_delay: AUTH_FAILURE_DELAY,
             queue: queue.clone(),
             pacers,
-            messages_per_minute: config.upstream.messages_per_minute,
             metrics: metrics.clone(),
-            relay_networks: RelayNetworks::new(config),
+        };
+        let auth = LocalAuth::new(config);
+        let (live, live_rx) = watch::channel(Live {
+            ctx: Arc::new(shared.context(config, auth.clone())),
+            admission: admission(config),
+        });
+        let reloader = Arc::new(Reloader {
+            shared,
+            started: config.clone(),
+            auth: Mutex::new(auth),
+            pool: pool.clone(),
+            live,
         });
         let smtp_up = Arc::new(AtomicBool::new(true));
         let admin_state = AdminState {
@@ -186,7 +306,6 @@ impl Bridge {
             tokens: tokens.clone(),
             pool: pool.clone(),
             queue: queue.clone(),
-            accounts: config.accounts.iter().map(|a| a.username.clone()).collect(),
             smtp_up: smtp_up.clone(),
         };
         let admin_addr = match admin {
@@ -199,10 +318,6 @@ impl Bridge {
             }
         };
         let grace = config.listen.shutdown_grace;
-        let admission = Admission {
-            allow_networks: config.listen.allow_networks.clone(),
-            max_connections: config.listen.max_connections,
-        };
         let bound: Vec<Bound> = smtp
             .into_iter()
             .map(|listener| Bound {
@@ -216,7 +331,7 @@ impl Bridge {
             .collect();
         let q = queue.clone();
         let task = tokio::spawn(async move {
-            server::serve(bound, ctx, acceptor, admission, grace).await;
+            server::serve(bound, live_rx, acceptor, grace).await;
             smtp_up.store(false, Ordering::Relaxed);
             // Spool workers finish the delivery they are in, within the grace period; a
             // message cut off here stays in the spool and is retried at the next start.
@@ -245,9 +360,36 @@ impl Bridge {
             tokens,
             pool,
             queue,
+            reloader,
             shutdown,
             task,
         })
+    }
+
+    /// Takes `loaded` (the file and environment read again) for new connections and
+    /// transactions: see the module doc. A configuration that did not load, or that the
+    /// token manager cannot take, changes nothing; either way the outcome is logged and
+    /// counted in `smtp_oauth_bridge_config_reloads_total{result}`.
+    pub fn reload(&self, loaded: Result<Config, ConfigError>) -> Result<(), ReloadError> {
+        let r = loaded
+            .map_err(ReloadError::from)
+            .and_then(|config| self.reloader.apply(&config));
+        let metrics = &self.reloader.shared.metrics;
+        metrics.config_reload(r.is_ok());
+        match &r {
+            Ok(()) => {}
+            Err(ReloadError::Config(e)) => tracing::error!(
+                file = %e.file,
+                key = %e.key,
+                reason = %e.reason,
+                "configuration reload failed: {e}; the running configuration stays"
+            ),
+            Err(e) => tracing::error!(
+                error = %e,
+                "configuration reload failed: {e}; the running configuration stays"
+            ),
+        }
+        r
     }
 
     /// Stops accepting and ends idle sessions; `wait` returns when sessions are done.
@@ -257,5 +399,40 @@ impl Bridge {
 
     pub async fn wait(self) {
         let _ = self.task.await;
+    }
+}
+
+impl Reloader {
+    fn apply(&self, config: &Config) -> Result<(), ReloadError> {
+        let mut current = lock(&self.auth);
+        // The one step that can fail comes first; everything after it cannot.
+        let changes = self.shared.tokens.reload(config)?;
+        for key in restart_keys(&self.started, config) {
+            tracing::warn!(
+                key,
+                "configuration reload: {key} changed; this takes effect only at the next restart"
+            );
+        }
+        self.pool.reconfigure(config);
+        self.shared.pacers.follow(config);
+        if let Some(q) = &self.shared.queue {
+            q.reconfigure(config);
+        }
+        let auth = current.reloaded(config);
+        let ctx = Arc::new(self.shared.context(config, auth.clone()));
+        self.live.send_replace(Live {
+            ctx,
+            admission: admission(config),
+        });
+        tracing::info!(
+            accounts = config.accounts.len(),
+            added = ?changes.added,
+            removed = ?changes.removed,
+            oauth_changed = ?changes.changed,
+            relay_networks = config.relay_networks.len(),
+            "configuration reloaded; new connections use it, sessions in flight finish under the old one"
+        );
+        *current = auth;
+        Ok(())
     }
 }

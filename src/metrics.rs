@@ -69,6 +69,12 @@ struct RefusedLabels {
     reason: &'static str,
 }
 
+/// `{result}` of a configuration reload: `ok` or `failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct AccountLabels {
     account: Arc<str>,
@@ -122,6 +128,7 @@ pub struct Metrics {
     auth_failures: Counter,
     via: Family<ViaLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -134,6 +141,7 @@ impl Default for Metrics {
         let auth_failures = Counter::default();
         let via = Family::<ViaLabels, Counter>::default();
         let refused = Family::<RefusedLabels, Counter>::default();
+        let reloads = Family::<ReloadLabels, Counter>::default();
         let mut registry = Registry::with_prefix(PREFIX);
         registry.register(
             "messages",
@@ -175,6 +183,11 @@ impl Default for Metrics {
             "Connections refused at accept, by reason (network: outside listen.allow_networks)",
             refused.clone(),
         );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP) by result (ok: in effect; failed: invalid, the running configuration stays)",
+            reloads.clone(),
+        );
         Metrics {
             registry,
             accounts: Mutex::default(),
@@ -186,6 +199,7 @@ impl Default for Metrics {
             auth_failures,
             via,
             refused,
+            reloads,
         }
     }
 }
@@ -255,7 +269,13 @@ impl Metrics {
         self.local_sessions.dec();
     }
 
-    pub(crate) fn auth_failed(&self) {
+    /// A configuration reload took effect (`ok`) or was refused (`failed`).
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    pub fn auth_failed(&self) {
         self.auth_failures.inc();
     }
 

@@ -1,12 +1,14 @@
-//! `serve`: run the listener, token manager and relay until SIGINT/SIGTERM, then drain.
+//! `serve`: run the listener, token manager and relay until SIGINT/SIGTERM, then drain;
+//! SIGHUP reads the file and the environment again and reloads (`Bridge::reload`).
 
 use super::{CliError, ConfigArg};
 use smtp_oauth_bridge::bridge::{Bridge, Listeners};
+use smtp_oauth_bridge::config::Config;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 
-pub async fn run(config: &ConfigArg, print_config: bool) -> Result<(), CliError> {
-    let config = config.load()?;
+pub async fn run(config_arg: &ConfigArg, print_config: bool) -> Result<(), CliError> {
+    let config = config_arg.load()?;
     if print_config {
         let text = config
             .to_toml()
@@ -14,6 +16,8 @@ pub async fn run(config: &ConfigArg, print_config: bool) -> Result<(), CliError>
         print!("{text}");
         return Ok(());
     }
+    // Before anything starts: SIGHUP's default action ends the process.
+    let hup = Hangup::install();
     let mut listeners = Listeners::default();
     for (key, addrs, out) in [
         ("listen.smtp", &config.listen.smtp, &mut listeners.smtp),
@@ -29,7 +33,7 @@ pub async fn run(config: &ConfigArg, print_config: bool) -> Result<(), CliError>
     let bridge = Bridge::start_listeners(&config, listeners)
         .await
         .map_err(|e| CliError::Runtime(e.to_string()))?;
-    wait_for_signal().await;
+    serve_signals(&bridge, config_arg, hup).await;
     tracing::info!("shutting down: no new connections; finishing transactions in flight");
     bridge.shutdown();
     bridge.wait().await;
@@ -42,6 +46,60 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, CliError> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| CliError::Runtime(format!("cannot listen on {addr} ({key}): {e}")))
+}
+
+/// The SIGHUP stream (unix), installed before the bridge starts.
+struct Hangup {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangup {
+    fn install() -> Hangup {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::hangup()) {
+                Ok(s) => Hangup { signal: Some(s) },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot handle SIGHUP; reload needs a restart");
+                    Hangup { signal: None }
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        Hangup {}
+    }
+}
+
+/// Reloads at every SIGHUP; returns at SIGINT (Ctrl-C) or SIGTERM.
+async fn serve_signals(bridge: &Bridge, config: &ConfigArg, hup: Hangup) {
+    #[cfg(unix)]
+    {
+        match hup.signal {
+            Some(mut hup) => {
+                let stop = wait_for_signal();
+                tokio::pin!(stop);
+                loop {
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        Some(()) = hup.recv() => {
+                            tracing::info!(file = %config.path.display(), "SIGHUP: reloading the configuration");
+                            let loaded = Config::load(&config.path, config.required);
+                            // Logged and counted inside; the running configuration stays on error.
+                            let _ = bridge.reload(loaded);
+                        }
+                    }
+                }
+            }
+            None => wait_for_signal().await,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (config, bridge, hup);
+        wait_for_signal().await;
+    }
 }
 
 /// Returns at SIGINT (Ctrl-C) or SIGTERM.

@@ -17,11 +17,18 @@
 //! without a restart. An upstream that rejects a token calls `refresh_rejected` with the
 //! rejected generation, so N sessions that saw the same rejection cause one refresh.
 //!
+//! A configuration reload ([`TokenManager::reload`]) keeps the state of every account whose
+//! oauth settings are unchanged (no new token request), drops removed accounts, and gives an
+//! added account, or one whose oauth settings changed (client id or secret, tenant, token
+//! URL, scopes, flow...), a fresh entry that obtains its own token like at start (a changed
+//! account's cached access token is discarded). Each entry's background refresher ends with
+//! the entry.
+//!
 //! Time comes from the injected [`Clock`] (tokio's clock, so unit tests run under
 //! `tokio::time::pause` and `advance`); token requests are `flows`' business.
 
 use crate::clock::Clock;
-use crate::config::{Account, Config, Flow};
+use crate::config::{Account, Config, Flow, OAuth};
 use crate::oauth::flows::{
     self, FlowError, HttpClientError, TokenGrant, TokenResponse, MAX_TOKEN_LIFETIME,
 };
@@ -132,6 +139,8 @@ struct AccountTokens {
     account: Account,
     state: Mutex<State>,
     refresh_lock: tokio::sync::Mutex<()>,
+    /// Fires when a reload removed or replaced this entry: its refresher ends.
+    retired: CancellationToken,
 }
 
 impl AccountTokens {
@@ -158,10 +167,68 @@ pub struct TokenManager {
 
 #[derive(Debug)]
 struct Inner {
-    accounts: HashMap<String, AccountTokens>,
+    /// Replaced as a whole by [`TokenManager::reload`]; entries are shared with callers.
+    accounts: Mutex<HashMap<String, Arc<AccountTokens>>>,
     store: TokenStore,
     http: reqwest::Client,
     clock: Clock,
+    /// The shutdown token once `spawn_refresher` ran (reloads start refreshers for new
+    /// entries with it).
+    refresher: Mutex<Option<CancellationToken>>,
+}
+
+/// Whether two accounts' oauth settings would obtain the same tokens.
+fn same_oauth(a: &OAuth, b: &OAuth) -> bool {
+    let secret = |o: &OAuth| o.client_secret.as_ref().map(|s| s.expose().to_string());
+    a.provider == b.provider
+        && a.tenant == b.tenant
+        && a.flow == b.flow
+        && a.client_id == b.client_id
+        && secret(a) == secret(b)
+        && a.scopes == b.scopes
+        && a.token_url == b.token_url
+        && a.authorize_url == b.authorize_url
+        && a.device_authorization_url == b.device_authorization_url
+        && a.redirect_port == b.redirect_port
+}
+
+/// What a reload did to the accounts (names, sorted).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TokenChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Oauth settings changed: the cached token was discarded.
+    pub changed: Vec<String>,
+}
+
+/// An account's entry as at start: its stored tokens, if any.
+fn load_entry(store: &TokenStore, a: &Account, clock: &Clock) -> Result<AccountTokens, StoreError> {
+    let store_seen = store.modified(&a.username);
+    let stored = store.load(&a.username)?.unwrap_or_default();
+    let current = token_from_store(&stored, 1, clock);
+    let status = if current.is_some() {
+        AccountStatus::Ready
+    } else if a.oauth.flow != Flow::ClientCredentials && stored.refresh_token.is_none() {
+        AccountStatus::NeedsLogin(format!(
+            "no refresh token is stored; {}",
+            login_hint(&a.username)
+        ))
+    } else {
+        AccountStatus::NoTokenYet
+    };
+    Ok(AccountTokens {
+        account: a.clone(),
+        state: Mutex::new(State {
+            current,
+            refresh_token: stored.refresh_token,
+            status: Some(status),
+            generation: 1,
+            store_seen,
+            ..State::default()
+        }),
+        refresh_lock: tokio::sync::Mutex::new(()),
+        retired: CancellationToken::new(),
+    })
 }
 
 fn margin(lifetime: Duration) -> Duration {
@@ -206,62 +273,127 @@ impl TokenManager {
         );
         let mut accounts = HashMap::new();
         for a in &config.accounts {
-            let store_seen = store.modified(&a.username);
-            let stored = store.load(&a.username)?.unwrap_or_default();
-            let current = token_from_store(&stored, 1, &clock);
-            let status = if current.is_some() {
-                AccountStatus::Ready
-            } else if a.oauth.flow != Flow::ClientCredentials && stored.refresh_token.is_none() {
-                AccountStatus::NeedsLogin(format!(
-                    "no refresh token is stored; {}",
-                    login_hint(&a.username)
-                ))
-            } else {
-                AccountStatus::NoTokenYet
-            };
-            accounts.insert(
-                a.username.clone(),
-                AccountTokens {
-                    account: a.clone(),
-                    state: Mutex::new(State {
-                        current,
-                        refresh_token: stored.refresh_token,
-                        status: Some(status),
-                        generation: 1,
-                        store_seen,
-                        ..State::default()
-                    }),
-                    refresh_lock: tokio::sync::Mutex::new(()),
-                },
-            );
+            let entry = load_entry(&store, a, &clock)?;
+            accounts.insert(a.username.clone(), Arc::new(entry));
         }
         Ok(TokenManager {
             inner: Arc::new(Inner {
-                accounts,
+                accounts: Mutex::new(accounts),
                 store,
                 http: flows::http_client()?,
                 clock,
+                refresher: Mutex::new(None),
             }),
         })
+    }
+
+    /// Follows a reloaded configuration (see the module doc). Fails, changing nothing, when
+    /// an added account's stored tokens cannot be read.
+    pub fn reload(&self, config: &Config) -> Result<TokenChanges, ManagerError> {
+        let old: HashMap<String, Arc<AccountTokens>> = lock(&self.inner.accounts).clone();
+        let mut next = HashMap::new();
+        let mut changes = TokenChanges::default();
+        for a in &config.accounts {
+            let entry = match old.get(&a.username) {
+                Some(e) if same_oauth(&e.account.oauth, &a.oauth) => e.clone(),
+                Some(e) => {
+                    changes.changed.push(a.username.clone());
+                    Arc::new(self.replacement(e, a))
+                }
+                None => {
+                    changes.added.push(a.username.clone());
+                    Arc::new(load_entry(&self.inner.store, a, &self.inner.clock)?)
+                }
+            };
+            next.insert(a.username.clone(), entry);
+        }
+        changes.removed = old
+            .keys()
+            .filter(|k| !next.contains_key(*k))
+            .cloned()
+            .collect();
+        changes.added.sort();
+        changes.removed.sort();
+        changes.changed.sort();
+        let fresh: Vec<Arc<AccountTokens>> = changes
+            .added
+            .iter()
+            .chain(&changes.changed)
+            .filter_map(|n| next.get(n).cloned())
+            .collect();
+        *lock(&self.inner.accounts) = next;
+        for name in changes.removed.iter().chain(&changes.changed) {
+            if let Some(e) = old.get(name) {
+                e.retired.cancel();
+            }
+        }
+        let shutdown = lock(&self.inner.refresher).clone();
+        if let Some(shutdown) = shutdown {
+            for acc in fresh {
+                self.spawn_one(acc, shutdown.clone());
+            }
+        }
+        Ok(changes)
+    }
+
+    /// A new entry for an account whose oauth settings changed: the cached access token is
+    /// discarded; a stored refresh token is kept (a provider that refuses it under the new
+    /// settings makes the account "needs login", as at start).
+    fn replacement(&self, old: &AccountTokens, a: &Account) -> AccountTokens {
+        let st = old.state();
+        let status = if a.oauth.flow != Flow::ClientCredentials && st.refresh_token.is_none() {
+            AccountStatus::NeedsLogin(format!(
+                "no refresh token is stored; {}",
+                login_hint(&a.username)
+            ))
+        } else {
+            AccountStatus::NoTokenYet
+        };
+        AccountTokens {
+            account: a.clone(),
+            state: Mutex::new(State {
+                current: None,
+                refresh_token: st.refresh_token.clone(),
+                status: Some(status),
+                // Rejections of the old generations must not be taken for this one's.
+                generation: st.generation + 1,
+                store_seen: st.store_seen,
+                refreshes: st.refreshes,
+                failures: st.failures,
+                store_failures: st.store_failures,
+                ..State::default()
+            }),
+            refresh_lock: tokio::sync::Mutex::new(()),
+            retired: CancellationToken::new(),
+        }
+    }
+
+    /// The configured account names, sorted (admin's list follows reloads).
+    pub fn account_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.inner.accounts).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn entry(&self, account: &str) -> Option<Arc<AccountTokens>> {
+        lock(&self.inner.accounts).get(account).cloned()
     }
 
     fn now(&self) -> Instant {
         self.inner.clock.now()
     }
 
-    fn get(&self, account: &str) -> Result<&AccountTokens, TokenError> {
-        self.inner
-            .accounts
-            .get(account)
+    fn get(&self, account: &str) -> Result<Arc<AccountTokens>, TokenError> {
+        self.entry(account)
             .ok_or_else(|| TokenError::UnknownAccount(account.to_string()))
     }
 
     /// The account's status (for readiness, local AUTH and `check`). An account that needs
     /// login looks at the store first, so a `login` done meanwhile is seen at once.
     pub fn status(&self, account: &str) -> Option<AccountStatus> {
-        let acc = self.inner.accounts.get(account)?;
+        let acc = self.entry(account)?;
         if acc.needs_login().is_some() {
-            self.reload_if_changed(acc);
+            self.reload_if_changed(&acc);
         }
         let st = acc.state();
         if let (Some((_, reason)), false) = (
@@ -282,8 +414,8 @@ impl TokenManager {
     }
 
     /// Seconds until the account's access token expires (None without a token).
-    pub(crate) fn expires_in(&self, account: &str) -> Option<Duration> {
-        let acc = self.inner.accounts.get(account)?;
+    pub fn expires_in(&self, account: &str) -> Option<Duration> {
+        let acc = self.entry(account)?;
         let st = acc.state();
         st.current
             .as_ref()
@@ -291,18 +423,14 @@ impl TokenManager {
     }
 
     /// Failed writes of the account's tokens to the store so far (for metrics).
-    pub(crate) fn store_write_failures(&self, account: &str) -> u64 {
-        self.inner
-            .accounts
-            .get(account)
+    pub fn store_write_failures(&self, account: &str) -> u64 {
+        self.entry(account)
             .map_or(0, |acc| acc.state().store_failures)
     }
 
     /// Account names, token requests that succeeded and failed, for metrics.
-    pub(crate) fn counts(&self) -> Vec<(String, u64, u64)> {
-        let mut v: Vec<_> = self
-            .inner
-            .accounts
+    pub fn counts(&self) -> Vec<(String, u64, u64)> {
+        let mut v: Vec<_> = lock(&self.inner.accounts)
             .iter()
             .map(|(name, acc)| {
                 let st = acc.state();
@@ -315,11 +443,11 @@ impl TokenManager {
 
     /// An access token is usable now and the account does not need login (for /readyz).
     pub fn is_usable(&self, account: &str) -> bool {
-        let Some(acc) = self.inner.accounts.get(account) else {
+        let Some(acc) = self.entry(account) else {
             return false;
         };
         if acc.needs_login().is_some() {
-            self.reload_if_changed(acc);
+            self.reload_if_changed(&acc);
         }
         let st = acc.state();
         !matches!(st.status, Some(AccountStatus::NeedsLogin(_)))
@@ -370,6 +498,10 @@ impl TokenManager {
     /// backing off after a transient failure, a still-valid token is returned.
     pub async fn token(&self, account: &str) -> Result<AccessToken, TokenError> {
         let acc = self.get(account)?;
+        self.token_of(&acc).await
+    }
+
+    async fn token_of(&self, acc: &AccountTokens) -> Result<AccessToken, TokenError> {
         if let Some(t) = self.usable(acc) {
             return Ok(t);
         }
@@ -407,7 +539,7 @@ impl TokenManager {
         {
             return Ok(t);
         }
-        self.refresh_locked(acc).await
+        self.refresh_locked(&acc).await
     }
 
     /// Asks the provider for a new token now, whatever the cache holds (`check` uses this so
@@ -416,7 +548,7 @@ impl TokenManager {
         let acc = self.get(account)?;
         let _guard = acc.refresh_lock.lock().await;
         acc.state().next_attempt = None;
-        match self.refresh_locked(acc).await {
+        match self.refresh_locked(&acc).await {
             // refresh_locked falls back to a still-valid token on transient errors; here the
             // failure is the answer.
             Ok(t) if acc.state().next_attempt.is_some() => {
@@ -586,37 +718,41 @@ impl TokenManager {
     }
 
     /// Refreshes every account ahead of expiry in the background until `shutdown`.
-    pub(crate) fn spawn_refresher(&self, shutdown: CancellationToken) {
-        for name in self.inner.accounts.keys() {
-            let me = self.clone();
-            let name = name.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                loop {
-                    let wait = me.next_refresh_in(&name);
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                    if let Ok(acc) = me.get(&name) {
-                        if acc.needs_login().is_some() {
-                            me.reload_if_changed(acc);
-                            continue;
-                        }
-                        me.retry_unsaved(acc).await;
-                    }
-                    // Errors are logged and counted inside; the loop decides when to retry.
-                    let _ = me.token(&name).await;
-                }
-            });
+    /// Entries added by later reloads get theirs at once; a removed or replaced entry's
+    /// refresher ends.
+    pub fn spawn_refresher(&self, shutdown: CancellationToken) {
+        *lock(&self.inner.refresher) = Some(shutdown.clone());
+        let entries: Vec<Arc<AccountTokens>> =
+            lock(&self.inner.accounts).values().cloned().collect();
+        for acc in entries {
+            self.spawn_one(acc, shutdown.clone());
         }
     }
 
-    /// How long the background refresher sleeps before looking at `account` again.
-    fn next_refresh_in(&self, account: &str) -> Duration {
-        let Ok(acc) = self.get(account) else {
-            return MAX_BACKOFF;
-        };
+    /// The background refresher of one entry, until `shutdown` or its retirement.
+    fn spawn_one(&self, acc: Arc<AccountTokens>, shutdown: CancellationToken) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let wait = me.next_refresh_in(&acc);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return,
+                    _ = acc.retired.cancelled() => return,
+                }
+                if acc.needs_login().is_some() {
+                    me.reload_if_changed(&acc);
+                    continue;
+                }
+                me.retry_unsaved(&acc).await;
+                // Errors are logged and counted inside; the loop decides when to retry.
+                let _ = me.token_of(&acc).await;
+            }
+        });
+    }
+
+    /// How long the background refresher sleeps before looking at `acc` again.
+    fn next_refresh_in(&self, acc: &AccountTokens) -> Duration {
         if acc.needs_login().is_some() {
             return STORE_POLL;
         }
@@ -803,7 +939,10 @@ mod tests {
         tokio::time::advance(MS).await;
         until("the refresh", || s.manager.counts()[0].1 == 2).await;
         assert_eq!(s.requests(), 2);
-        let t = s.manager.inner.accounts[USER]
+        let t = s
+            .manager
+            .get(USER)
+            .unwrap()
             .state()
             .current
             .clone()
@@ -985,7 +1124,7 @@ mod tests {
             let t = s
                 .manager
                 .adopt(
-                    acc,
+                    &acc,
                     TokenResponse {
                         access_token: Secret::new("at"),
                         refresh_token: None,
@@ -1064,6 +1203,88 @@ mod tests {
         let new = again.token(USER).await.unwrap();
         assert_eq!(s.requests(), 2);
         assert_ne!(new.secret.expose(), t.secret.expose());
+    }
+
+    /// `s.config` with its oauth table's `key = "old"` line replaced (the same file and
+    /// environment otherwise).
+    fn reconfigured(s: &Setup, secret: &str, tenant: &str) -> Config {
+        let mut c = s.config.clone();
+        let oauth = &mut c.accounts[0].oauth;
+        if let Some(cs) = &mut oauth.client_secret {
+            cs.value = Secret::new(secret);
+        }
+        oauth.tenant = tenant.to_string();
+        c
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_unchanged_tokens_and_gets_new_ones_for_changed_oauth_settings() {
+        let s = Setup::new(HOUR, "client_credentials").await;
+        let stop = CancellationToken::new();
+        s.manager.spawn_refresher(stop.clone());
+        until("the start-up token", || s.manager.is_usable(USER)).await;
+        let first = s.token().await;
+        assert_eq!(s.requests(), 1);
+
+        // Unchanged (a password or mailbox change is not the manager's business): same
+        // token, no request, now or from the refresher.
+        let mut same = s.config.clone();
+        same.accounts[0].mailbox = "other@example.com".into();
+        let changes = s.manager.reload(&same).unwrap();
+        assert_eq!(changes, TokenChanges::default());
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        let t = s.token().await;
+        assert_eq!(
+            (t.generation, t.secret.expose(), s.requests()),
+            (first.generation, first.secret.expose(), 1)
+        );
+
+        // A changed tenant: the cached token is discarded; the refresher (a new one for
+        // the new entry) gets a new token at once, exactly one request.
+        let changes = s
+            .manager
+            .reload(&reconfigured(&s, "test-secret", "t2"))
+            .unwrap();
+        assert_eq!(changes.changed, vec![USER.to_string()]);
+        until("the new entry's token", || s.requests() == 2).await;
+        until("adopted", || s.manager.is_usable(USER)).await;
+        let t = s.token().await;
+        assert_eq!(s.requests(), 2);
+        assert!(t.generation > first.generation);
+        assert_ne!(t.secret.expose(), first.secret.expose());
+
+        // A changed client secret: a new request with it (the fake endpoint refuses that
+        // secret), and the old token is not handed out any more.
+        s.manager
+            .reload(&reconfigured(&s, "rotated-secret", "t2"))
+            .unwrap();
+        until("the request with the new secret", || s.requests() == 3).await;
+        assert!(matches!(
+            s.manager.token(USER).await,
+            Err(TokenError::Provider { .. })
+        ));
+        assert!(!s.manager.is_usable(USER));
+
+        // Removed: unknown at once; added back: loaded like at start (the stored token,
+        // as a restart would).
+        let mut none = s.config.clone();
+        none.accounts.clear();
+        let changes = s.manager.reload(&none).unwrap();
+        assert_eq!(changes.removed, vec![USER.to_string()]);
+        assert!(matches!(
+            s.manager.token(USER).await,
+            Err(TokenError::UnknownAccount(_))
+        ));
+        assert!(s.manager.account_names().is_empty());
+        let before = s.requests();
+        let changes = s.manager.reload(&s.config).unwrap();
+        assert_eq!(changes.added, vec![USER.to_string()]);
+        until("the re-added account's token", || s.manager.is_usable(USER)).await;
+        assert_eq!(s.requests(), before);
+        assert_eq!(s.token().await.secret.expose(), t.secret.expose());
+        stop.cancel();
     }
 
     const SECOND: Duration = Duration::from_secs(1);

@@ -93,11 +93,12 @@ pub struct Queue {
     spool: Spool,
     transport: Transport,
     cfg: crate::config::Queue,
-    per_minute: u32,
-    accounts: HashMap<String, AccountQueue>,
-    pacers: Arc<HashMap<String, Pacer>>,
+    per_minute: std::sync::atomic::AtomicU32,
+    accounts: AccountQueues,
+    pacers: Arc<Pacers>,
     metrics: Arc<Metrics>,
     workers: TaskTracker,
+    reload: Mutex<Reload>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -114,7 +115,7 @@ impl Queue {
         config: &Config,
         q: &crate::config::Queue,
         transport: Transport,
-        pacers: Arc<HashMap<String, Pacer>>,
+        pacers: Arc<Pacers>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> std::io::Result<Arc<Queue>> {
@@ -153,7 +154,7 @@ impl Queue {
         }
         for env in orphans {
             let reason = format!("account {} is no longer configured", env.account);
-            tracing::error!(id = %env.id, %reason, "spooled message cannot be delivered");
+            tracing::error!(id = %env.id, %reason, "spooled message cannot be delivered; moved to dead at start (a reload keeps them instead, for the account to come back)");
             let _ = spool.bury(&env.id, &reason);
         }
         let depth: usize = accounts.values().map(|a| lock(&a.items).len()).sum();
@@ -164,17 +165,18 @@ impl Queue {
             spool,
             transport,
             cfg: q.clone(),
-            per_minute: config.upstream.messages_per_minute,
-            accounts,
+            per_minute: config.upstream.messages_per_minute.into(),
+            accounts: AccountQueues::new(accounts),
             pacers,
             metrics,
             workers: TaskTracker::new(),
+            reload: Mutex::new(Reload::new(&shutdown)),
         });
         for a in &config.accounts {
             for _ in 0..config.upstream.max_sessions_per_mailbox {
                 let q = queue.clone();
                 let name = a.username.clone();
-                let shutdown = shutdown.clone();
+                let shutdown = queue.worker_token(&name);
                 queue
                     .workers
                     .spawn(async move { q.work(&name, shutdown).await });
@@ -228,6 +230,7 @@ impl Queue {
         let Some(aq) = self.accounts.get(&env.account) else {
             return Err(SpoolError::UnknownAccount(env.account.clone()));
         };
+        let aq = &*aq;
         env.bytes = usize::try_from(w.commit()?).unwrap_or(usize::MAX);
         let bytes = env.bytes;
         self.enqueue(aq, env);
@@ -278,6 +281,7 @@ impl Queue {
         let Some(aq) = self.accounts.get(account) else {
             return;
         };
+        let aq = &*aq;
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -296,10 +300,9 @@ impl Queue {
                     continue;
                 }
             };
-            let pace = self
-                .pacers
-                .get(account)
-                .map_or(Duration::ZERO, |p| p.wait(self.per_minute));
+            let pace = self.pacers.get(account).map_or(Duration::ZERO, |p| {
+                p.wait(self.per_minute.load(std::sync::atomic::Ordering::Relaxed))
+            });
             if !pace.is_zero() {
                 tracing::debug!(
                     account,
@@ -528,6 +531,153 @@ impl Queue {
             Err(e) => (0, e.to_string(), true),
         }
     }
+
+    /// Follows a reloaded configuration: `messages_per_minute` for the next sends; a new
+    /// account gets its queue and `max_sessions_per_mailbox` workers; a removed account's
+    /// workers stop after the delivery they are in, and its messages stay in the spool
+    /// (neither delivered nor moved to dead: `max_age` is not counted against them here)
+    /// until a reload brings the account back, when they are delivered. Per-account
+    /// workers of unchanged accounts carry on.
+    pub(crate) fn reconfigure(self: &Arc<Self>, config: &Config) {
+        self.per_minute.store(
+            config.upstream.messages_per_minute,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let mut reload = lock(&self.reload);
+        for name in self.accounts.names() {
+            if config.accounts.iter().any(|a| a.username == name) {
+                continue;
+            }
+            if let Some(token) = reload.workers.remove(&name) {
+                token.cancel();
+            }
+            if let Some(aq) = self.accounts.remove(&name) {
+                let waiting = lock(&aq.items).len();
+                tracing::info!(account = %name, messages = waiting, "account removed: its spooled messages stay in the spool until it is configured again");
+                reload.dormant.insert(name, aq);
+            }
+        }
+        for a in &config.accounts {
+            if self.accounts.get(&a.username).is_some() {
+                continue;
+            }
+            let aq = reload.dormant.remove(&a.username).unwrap_or_else(|| {
+                Arc::new(AccountQueue {
+                    items: Mutex::new(BTreeMap::new()),
+                    wake: Notify::new(),
+                })
+            });
+            let waiting = lock(&aq.items).len();
+            if waiting > 0 {
+                tracing::info!(account = %a.username, messages = waiting, "account configured again: delivering its spooled messages");
+            }
+            self.accounts.insert(&a.username, aq);
+            let token = reload.shutdown.child_token();
+            reload.workers.insert(a.username.clone(), token.clone());
+            for _ in 0..config.upstream.max_sessions_per_mailbox {
+                let q = self.clone();
+                let name = a.username.clone();
+                let token = token.clone();
+                self.workers
+                    .spawn(async move { q.work(&name, token).await });
+            }
+        }
+    }
+
+    /// The token that stops `account`'s workers (process shutdown, or the account removed
+    /// by a reload).
+    fn worker_token(&self, account: &str) -> CancellationToken {
+        let mut reload = lock(&self.reload);
+        let token = reload.shutdown.child_token();
+        reload
+            .workers
+            .entry(account.to_string())
+            .or_insert(token)
+            .clone()
+    }
+}
+
+/// What reloads need of the queue: the process's shutdown token, each account's worker
+/// token, and the queues of removed accounts (kept with their messages).
+struct Reload {
+    shutdown: CancellationToken,
+    workers: HashMap<String, CancellationToken>,
+    dormant: HashMap<String, Arc<AccountQueue>>,
+}
+
+impl Reload {
+    fn new(shutdown: &CancellationToken) -> Reload {
+        Reload {
+            shutdown: shutdown.clone(),
+            workers: HashMap::new(),
+            dormant: HashMap::new(),
+        }
+    }
+}
+
+/// The per-account queues, replaced entry by entry on reload; workers and callers hold the
+/// entry they looked up.
+struct AccountQueues(Mutex<HashMap<String, Arc<AccountQueue>>>);
+
+impl AccountQueues {
+    fn new(map: HashMap<String, AccountQueue>) -> AccountQueues {
+        AccountQueues(Mutex::new(
+            map.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+        ))
+    }
+
+    fn get(&self, account: &str) -> Option<Arc<AccountQueue>> {
+        lock(&self.0).get(account).cloned()
+    }
+
+    fn contains_key(&self, account: &str) -> bool {
+        lock(&self.0).contains_key(account)
+    }
+
+    fn values(&self) -> Vec<Arc<AccountQueue>> {
+        lock(&self.0).values().cloned().collect()
+    }
+
+    fn names(&self) -> Vec<String> {
+        lock(&self.0).keys().cloned().collect()
+    }
+
+    fn insert(&self, account: &str, aq: Arc<AccountQueue>) {
+        lock(&self.0).insert(account.to_string(), aq);
+    }
+
+    fn remove(&self, account: &str) -> Option<Arc<AccountQueue>> {
+        lock(&self.0).remove(account)
+    }
+}
+
+/// Every account's [`Pacer`], shared by the sessions (sync mode reports the rate) and the
+/// spool workers (spool mode holds to it); a reload adds and drops accounts' pacers and
+/// keeps the others' windows.
+#[derive(Debug, Default)]
+pub struct Pacers(Mutex<HashMap<String, Arc<Pacer>>>);
+
+impl Pacers {
+    pub fn new(config: &Config) -> Pacers {
+        let p = Pacers::default();
+        p.follow(config);
+        p
+    }
+
+    pub fn get(&self, account: &str) -> Option<Arc<Pacer>> {
+        lock(&self.0).get(account).cloned()
+    }
+
+    /// Keeps the pacers of accounts still configured, adds new ones, drops the rest.
+    pub(crate) fn follow(&self, config: &Config) {
+        let mut map = lock(&self.0);
+        let mut next = HashMap::new();
+        for a in &config.accounts {
+            let p = map.remove(&a.username).unwrap_or_default();
+            next.insert(a.username.clone(), p);
+        }
+        *map = next;
+    }
 }
 
 /// The spooled content to the upstream in pieces of [`BODY_CHUNK`] bytes, then the final
@@ -606,7 +756,7 @@ mod tests {
         let target = UpstreamTarget::new(&r.config.upstream).expect("target");
         let pool = Pool::new(&r.config, target, tokens);
         let q = r.config.queue.clone().expect("[queue] configured");
-        let pacers = Arc::new(HashMap::from([(ACCOUNT.to_string(), Pacer::default())]));
+        let pacers = Arc::new(Pacers::new(&r.config));
         Queue::start(
             &r.config,
             &q,
@@ -656,7 +806,8 @@ mod tests {
 
     /// The single message's queue entry: (attempts so far, in flight, next attempt).
     fn entry(q: &Queue) -> Option<(u32, bool, Instant)> {
-        let items = lock(&q.accounts[ACCOUNT].items);
+        let aq = q.accounts.get(ACCOUNT)?;
+        let items = lock(&aq.items);
         let item = items.values().next()?;
         Some((item.progress.attempts, item.in_flight, item.next_attempt))
     }

@@ -7,11 +7,17 @@
 //! Idle sessions older than `idle_secs`, or authenticated with a token that is due for
 //! refresh, are closed. A reused session that turns out to be dead when the transaction
 //! starts is replaced before the client sees anything ([`Pool::begin`]).
+//!
+//! A configuration reload ([`Pool::reconfigure`]) gives new accounts a mailbox entry and
+//! a changed mailbox or `max_sessions_per_mailbox` a fresh one; the idle sessions of removed
+//! or replaced entries are closed, and a lease still out on one closes its session when it
+//! comes back instead of returning it to the idle list.
 
 use crate::config::Config;
 use crate::oauth::manager::{AccessToken, TokenError, TokenManager};
 use crate::relay::upstream::{UpReply, UpstreamError, UpstreamSession, UpstreamTarget};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -48,13 +54,36 @@ struct Idle {
 struct Mailbox {
     account: String,
     mailbox: String,
+    /// `max_sessions_per_mailbox` when this entry was made.
+    capacity: usize,
     sessions: Arc<Semaphore>,
     idle: Mutex<Vec<Idle>>,
+    /// Replaced or removed by a reload: sessions coming back are closed, not kept.
+    retired: AtomicBool,
 }
 
 impl Mailbox {
+    fn new(account: &str, mailbox: &str, capacity: usize) -> Arc<Mailbox> {
+        Arc::new(Mailbox {
+            account: account.to_string(),
+            mailbox: mailbox.to_string(),
+            capacity,
+            sessions: Arc::new(Semaphore::new(capacity)),
+            idle: Mutex::new(Vec::new()),
+            retired: AtomicBool::new(false),
+        })
+    }
+
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
         crate::sync::lock(&self.idle)
+    }
+
+    /// Marks the entry out of use and closes its idle sessions.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        for i in std::mem::take(&mut *self.idle()) {
+            tokio::spawn(i.session.close());
+        }
     }
 }
 
@@ -68,8 +97,14 @@ struct PoolInner {
     target: UpstreamTarget,
     tokens: TokenManager,
     idle_limit: Duration,
-    max_sessions: usize,
-    mailboxes: HashMap<String, Arc<Mailbox>>,
+    /// Replaced as a whole by [`Pool::reconfigure`].
+    mailboxes: Mutex<HashMap<String, Arc<Mailbox>>>,
+}
+
+impl PoolInner {
+    fn mailbox(&self, account: &str) -> Option<Arc<Mailbox>> {
+        crate::sync::lock(&self.mailboxes).get(account).cloned()
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -109,7 +144,11 @@ impl Lease {
         let Some(session) = self.session.take() else {
             return;
         };
-        if clean && !session.is_broken() && self.token.is_fresh(Instant::now()) {
+        if clean
+            && !session.is_broken()
+            && self.token.is_fresh(Instant::now())
+            && !self.mailbox.retired.load(Ordering::Relaxed)
+        {
             self.mailbox.idle().push(Idle {
                 session,
                 token: self.token.clone(),
@@ -129,14 +168,11 @@ impl Pool {
             .map(|a| {
                 (
                     a.username.clone(),
-                    Arc::new(Mailbox {
-                        account: a.username.clone(),
-                        mailbox: a.mailbox.clone(),
-                        sessions: Arc::new(Semaphore::new(
-                            config.upstream.max_sessions_per_mailbox,
-                        )),
-                        idle: Mutex::new(Vec::new()),
-                    }),
+                    Mailbox::new(
+                        &a.username,
+                        &a.mailbox,
+                        config.upstream.max_sessions_per_mailbox,
+                    ),
                 )
             })
             .collect();
@@ -145,8 +181,7 @@ impl Pool {
                 target,
                 tokens,
                 idle_limit: config.upstream.idle,
-                max_sessions: config.upstream.max_sessions_per_mailbox,
-                mailboxes,
+                mailboxes: Mutex::new(mailboxes),
             }),
         };
         let weak = Arc::downgrade(&pool.inner);
@@ -156,18 +191,41 @@ impl Pool {
     }
 
     /// Sessions currently idle for `account` (for tests and metrics).
-    pub(crate) fn idle_sessions(&self, account: &str) -> usize {
-        self.inner
-            .mailboxes
-            .get(account)
-            .map_or(0, |m| m.idle().len())
+    pub fn idle_sessions(&self, account: &str) -> usize {
+        self.inner.mailbox(account).map_or(0, |m| m.idle().len())
     }
 
     /// Sessions lent to transactions now for `account` (for metrics).
-    pub(crate) fn busy_sessions(&self, account: &str) -> usize {
-        self.inner.mailboxes.get(account).map_or(0, |m| {
-            self.inner.max_sessions - m.sessions.available_permits()
+    pub fn busy_sessions(&self, account: &str) -> usize {
+        self.inner.mailbox(account).map_or(0, |m| {
+            m.capacity.saturating_sub(m.sessions.available_permits())
         })
+    }
+
+    /// Follows a reloaded configuration: new accounts get a mailbox entry; an account whose
+    /// mailbox or `max_sessions_per_mailbox` changed gets a fresh one; removed and replaced
+    /// entries are retired (idle sessions closed; leases still out close theirs on return).
+    /// Transactions in flight keep the entry they started with.
+    pub(crate) fn reconfigure(&self, config: &Config) {
+        let capacity = config.upstream.max_sessions_per_mailbox;
+        let mut map = crate::sync::lock(&self.inner.mailboxes);
+        let mut next = HashMap::new();
+        for a in &config.accounts {
+            let entry = match map.remove(&a.username) {
+                Some(mb) if mb.mailbox == a.mailbox && mb.capacity == capacity => mb,
+                old => {
+                    if let Some(old) = old {
+                        old.retire();
+                    }
+                    Mailbox::new(&a.username, &a.mailbox, capacity)
+                }
+            };
+            next.insert(a.username.clone(), entry);
+        }
+        for (_, gone) in map.drain() {
+            gone.retire();
+        }
+        *map = next;
     }
 
     /// Takes a session for `account` and sends `MAIL FROM` on it. A reused session that
@@ -179,10 +237,8 @@ impl Pool {
     ) -> Result<(Lease, UpReply), BeginError> {
         let mb = self
             .inner
-            .mailboxes
-            .get(account)
-            .ok_or_else(|| BeginError::Token(TokenError::UnknownAccount(account.into())))?
-            .clone();
+            .mailbox(account)
+            .ok_or_else(|| BeginError::Token(TokenError::UnknownAccount(account.into())))?;
         let permit = tokio::time::timeout(
             self.inner.target.timeout,
             mb.sessions.clone().acquire_owned(),
@@ -310,7 +366,9 @@ async fn reap(pool: Weak<PoolInner>, every: Duration) {
         tick.tick().await;
         let Some(p) = pool.upgrade() else { return };
         let now = Instant::now();
-        for mb in p.mailboxes.values() {
+        let mailboxes: Vec<Arc<Mailbox>> =
+            crate::sync::lock(&p.mailboxes).values().cloned().collect();
+        for mb in mailboxes {
             let expired: Vec<Idle> = {
                 let mut idle = mb.idle();
                 let (keep, gone) = std::mem::take(&mut *idle).into_iter().partition(|i| {

@@ -15,7 +15,12 @@
 //! check), so timing does not reveal which user names exist. A successful verification is
 //! remembered as a keyed BLAKE2b hash of user and password under a random per-process key,
 //! so the same client's next AUTH costs microseconds while any other password still pays
-//! the full price. A wrong password never reaches the token store. The SMTP dialogue and the
+//! the full price. A wrong password never reaches the token store.
+//!
+//! A configuration reload ([`LocalAuth::reloaded`]) makes a new `LocalAuth` for the new
+//! accounts that shares the verifier threads, the cache key and the per-address failure
+//! scores with the old one, and carries over the cache entries of users whose password is
+//! unchanged only: a changed password fails at once, even if the old one was cached. The SMTP dialogue and the
 //! per-connection failure limit are the session's business.
 
 use crate::config::{Account, Config, LocalPassword};
@@ -146,6 +151,34 @@ impl LocalAuth {
         }
     }
 
+    /// The `LocalAuth` for a reloaded configuration: same verifier threads, cache key and
+    /// failure scores; the verified-password cache keeps only users that still exist with
+    /// the same password.
+    pub fn reloaded(&self, config: &Config) -> LocalAuth {
+        let users: HashMap<String, Arc<Account>> = config
+            .accounts
+            .iter()
+            .map(|a| (a.username.clone(), Arc::new(a.clone())))
+            .collect();
+        let verified: HashMap<String, [u8; 32]> = lock(&self.verified)
+            .iter()
+            .filter(
+                |(user, _)| match (self.users.get(*user), users.get(*user)) {
+                    (Some(old), Some(new)) => same_password(&old.password, &new.password),
+                    _ => false,
+                },
+            )
+            .map(|(u, fp)| (u.clone(), *fp))
+            .collect();
+        LocalAuth {
+            users: Arc::new(users),
+            key: self.key.clone(),
+            verified: Arc::new(Mutex::new(verified)),
+            failures: self.failures.clone(),
+            jobs: self.jobs.clone(),
+        }
+    }
+
     /// Checks `username` / `password` from a client at `peer`.
     pub(crate) async fn verify(&self, peer: IpAddr, username: &str, password: Secret) -> Verdict {
         let account = self.users.get(username).cloned();
@@ -221,6 +254,19 @@ impl LocalAuth {
         }
         let e = f.entry(peer).or_insert((0.0, now));
         *e = (decayed(e.0, e.1, now) + 1.0, now);
+    }
+}
+
+/// Whether two configured passwords are the same (same hash, or same variable and value).
+fn same_password(a: &LocalPassword, b: &LocalPassword) -> bool {
+    match (a, b) {
+        (LocalPassword::Hash(x), LocalPassword::Hash(y)) => {
+            ct_eq(x.expose().as_bytes(), y.expose().as_bytes())
+        }
+        (LocalPassword::Plain(x), LocalPassword::Plain(y)) => {
+            x.var == y.var && ct_eq(x.expose().as_bytes(), y.expose().as_bytes())
+        }
+        _ => false,
     }
 }
 
@@ -460,6 +506,53 @@ mod tests {
         assert!(busy >= 40, "busy {busy}, denied {denied}");
         assert!(denied <= VERIFY_QUEUE + verifier_threads() + 40 - busy);
         assert!(denied >= VERIFY_QUEUE, "denied {denied}");
+    }
+
+    #[tokio::test]
+    async fn a_reload_forgets_a_changed_password_at_once_and_keeps_the_rest() {
+        let (old_pw, new_pw, other_pw) = (
+            Secret::new("old-pw"),
+            Secret::new("new-pw"),
+            Secret::new("other-pw"),
+        );
+        let account = |user: &str, pw: &Secret| {
+            format!(
+                "[[account]]\nusername = \"{user}\"\npassword_hash = \"{}\"\nmailbox = \"{user}@x.y\"\n[account.oauth]\nflow = \"client_credentials\"\ntenant = \"t\"\nclient_id = \"c\"\nclient_secret_env = \"S\"\n",
+                hash_password(pw).unwrap()
+            )
+        };
+        let other = account("o", &other_pw);
+        let before = config_with(&format!("{}{other}", account("u", &old_pw)));
+        let after = config_with(&format!("{}{other}", account("u", &new_pw)));
+        let auth = LocalAuth::new(&before);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let ok = |v: Verdict| matches!(v, Verdict::Ok(_));
+        assert!(ok(auth.verify(ip, "u", old_pw.clone()).await));
+        assert!(ok(auth.verify(ip, "o", other_pw.clone()).await));
+        assert_eq!(lock(&auth.verified).len(), 2);
+        auth.note_failure(ip);
+
+        let next = auth.reloaded(&after);
+        // Only the unchanged user's cache entry came along; the failure score is shared.
+        assert_eq!(
+            lock(&next.verified).keys().collect::<Vec<_>>(),
+            vec![&"o".to_string()]
+        );
+        assert!((next.address_score(ip) - 1.0).abs() < 0.01);
+        assert!(matches!(
+            next.verify(ip, "u", old_pw.clone()).await,
+            Verdict::Denied
+        ));
+        assert!(ok(next.verify(ip, "u", new_pw).await));
+        assert!(ok(next.verify(ip, "o", other_pw).await));
+        // The old LocalAuth (sessions in flight) still has the old settings.
+        assert!(ok(auth.verify(ip, "u", old_pw).await));
+        // A removed user is gone from the new one.
+        let gone = next.reloaded(&config_with(&other));
+        assert!(matches!(
+            gone.verify(ip, "u", Secret::new("new-pw")).await,
+            Verdict::Denied
+        ));
     }
 
     #[test]

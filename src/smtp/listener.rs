@@ -9,6 +9,10 @@
 //! plaintext reply), counted, and logged at INFO at most once a second (DEBUG otherwise, so
 //! a flood does not flood the log). On shutdown we stop accepting, sessions between
 //! transactions are told 421, and transactions in flight get a bounded grace period.
+//!
+//! What a new connection gets (its [`SessionContext`] and the admission rules) is read
+//! from a `watch` channel at each accept ([`Live`]): a configuration reload publishes a new
+//! value, and sessions keep the context they started with.
 
 use crate::smtp::policy;
 use crate::smtp::reply;
@@ -21,7 +25,7 @@ use std::task::Poll;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
@@ -46,17 +50,67 @@ pub(crate) struct Admission {
     pub max_connections: usize,
 }
 
-/// Accepts connections on every listener until `ctx.shutdown` fires, then drains sessions
-/// (bounded). `tls` serves STARTTLS and the implicit-TLS listeners.
-pub(crate) async fn serve(
+/// What a new connection is served with; a reload sends a new one. Every value shares the
+/// first one's `shutdown` and `hard_stop` tokens.
+#[derive(Debug, Clone)]
+pub struct Live {
+    pub ctx: Arc<SessionContext>,
+    pub admission: Admission,
+}
+
+/// The connection limit, resized when a reload changes `listen.max_connections`.
+struct Limit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Limit {
+    fn new(max: usize) -> Limit {
+        Limit {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// Grows at once; shrinks by the free permits now and the rest as connections end.
+    fn resize(&mut self, max: usize) {
+        if max > self.max {
+            self.permits.add_permits(max - self.max);
+        } else if max < self.max {
+            let want = self.max - max;
+            let rest = want - self.permits.forget_permits(want);
+            if rest > 0 {
+                let permits = self.permits.clone();
+                let rest = u32::try_from(rest).unwrap_or(u32::MAX);
+                tokio::spawn(async move {
+                    if let Ok(p) = permits.acquire_many_owned(rest).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        self.max = max;
+    }
+}
+
+/// Accepts connections on every listener until the context's shutdown fires, then drains
+/// sessions (bounded). Each connection is served with the [`Live`] value current when it
+/// is accepted. `tls` serves STARTTLS and the implicit-TLS listeners.
+pub async fn serve(
     listeners: Vec<Bound>,
-    ctx: Arc<SessionContext>,
+    live: watch::Receiver<Live>,
     tls: Option<TlsAcceptor>,
-    admission: Admission,
     grace: Duration,
 ) {
-    let max_connections = admission.max_connections;
-    let limit = Arc::new(Semaphore::new(max_connections));
+    let (shutdown, hard_stop, first_max) = {
+        let l = live.borrow();
+        (
+            l.ctx.shutdown.clone(),
+            l.ctx.hard_stop.clone(),
+            l.admission.max_connections,
+        )
+    };
+    let mut limit = Limit::new(first_max);
     let tracker = TaskTracker::new();
     let mut accept_errors = AcceptErrors::default();
     let mut refusals = RefusalLog::default();
@@ -64,7 +118,7 @@ pub(crate) async fn serve(
     loop {
         let (which, accepted) = tokio::select! {
             a = accept_any(&listeners, &mut next) => a,
-            _ = ctx.shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break,
         };
         let (mut stream, peer) = match accepted {
             Ok(a) => {
@@ -76,11 +130,16 @@ pub(crate) async fn serve(
                 let wait = accept_errors.failed("smtp", &e);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = ctx.shutdown.cancelled() => break,
+                    _ = shutdown.cancelled() => break,
                 }
                 continue;
             }
         };
+        let Live { ctx, admission } = live.borrow().clone();
+        if admission.max_connections != limit.max {
+            limit.resize(admission.max_connections);
+        }
+        let max_connections = limit.max;
         let _ = stream.set_nodelay(true);
         let implicit_tls = listeners.get(which).is_some_and(|b| b.implicit_tls);
         if !policy::connection_allowed(admission.allow_networks.as_deref(), peer.ip()) {
@@ -96,7 +155,7 @@ pub(crate) async fn serve(
             }
             continue;
         }
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
             tracing::warn!(%peer, max_connections, "connection limit reached; refusing");
             tracker.spawn(async move {
                 let mut out = Vec::new();
@@ -105,7 +164,6 @@ pub(crate) async fn serve(
             });
             continue;
         };
-        let ctx = ctx.clone();
         let tls = tls.clone();
         tracker.spawn(async move {
             ctx.metrics.session_opened();
@@ -126,7 +184,7 @@ pub(crate) async fn serve(
             grace_secs = grace.as_secs(),
             "grace period over; telling remaining sessions 421"
         );
-        ctx.hard_stop.cancel();
+        hard_stop.cancel();
         let _ = tokio::time::timeout(HARD_STOP_DRAIN, tracker.wait()).await;
     }
 }

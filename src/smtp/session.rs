@@ -14,7 +14,7 @@
 use crate::config::Account;
 use crate::metrics::Metrics;
 use crate::oauth::manager::{AccountStatus, TokenManager};
-use crate::relay::deliver::{Pacer, Queue};
+use crate::relay::deliver::{Pacers, Queue};
 use crate::relay::envelope::{self, Address, EnvelopeError, MailFrom};
 use crate::relay::outcome;
 use crate::relay::spool::{Envelope, SpoolError, SPOOL_VERSION};
@@ -30,7 +30,6 @@ use crate::smtp::sasl::{self, SaslError};
 use crate::telemetry::{self, Outcome, RelayEvent};
 use smtp_proto::{Request, AUTH_LOGIN, AUTH_PLAIN};
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,7 +71,7 @@ pub(crate) struct SessionContext {
     /// Spool mode: accept after fsync and deliver in the background.
     pub queue: Option<Arc<Queue>>,
     /// Per-account send rate (held in spool mode, reported in sync mode).
-    pub pacers: Arc<HashMap<String, Pacer>>,
+    pub pacers: Arc<Pacers>,
     pub messages_per_minute: u32,
     pub metrics: Arc<Metrics>,
     /// Clients from these networks may send without AUTH, as the network's account.
@@ -1013,7 +1012,7 @@ fn test_context(
         upstream_hold: Duration::from_secs(60),
         auth_failure_delay: Duration::ZERO,
         queue: None,
-        pacers: Arc::new(HashMap::new()),
+        pacers: Arc::new(Pacers::default()),
         messages_per_minute: 0,
         metrics: Arc::new(Metrics::default()),
         relay_networks: RelayNetworks::default(),

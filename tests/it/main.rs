@@ -18,6 +18,7 @@ mod memory;
 mod office;
 mod operate;
 mod relay;
+mod reload;
 mod secrets;
 mod spool;
 mod tokens;
