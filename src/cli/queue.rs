@@ -216,7 +216,12 @@ fn list(spool: &Spool, dead: bool, json: bool) -> Result<(), CliError> {
             l.id,
             l.account,
             if l.from.is_empty() { "<>" } else { l.from },
-            format!("{}/{}/{}", l.pending.len(), l.delivered.len(), l.failed.len()),
+            format!(
+                "{}/{}/{}",
+                l.pending.len(),
+                l.delivered.len(),
+                l.failed.len()
+            ),
             l.bytes,
             span(l.age_secs),
             l.attempts,
@@ -305,7 +310,10 @@ fn show(spool: &Spool, id: &str, json: bool) -> Result<(), CliError> {
         t.push_str(&format!("progress:    unreadable: {err}\n"));
     }
     t.push_str(&format!("pending:     {}\n", l.pending.join(", ")));
-    t.push_str(&format!("delivered:   {}\n", e.progress.delivered.join(", ")));
+    t.push_str(&format!(
+        "delivered:   {}\n",
+        e.progress.delivered.join(", ")
+    ));
     for (r, why) in &e.progress.failed {
         t.push_str(&format!("failed:      {r}: {}\n", one_line(why)));
     }
@@ -333,7 +341,12 @@ fn show(spool: &Spool, id: &str, json: bool) -> Result<(), CliError> {
 
 /// The ids to act on: those given (each must exist, else exit 1 naming them, before
 /// anything is done), or with `--all` every message of the spool or `dead/`.
-fn targets(spool: &Spool, ids: Vec<String>, all: bool, dead: bool) -> Result<Vec<String>, CliError> {
+fn targets(
+    spool: &Spool,
+    ids: Vec<String>,
+    all: bool,
+    dead: bool,
+) -> Result<Vec<String>, CliError> {
     if all {
         let entries = spool.entries(dead).map_err(runtime)?;
         return Ok(entries.into_iter().map(|e| e.env.id).collect());
@@ -382,10 +395,7 @@ fn each(
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(CliError::Runtime(format!(
-            "{verb}: {}",
-            errors.join("; ")
-        )))
+        Err(CliError::Runtime(format!("{verb}: {}", errors.join("; "))))
     }
 }
 

@@ -1009,7 +1009,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_skips_a_message_whose_lock_is_held_and_delivers_it_once_after() {
-        let r = remote(Duration::from_secs(3600), "messages_per_minute = 0", &spool_config()).await;
+        let r = remote(
+            Duration::from_secs(3600),
+            "messages_per_minute = 0",
+            &spool_config(),
+        )
+        .await;
         let env = Envelope {
             version: SPOOL_VERSION,
             id: "L1".into(),
@@ -1042,5 +1047,4 @@ mod tests {
         shutdown.cancel();
         q.stopped().await;
     }
-
 }

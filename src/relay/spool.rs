@@ -106,7 +106,8 @@ impl Progress {
 
     /// Unix seconds from which `queue.max_age` counts: arrival, or the last requeue.
     pub fn age_from(&self, env: &Envelope) -> u64 {
-        self.requeued_at.map_or(env.received_at, |r| r.max(env.received_at))
+        self.requeued_at
+            .map_or(env.received_at, |r| r.max(env.received_at))
     }
 }
 
@@ -644,7 +645,9 @@ impl Spool {
         let mut out = Vec::new();
         loop {
             line.clear();
-            let n = (&mut r).take(MAX_HEADER_LINE).read_until(b'\n', &mut line)?;
+            let n = (&mut r)
+                .take(MAX_HEADER_LINE)
+                .read_until(b'\n', &mut line)?;
             if n == 0 || line == b"\r\n" || line == b"\n" || out.len() >= MAX_HEADERS {
                 break;
             }
@@ -1071,7 +1074,10 @@ mod tests {
             panic!("free lock not taken")
         };
         assert!(matches!(control.try_lock("A").unwrap(), Locked::Busy));
-        assert!(matches!(s.try_lock("A").unwrap(), Locked::Busy), "also within one process");
+        assert!(
+            matches!(s.try_lock("A").unwrap(), Locked::Busy),
+            "also within one process"
+        );
         drop(held);
         assert!(matches!(control.try_lock("A").unwrap(), Locked::Held(_)));
         // A delete waits for the holder, and whoever waited on the old file finds it gone.
@@ -1080,7 +1086,10 @@ mod tests {
         };
         let waiter = std::thread::spawn(move || control.delete("A", false));
         std::thread::sleep(Duration::from_millis(200));
-        assert!(!waiter.is_finished(), "delete waits for the attempt in flight");
+        assert!(
+            !waiter.is_finished(),
+            "delete waits for the attempt in flight"
+        );
         assert!(tmp.path().join("spool/A.msg").exists());
         drop(held);
         assert_eq!(waiter.join().unwrap().unwrap().id, "A");
@@ -1100,7 +1109,8 @@ mod tests {
     fn a_requeued_dead_message_keeps_who_has_it_and_retries_the_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let s = Spool::open(tmp.path(), u64::MAX).unwrap();
-        s.store(&env("A", 1), b"Subject: a\r\n\r\nbody\r\n").unwrap();
+        s.store(&env("A", 1), b"Subject: a\r\n\r\nbody\r\n")
+            .unwrap();
         let mut p = Progress {
             attempts: 1,
             delivered: vec!["x@y".into()],
@@ -1114,7 +1124,10 @@ mod tests {
         let c = Spool::at(tmp.path());
         let dead = c.entries(true).unwrap();
         assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].progress, p, "the progress is kept beside a dead message");
+        assert_eq!(
+            dead[0].progress, p,
+            "the progress is kept beside a dead message"
+        );
         assert_eq!(dead[0].dead_reason.as_deref(), Some("z@y: 550 5.1.1 no"));
         assert_eq!(c.headers("A", true).unwrap(), b"Subject: a\r\n");
         assert!(matches!(c.request_retry("A"), Err(ControlError::IsDead(_))));
@@ -1136,8 +1149,13 @@ mod tests {
         // A retry request is a marker beside the message; an unknown id is refused.
         c.request_retry("A").unwrap();
         assert!(c.entries(false).unwrap()[0].retry_requested);
-        assert_eq!(s.ids().unwrap(), (vec!["A".to_string()], vec!["A".to_string()]));
-        assert!(matches!(c.request_retry("B"), Err(ControlError::Unknown(_))));
+        assert_eq!(
+            s.ids().unwrap(),
+            (vec!["A".to_string()], vec!["A".to_string()])
+        );
+        assert!(matches!(
+            c.request_retry("B"),
+            Err(ControlError::Unknown(_))
+        ));
     }
-
 }

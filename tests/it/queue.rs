@@ -24,7 +24,13 @@ fn message(id: &str) -> Vec<u8> {
 /// Runs `smtp-oauth-bridge --config <env> queue <args>`: (exit code, stdout, stderr).
 fn queue(config: &Path, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_smtp-oauth-bridge"))
-        .args(["--config", config.to_str().unwrap(), "--log-format", "json", "queue"])
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "queue",
+        ])
         .args(args)
         .env(PW_ENV, PASSWORD)
         .env(SECRET_ENV, CLIENT_SECRET)
@@ -62,7 +68,10 @@ fn list_until(
         if f(&l) {
             return l;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {l:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {l:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -113,22 +122,36 @@ async fn a_deferred_message_is_listed_with_its_reply_and_retried_once_while_serv
     // The plain listing and `show` say the same for people.
     let (code, text, _) = queue(&env.config_path, &["list"]);
     assert_eq!(code, 0);
-    assert!(text.contains(&id) && text.contains("451 4.3.0 Try again later"), "{text}");
-    assert!(text.contains("1/0/0") && text.ends_with("1 message\n"), "{text}");
+    assert!(
+        text.contains(&id) && text.contains("451 4.3.0 Try again later"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1/0/0") && text.ends_with("1 message\n"),
+        "{text}"
+    );
     let (code, text, _) = queue(&env.config_path, &["show", &id]);
     assert_eq!(code, 0);
     assert!(text.contains("  451 4.3.0 Try again later\n"), "{text}");
-    assert!(text.contains("headers:\n  From: scanner@contoso.com\n"), "{text}");
-    assert!(text.contains("  Subject: deferred\n") && !text.contains("body of"), "{text}");
+    assert!(
+        text.contains("headers:\n  From: scanner@contoso.com\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  Subject: deferred\n") && !text.contains("body of"),
+        "{text}"
+    );
     assert_eq!(env.upstream.received_count(), 0);
 
     // Retried on request while serve runs: delivered once, then gone.
     env.upstream.set_data_reply(None);
     let (code, out, err) = queue(&env.config_path, &["retry", &id]);
-    assert_eq!((code, out.as_str()), (0, format!("{id}: due now\n").as_str()), "{err}");
-    env.upstream
-        .wait_received(1, Duration::from_secs(10))
-        .await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, format!("{id}: due now\n").as_str()),
+        "{err}"
+    );
+    env.upstream.wait_received(1, Duration::from_secs(10)).await;
     list_until(&env.config_path, false, "an empty spool", |l| l.is_empty());
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -148,9 +171,17 @@ async fn a_deferred_message_is_listed_with_its_reply_and_retried_once_while_serv
         let (code, _, err) = queue(&env.config_path, args);
         let named = args.last().unwrap();
         assert_eq!(code, 1, "{args:?}: {err}");
-        assert!(err.contains(&format!("unknown message id {named}")), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("unknown message id {named}")),
+            "{args:?}: {err}"
+        );
     }
-    for args in [&["retry"][..], &["delete", "--all"], &["retry", "--all", &id], &["list", "--nope"]] {
+    for args in [
+        &["retry"][..],
+        &["delete", "--all"],
+        &["retry", "--all", &id],
+        &["list", "--nope"],
+    ] {
         assert_eq!(queue(&env.config_path, args).0, 2, "{args:?}");
     }
     let (status, _) = bridge.stop();
@@ -189,17 +220,15 @@ async fn a_deleted_message_is_never_delivered_and_logged_deleted() {
     env.upstream.set_data_reply(None);
     let (code, _, err) = queue(&env.config_path, &["retry", "--all"]);
     assert_eq!(code, 0, "{err}");
-    env.upstream
-        .wait_received(1, Duration::from_secs(10))
-        .await;
+    env.upstream.wait_received(1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(env.upstream.message_ids(), ["<keep@test>"]);
     let (status, log) = bridge.stop();
     assert!(status.success());
     assert!(
-        !relay_lines(&log)
-            .iter()
-            .any(|v| v["id"] == gone.as_str() && v["outcome"] != "spooled" && v["outcome"] != "deferred"),
+        !relay_lines(&log).iter().any(|v| v["id"] == gone.as_str()
+            && v["outcome"] != "spooled"
+            && v["outcome"] != "deferred"),
         "{log}"
     );
 }
@@ -232,10 +261,7 @@ async fn a_dead_message_requeued_with_dead_is_delivered() {
     let (code, out, err) = queue(&env.config_path, &["retry", "--dead", &id]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, format!("{id}: moved back into the spool, due now\n"));
-    let got = env
-        .upstream
-        .wait_received(1, Duration::from_secs(15))
-        .await;
+    let got = env.upstream.wait_received(1, Duration::from_secs(15)).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].rcpts, ["a@fabrikam.com"]);
     assert_eq!(got[0].data, message("lazarus"));
@@ -249,7 +275,9 @@ async fn a_dead_message_requeued_with_dead_is_delivered() {
         Some(Reply::new(550, "5.1.10 RESOLVER.ADR.RecipientNotFound")),
     );
     let id2 = send(bridge.addr, MAILBOX, &["b@fabrikam.com"], "buried").await;
-    list_until(&env.config_path, true, "another dead letter", |l| l.len() == 1);
+    list_until(&env.config_path, true, "another dead letter", |l| {
+        l.len() == 1
+    });
     let (code, out, err) = queue(&env.config_path, &["delete", "--all", "--dead"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, format!("{id2}: deleted\n"));
@@ -270,22 +298,31 @@ async fn with_bounce_a_refused_message_gets_one_report_to_its_sender_and_null_se
     );
     let bridge = BridgeProcess::start(&env.config_path, "info");
     let id = send(bridge.addr, MAILBOX, &["gone@fabrikam.com"], "refused").await;
-    let got = env
-        .upstream
-        .wait_received(1, Duration::from_secs(15))
-        .await;
+    let got = env.upstream.wait_received(1, Duration::from_secs(15)).await;
     assert_eq!(got.len(), 1);
     let dsn = &got[0];
     assert_eq!(dsn.mail_from, "", "from the null sender");
     assert_eq!(dsn.rcpts, [MAILBOX]);
     assert_eq!(dsn.auth_user, MAILBOX, "through the same account");
     let text = String::from_utf8_lossy(&dsn.data);
-    assert!(text.contains("Content-Type: multipart/report; report-type=delivery-status"), "{text}");
+    assert!(
+        text.contains("Content-Type: multipart/report; report-type=delivery-status"),
+        "{text}"
+    );
     assert!(text.contains("\r\nFinal-Recipient: rfc822; gone@fabrikam.com\r\nAction: failed\r\nStatus: 5.1.10\r\n"), "{text}");
-    assert!(text.contains("Diagnostic-Code: smtp; 550 5.1.10 RESOLVER.ADR.RecipientNotFound"), "{text}");
-    assert!(text.contains("\r\nMessage-ID: <refused@test>\r\n"), "the original headers: {text}");
+    assert!(
+        text.contains("Diagnostic-Code: smtp; 550 5.1.10 RESOLVER.ADR.RecipientNotFound"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\r\nMessage-ID: <refused@test>\r\n"),
+        "the original headers: {text}"
+    );
     assert!(!text.contains("body of refused"), "{text}");
-    assert!(text.contains(&format!("X-Smtp-Oauth-Bridge-Id: {id}")), "{text}");
+    assert!(
+        text.contains(&format!("X-Smtp-Oauth-Bridge-Id: {id}")),
+        "{text}"
+    );
 
     // A message from <> that goes dead gets no report.
     let null = send(bridge.addr, "", &["gone@fabrikam.com"], "null").await;
@@ -309,7 +346,10 @@ async fn with_bounce_a_refused_message_gets_one_report_to_its_sender_and_null_se
         .iter()
         .filter(|v| v["from"] == "" && v["rcpts"] == MAILBOX)
         .collect();
-    let outcomes: Vec<&str> = report.iter().map(|v| v["outcome"].as_str().unwrap()).collect();
+    let outcomes: Vec<&str> = report
+        .iter()
+        .map(|v| v["outcome"].as_str().unwrap())
+        .collect();
     assert_eq!(outcomes, ["spooled", "delivered"], "{log}");
     assert_ne!(report[0]["id"], id.as_str());
     assert_eq!(report[0]["id"], report[1]["id"]);
