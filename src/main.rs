@@ -57,6 +57,11 @@ enum Command {
     },
     /// Read a password and print an argon2id hash for `password_hash`
     HashPassword,
+    /// Inspect and steer the spool (spool mode), also while `serve` runs
+    Queue {
+        #[command(subcommand)]
+        command: cli::queue::QueueCommand,
+    },
     /// Run the whole pipeline on loopback with an embedded upstream and token endpoint
     #[cfg(feature = "demo")]
     Demo {
@@ -85,6 +90,10 @@ fn main() {
     };
     let result = match cli.command {
         Command::HashPassword => cli::hash_password::run(),
+        Command::Queue { command } => {
+            cli::queue::init_log(format);
+            cli::queue::run(&config, command)
+        }
         command => {
             // `check` and `login` print their own report; their log shows only problems
             // unless RUST_LOG says otherwise.
@@ -119,6 +128,7 @@ async fn run(command: Command, config: &cli::ConfigArg, format: LogFormat) -> Re
         #[cfg(feature = "demo")]
         Command::Demo { serve } => cli::demo::run(format, serve).await,
         Command::HashPassword => cli::hash_password::run(),
+        Command::Queue { command } => cli::queue::run(config, command),
     }
 }
 

@@ -43,7 +43,7 @@ const RUSTLS_SNI: &str = "rustls::msgs::handshake";
 
 /// The filter every subscriber of ours uses: RUST_LOG (else `default`), with [`NOISY`] capped
 /// at INFO and [`RUSTLS_SNI`] at ERROR.
-pub(crate) fn filters(default: &str) -> (EnvFilter, Targets) {
+pub fn filters(default: &str) -> (EnvFilter, Targets) {
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let mut cap = Targets::new().with_default(tracing::Level::TRACE);
     for t in NOISY {
@@ -84,7 +84,7 @@ pub fn init(format: LogFormat, default: &str) -> tracing_appender::non_blocking:
 
 /// What happened to a message: the relay log's `outcome` field (SPEC "Relay log").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Outcome {
+pub enum Outcome {
     /// The upstream accepted it.
     Delivered,
     /// Refused for good (an upstream 5xx, or too big): the client got a 5xx.
@@ -97,7 +97,6 @@ pub(crate) enum Outcome {
     /// The spool gave up on it (5xx for every recipient, or too old): moved to `dead`.
     Dead,
     /// Removed from the spool by an operator (`queue delete`).
-    #[allow(dead_code)] // constructed by `queue delete`, which lands with queue control
     Deleted,
 }
 
@@ -153,7 +152,7 @@ impl Via {
 
 /// The fields of one relay log line.
 #[derive(Debug)]
-pub(crate) struct RelayEvent<'a> {
+pub struct RelayEvent<'a> {
     pub id: &'a str,
     pub account: &'a str,
     pub from: &'a str,
@@ -169,7 +168,7 @@ pub(crate) struct RelayEvent<'a> {
     pub via: Option<Via>,
 }
 
-pub(crate) fn relay_event(e: &RelayEvent<'_>) {
+pub fn relay_event(e: &RelayEvent<'_>) {
     let rcpts = e.rcpts.join(",");
     tracing::info!(
         target: "relay",

@@ -6,6 +6,7 @@ pub mod check;
 pub mod demo;
 pub mod hash_password;
 pub mod login;
+pub mod queue;
 pub mod serve;
 
 use smtp_oauth_bridge::config::Config;

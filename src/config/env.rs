@@ -24,7 +24,7 @@ const LIST_KEYS: &[&str] = &[
 /// Lists of tables, addressed by index: `ACCOUNT__<N>__<KEY>`, `RELAY_NETWORK__<N>__<KEY>`.
 const INDEXED_SECTIONS: &[&str] = &["account", "relay_network"];
 /// Keys whose environment value is a boolean.
-const BOOL_KEYS: &[&str] = &["require_tls_for_auth"];
+const BOOL_KEYS: &[&str] = &["require_tls_for_auth", "bounce"];
 /// Keys whose environment value is an integer (besides every `*_secs`).
 const INT_KEYS: &[&str] = &[
     "port",

@@ -267,6 +267,9 @@ pub struct Queue {
     pub max_bytes: u64,
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// `queue.bounce`: a delivery status notification to the sender when a message goes
+    /// dead (never for a `<>` sender).
+    pub bounce: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -136,6 +136,7 @@ impl From<&Queue> for RawQueue {
             max_bytes: Some(q.max_bytes),
             retry_min_secs: secs(q.retry_min),
             retry_max_secs: secs(q.retry_max),
+            bounce: Some(q.bounce),
         }
     }
 }

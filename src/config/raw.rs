@@ -72,6 +72,7 @@ pub(super) struct RawQueue {
     pub max_bytes: Option<u64>,
     pub retry_min_secs: Option<u64>,
     pub retry_max_secs: Option<u64>,
+    pub bounce: Option<bool>,
 }
 
 /// `[[relay_network]]`: clients from `cidr` may send without AUTH, as `account`.

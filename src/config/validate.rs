@@ -144,6 +144,7 @@ impl Validator<'_> {
             max_bytes,
             retry_min,
             retry_max,
+            bounce: q.bounce.unwrap_or(false),
         }))
     }
 

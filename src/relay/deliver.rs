@@ -3,22 +3,31 @@
 //! Each account has up to `max_sessions_per_mailbox` workers taking the oldest due message,
 //! held to `messages_per_minute`. Every attempt forwards only the recipients not yet
 //! delivered or refused; 4xx, timeouts and connection failures retry with exponential
-//! backoff and jitter; permanent refusals and `max_age` move the message to `dead/`. Every
+//! backoff and jitter; permanent refusals and `max_age` move the message to `dead/` (and,
+//! with `queue.bounce`, spool a delivery status notification to the sender). Every
 //! outcome is a relay log line. A message goes from its spool file to the upstream in
 //! pieces, never read whole. Storage is `spool`'s job; upstream sessions are the pool's.
+//!
+//! Queue control (`queue` commands while `serve` runs): an attempt holds the message's file
+//! lock from start to end and skips a message whose lock is taken; a control scan every
+//! [`CONTROL_SCAN`] takes up retry markers, adopts message files requeued from `dead/` and
+//! forgets those deleted.
 
 use crate::clock::unix_now;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::relay::dsn;
 use crate::relay::envelope::{Address, MailParams, ReversePath};
 use crate::relay::outcome;
 use crate::relay::pool::BeginError;
-use crate::relay::spool::{Envelope, Progress, Spool, SpoolError, SpoolWriter};
+use crate::relay::spool::{
+    Envelope, Locked, Progress, Spool, SpoolError, SpoolWriter, SPOOL_VERSION,
+};
 use crate::relay::transport::{Transaction, Transport};
 use crate::relay::upstream::{UpReply, UpstreamError};
 use crate::sync::lock;
 use crate::telemetry::{Outcome, RelayEvent};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,8 +39,22 @@ use tokio_util::task::TaskTracker;
 
 /// How much of a spooled message is read and sent at once.
 const BODY_CHUNK: usize = 64 * 1024;
+/// Each account's mailbox (a delivery status notification's `From:`).
+fn mailboxes_of(config: &Config) -> HashMap<String, String> {
+    config
+        .accounts
+        .iter()
+        .map(|a| (a.username.clone(), a.mailbox.clone()))
+        .collect()
+}
+
 /// The window over which `messages_per_minute` is counted.
 const PACING_WINDOW: Duration = Duration::from_secs(60);
+/// How often the spool directory is read for `queue` commands' requests (retry markers,
+/// requeued and deleted messages): the delay an operator waits, for one directory listing.
+const CONTROL_SCAN: Duration = Duration::from_secs(1);
+/// When a `queue` command holds a message's lock, the attempt is tried again this much later.
+const LOCK_BUSY_RETRY: Duration = Duration::from_secs(1);
 
 /// Sends per mailbox in the last minute (sliding window).
 #[derive(Debug, Default)]
@@ -81,6 +104,8 @@ struct Item {
     progress: Progress,
     next_attempt: Instant,
     in_flight: bool,
+    /// The message file's size, counted against `queue.max_bytes`.
+    file_len: u64,
 }
 
 struct AccountQueue {
@@ -99,6 +124,11 @@ pub struct Queue {
     metrics: Arc<Metrics>,
     workers: TaskTracker,
     reload: Mutex<Reload>,
+    /// Each account's mailbox (a delivery status notification's `From:`).
+    /// Follows reloads.
+    mailboxes: Mutex<HashMap<String, String>>,
+    /// Our host name (a delivery status notification's `Reporting-MTA`).
+    hostname: String,
 }
 
 impl std::fmt::Debug for Queue {
@@ -139,6 +169,7 @@ impl Queue {
         for (env, progress) in resumed {
             match accounts.get(&env.account) {
                 Some(aq) => {
+                    let file_len = spool.file_len(&env.id);
                     lock(&aq.items).insert(
                         (env.received_at, env.id.clone()),
                         Item {
@@ -146,6 +177,7 @@ impl Queue {
                             progress,
                             next_attempt: now,
                             in_flight: false,
+                            file_len,
                         },
                     );
                 }
@@ -171,6 +203,8 @@ impl Queue {
             metrics,
             workers: TaskTracker::new(),
             reload: Mutex::new(Reload::new(&shutdown)),
+            mailboxes: Mutex::new(mailboxes_of(config)),
+            hostname: crate::relay::upstream::local_hostname(),
         });
         for a in &config.accounts {
             for _ in 0..config.upstream.max_sessions_per_mailbox {
@@ -181,6 +215,12 @@ impl Queue {
                     .workers
                     .spawn(async move { q.work(&name, shutdown).await });
             }
+        }
+        {
+            let q = queue.clone();
+            queue
+                .workers
+                .spawn(async move { q.control(shutdown).await });
         }
         queue.workers.close();
         Ok(queue)
@@ -233,7 +273,7 @@ impl Queue {
         let aq = &*aq;
         env.bytes = usize::try_from(w.commit()?).unwrap_or(usize::MAX);
         let bytes = env.bytes;
-        self.enqueue(aq, env);
+        self.enqueue(aq, env, Progress::default(), false);
         Ok(bytes)
     }
 
@@ -246,16 +286,35 @@ impl Queue {
         Ok(())
     }
 
-    fn enqueue(&self, aq: &AccountQueue, env: Envelope) {
-        lock(&aq.items).insert(
-            (env.received_at, env.id.clone()),
-            Item {
-                env,
-                progress: Progress::default(),
-                next_attempt: Instant::now(),
-                in_flight: false,
-            },
-        );
+    /// Queues a message whose file is in the spool, due now. `adopted`: its bytes were not
+    /// counted yet (found by the control scan); otherwise the writer counted them. A message
+    /// already queued stays as it is (the control scan may have found a new file before
+    /// its writer queued it): never two entries, never an entry replaced mid-attempt.
+    fn enqueue(&self, aq: &AccountQueue, env: Envelope, progress: Progress, adopted: bool) {
+        let file_len = self.spool.file_len(&env.id);
+        let mut items = lock(&aq.items);
+        match items.entry((env.received_at, env.id.clone())) {
+            std::collections::btree_map::Entry::Occupied(_) => {
+                if !adopted {
+                    // The control scan adopted it first and counted it: once is enough.
+                    self.spool.disown(file_len);
+                }
+                return;
+            }
+            std::collections::btree_map::Entry::Vacant(v) => {
+                if adopted {
+                    self.spool.adopt(file_len);
+                }
+                v.insert(Item {
+                    env,
+                    progress,
+                    next_attempt: Instant::now(),
+                    in_flight: false,
+                    file_len,
+                });
+            }
+        }
+        drop(items);
         aq.wake.notify_one();
     }
 
@@ -338,6 +397,14 @@ impl Queue {
         lock(&aq.items).remove(&(env.received_at, env.id.clone()));
     }
 
+    /// The message file left the spool without us (`queue delete`).
+    fn vanished(&self, aq: &AccountQueue, env: &Envelope) {
+        if let Some(item) = lock(&aq.items).remove(&(env.received_at, env.id.clone())) {
+            self.spool.disown(item.file_len);
+            tracing::info!(id = %env.id, "message removed from the spool by a queue command");
+        }
+    }
+
     fn log(&self, env: &Envelope, started: Instant, outcome: Outcome, code: u16, reply: &str) {
         self.metrics.record(&RelayEvent {
             id: &env.id,
@@ -356,14 +423,29 @@ impl Queue {
     /// One delivery attempt of one message.
     async fn attempt(&self, aq: &AccountQueue, env: Envelope, mut progress: Progress) {
         let started = Instant::now();
-        let age = Duration::from_secs(unix_now().saturating_sub(env.received_at));
+        // Held until the attempt is over: a `queue` command waits for it, and this attempt
+        // does not start while a command holds it.
+        let _lock = match self.spool.try_lock(&env.id) {
+            Ok(Locked::Held(l)) => l,
+            Ok(Locked::Busy) => {
+                tracing::debug!(id = %env.id, "message locked by a queue command; trying again shortly");
+                return self.release(aq, &env, progress, Instant::now() + LOCK_BUSY_RETRY);
+            }
+            Ok(Locked::Gone) => return self.vanished(aq, &env),
+            Err(e) => {
+                tracing::error!(id = %env.id, error = %e, "cannot lock the spooled message; trying again later");
+                let next = Instant::now() + self.cfg.retry_min;
+                return self.release(aq, &env, progress, next);
+            }
+        };
+        let age = Duration::from_secs(unix_now().saturating_sub(progress.age_from(&env)));
         if age >= self.cfg.max_age {
             let reason = format!(
                 "not delivered within queue.max_age_secs ({} s); last error: {}",
                 self.cfg.max_age.as_secs(),
                 progress.last_error.as_deref().unwrap_or("none")
             );
-            return self.finish_dead(aq, &env, started, 0, &reason);
+            return self.finish_dead(aq, &env, &progress, started, 0, &reason);
         }
         let body = match self.spool.open_body(&env.id) {
             Ok(b) => b,
@@ -372,6 +454,7 @@ impl Queue {
                 return self.finish_dead(
                     aq,
                     &env,
+                    &progress,
                     started,
                     0,
                     &format!("spool file unreadable: {e}"),
@@ -385,13 +468,14 @@ impl Queue {
             (Ok(f), Ok(p)) => (f, p),
             (Err(e), _) | (_, Err(e)) => {
                 let reason = format!("invalid envelope in the spool: {e}");
-                return self.finish_dead(aq, &env, started, 0, &reason);
+                return self.finish_dead(aq, &env, &progress, started, 0, &reason);
             }
         };
         progress.attempts += 1;
         let (code, text, transient) = self
             .try_send(&env, &mut progress, (&from, &params), body)
             .await;
+        progress.record(unix_now(), code, &text);
         if progress.pending(&env).next().is_none() {
             if progress.failed.is_empty() {
                 if let Err(e) = self.spool.remove(&env.id) {
@@ -406,38 +490,233 @@ impl Queue {
                     .map(|(r, why)| format!("{r}: {why}"))
                     .collect::<Vec<_>>()
                     .join("\n");
-                self.finish_dead(aq, &env, started, code, &reason);
+                self.finish_dead(aq, &env, &progress, started, code, &reason);
             }
             return;
         }
         // Something is left to try later.
         progress.last_error = Some(format!("{code} {text}"));
-        if let Err(e) = self.spool.save_progress(&env.id, &progress) {
-            tracing::error!(id = %env.id, error = %e, "cannot record delivery progress");
-        }
         let delay = if transient {
             self.backoff(progress.attempts)
         } else {
             self.cfg.retry_min
         };
+        progress.next_attempt = Some(unix_now().saturating_add(delay.as_secs()));
+        if let Err(e) = self.spool.save_progress(&env.id, &progress) {
+            tracing::error!(id = %env.id, error = %e, "cannot record delivery progress");
+        }
         tracing::info!(id = %env.id, attempts = progress.attempts, retry_in_secs = delay.as_secs_f32(), "delivery deferred");
         self.log(&env, started, Outcome::Deferred, code, &text);
         self.release(aq, &env, progress, Instant::now() + delay);
     }
 
+    /// The message will not be delivered: to `dead/` with its progress (a delivery status
+    /// notification of ours is dropped instead), and with `queue.bounce` a report to its
+    /// sender.
     fn finish_dead(
         &self,
         aq: &AccountQueue,
         env: &Envelope,
+        progress: &Progress,
         started: Instant,
         code: u16,
         reason: &str,
     ) {
-        if let Err(e) = self.spool.bury(&env.id, reason) {
-            tracing::error!(id = %env.id, error = %e, "cannot move the message to dead");
+        let mut progress = progress.clone();
+        progress.next_attempt = None;
+        let report = self.cfg.bounce && !env.from.is_empty() && !progress.dsn;
+        let headers = if report {
+            self.spool.headers(&env.id, false).ok()
+        } else {
+            None
+        };
+        if progress.dsn {
+            tracing::warn!(id = %env.id, %reason, "delivery status notification not delivered; dropped");
+            if let Err(e) = self.spool.remove(&env.id) {
+                tracing::error!(id = %env.id, error = %e, "cannot remove the spool file");
+            }
+        } else {
+            if let Err(e) = self.spool.save_progress(&env.id, &progress) {
+                tracing::error!(id = %env.id, error = %e, "cannot record delivery progress");
+            }
+            if let Err(e) = self.spool.bury(&env.id, reason) {
+                tracing::error!(id = %env.id, error = %e, "cannot move the message to dead");
+            }
         }
         self.forget(aq, env);
         self.log(env, started, Outcome::Dead, code, reason);
+        if let Some(headers) = headers {
+            let mut failures: Vec<dsn::Failure> = progress
+                .failed
+                .iter()
+                .map(|(r, why)| dsn::Failure {
+                    recipient: r.clone(),
+                    reason: why.clone(),
+                })
+                .collect();
+            failures.extend(progress.pending(env).map(|r| dsn::Failure {
+                recipient: r.clone(),
+                reason: reason.to_string(),
+            }));
+            self.bounce(aq, env, &failures, &headers);
+        }
+    }
+
+    /// Spools a delivery status notification (RFC 3464) about `env` to its sender, from
+    /// `<>`, through the same account; delivered like any spooled message (a relay log line
+    /// of its own, under a new id). Its progress is written before its message file, so the
+    /// control scan never takes it for an ordinary message.
+    fn bounce(&self, aq: &AccountQueue, env: &Envelope, failures: &[dsn::Failure], headers: &[u8]) {
+        let started = Instant::now();
+        let Ok(to) = Address::parse(&env.from, true) else {
+            tracing::warn!(id = %env.id, "no delivery status notification: the sender is not an address");
+            return;
+        };
+        let mailboxes = lock(&self.mailboxes);
+        let mailbox = mailboxes.get(&env.account).map_or("", String::as_str);
+        let mut original = headers.to_vec();
+        original.extend_from_slice(b"\r\n");
+        let now = unix_now();
+        let content = dsn::build(&dsn::Report {
+            reporting_mta: &self.hostname,
+            from_mailbox: mailbox,
+            to: &to,
+            id: &env.id,
+            arrival: env.received_at,
+            now,
+            failures,
+            original: &original,
+        });
+        let mut params = Vec::new();
+        if !content.is_ascii() {
+            params.push("BODY=8BITMIME");
+        }
+        if !env.from.is_ascii() {
+            params.push("SMTPUTF8");
+        }
+        let report = Envelope {
+            version: SPOOL_VERSION,
+            id: crate::telemetry::new_message_id(),
+            account: env.account.clone(),
+            from: String::new(),
+            params: params.join(" "),
+            rcpts: vec![env.from.clone()],
+            received_at: now,
+            bytes: content.len(),
+        };
+        let progress = Progress {
+            dsn: true,
+            ..Progress::default()
+        };
+        let stored = self
+            .spool
+            .save_progress(&report.id, &progress)
+            .map_err(SpoolError::from)
+            .and_then(|()| self.spool.store(&report, &content));
+        if let Err(e) = stored {
+            tracing::error!(id = %env.id, report = %report.id, error = %e, "cannot spool the delivery status notification; not sent");
+            let _ = self.spool.remove_progress(&report.id);
+            return;
+        }
+        tracing::info!(id = %env.id, report = %report.id, to = %env.from, "delivery status notification spooled");
+        self.log(&report, started, Outcome::Spooled, 0, "");
+        self.enqueue(aq, report, progress, false);
+    }
+
+    /// Every [`CONTROL_SCAN`], until shutdown: takes up what `queue` commands left.
+    async fn control(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(CONTROL_SCAN);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            if let Err(e) = self.control_scan() {
+                tracing::warn!(error = %e, "cannot read the spool directory for queue commands");
+            }
+        }
+    }
+
+    /// One look at the spool directory: retry markers make their message due now; message
+    /// files we do not know (requeued from `dead/`) are queued; messages whose file is gone
+    /// (`queue delete`) are forgotten. Messages in flight are left to their attempt.
+    fn control_scan(&self) -> std::io::Result<()> {
+        let (msgs, retries) = self.spool.ids()?;
+        let on_disk: HashSet<&str> = msgs.iter().map(String::as_str).collect();
+        let retry: HashSet<&str> = retries.iter().map(String::as_str).collect();
+        let now = Instant::now();
+        let mut known: HashSet<String> = HashSet::new();
+        // A removed account's messages wait in its dormant queue: known, not orphans.
+        for aq in lock(&self.reload).dormant.values() {
+            known.extend(lock(&aq.items).values().map(|i| i.env.id.clone()));
+        }
+        for aq in self.accounts.values() {
+            let mut due = false;
+            let mut items = lock(&aq.items);
+            let mut gone = Vec::new();
+            for (key, item) in items.iter_mut() {
+                known.insert(item.env.id.clone());
+                if item.in_flight {
+                    continue;
+                }
+                // Queued after the listing was read: still there.
+                if !on_disk.contains(item.env.id.as_str())
+                    && !self.spool.msg_path(&item.env.id).exists()
+                {
+                    gone.push(key.clone());
+                } else if retry.contains(item.env.id.as_str()) {
+                    item.next_attempt = now;
+                    due = true;
+                }
+            }
+            for key in gone {
+                if let Some(item) = items.remove(&key) {
+                    self.spool.disown(item.file_len);
+                    tracing::info!(id = %item.env.id, "message removed from the spool by a queue command");
+                }
+            }
+            drop(items);
+            if due {
+                aq.wake.notify_one();
+            }
+        }
+        for id in &msgs {
+            // A file a session (or a report) has just written is queued by its writer;
+            // requeued ones keep the time they were written at.
+            if known.contains(id) || self.spool.is_fresh(id, 2 * CONTROL_SCAN) {
+                continue;
+            }
+            let Some((env, progress)) = self.spool.load(&self.spool.msg_path(id)) else {
+                continue;
+            };
+            match self.accounts.get(&env.account) {
+                Some(aq) => {
+                    tracing::info!(id = %env.id, "message queued by a queue command");
+                    self.enqueue(&aq, env, progress, true);
+                }
+                None => {
+                    // SPEC: a removed account's spooled messages stay, and are delivered if
+                    // it comes back (a reload moves its dormant queue back into service).
+                    tracing::warn!(id = %env.id, account = %env.account, "spooled message of an account that is not configured; kept until it is");
+                    let aq = lock(&self.reload)
+                        .dormant
+                        .entry(env.account.clone())
+                        .or_insert_with(|| {
+                            Arc::new(AccountQueue {
+                                items: Mutex::new(BTreeMap::new()),
+                                wake: Notify::new(),
+                            })
+                        })
+                        .clone();
+                    self.enqueue(&aq, env, progress, true);
+                }
+            }
+        }
+        for id in &retries {
+            self.spool.clear_retry(id);
+        }
+        Ok(())
     }
 
     /// Exponential backoff from retry_min to retry_max, with up to 25 % jitter.
@@ -543,6 +822,7 @@ impl Queue {
             config.upstream.messages_per_minute,
             std::sync::atomic::Ordering::Relaxed,
         );
+        *lock(&self.mailboxes) = mailboxes_of(config);
         let mut reload = lock(&self.reload);
         for name in self.accounts.names() {
             if config.accounts.iter().any(|a| a.username == name) {
@@ -897,6 +1177,47 @@ mod tests {
         skip_by(RETRY_MAX * 2, Duration::from_secs(1)).await;
         tokio::time::resume();
         assert_eq!(mails(&r), 3);
+        assert_eq!(r.upstream.received().len(), 1);
+        shutdown.cancel();
+        q.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn a_worker_skips_a_message_whose_lock_is_held_and_delivers_it_once_after() {
+        let r = remote(
+            Duration::from_secs(3600),
+            "messages_per_minute = 0",
+            &spool_config(),
+        )
+        .await;
+        let env = Envelope {
+            version: SPOOL_VERSION,
+            id: "L1".into(),
+            account: ACCOUNT.into(),
+            from: MAILBOX.into(),
+            params: String::new(),
+            rcpts: vec!["x@example.org".into()],
+            received_at: unix_now(),
+            bytes: 18,
+        };
+        // In the spool before the queue starts, its lock held (as a `queue` command would).
+        let spool = Spool::open(&r.config.state.dir, u64::MAX).unwrap();
+        spool.store(&env, b"Subject: t\r\n\r\nhi\r\n").unwrap();
+        let Locked::Held(held) = Spool::at(&r.config.state.dir).try_lock("L1").unwrap() else {
+            panic!("lock not taken")
+        };
+        let shutdown = CancellationToken::new();
+        let q = queue(&r, &shutdown);
+        // Attempted at once and skipped, again and again, while the lock is held.
+        tokio::time::sleep(LOCK_BUSY_RETRY * 3).await;
+        assert_eq!(mails(&r), 0, "nothing sent while the lock is held");
+        assert!(matches!(entry(&q), Some((0, _, _))), "no attempt counted");
+        drop(held);
+        let got = r.upstream.wait_received(1, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 1);
+        until("the message to leave the queue", || entry(&q).is_none()).await;
+        tokio::time::sleep(LOCK_BUSY_RETRY * 2).await;
+        assert_eq!(mails(&r), 1, "delivered exactly once");
         assert_eq!(r.upstream.received().len(), 1);
         shutdown.cancel();
         q.stopped().await;

@@ -8,9 +8,6 @@
 //! `<>` (RFC 3464 section 2 / RFC 5321 4.5.5), never for a message whose sender was `<>`,
 //! and is marked `Auto-Submitted: auto-replied` (RFC 3834) so it does not loop.
 
-// Used by `[queue] bounce` (relay::deliver), which lands with queue control.
-#![allow(dead_code)]
-
 use crate::relay::envelope::Address;
 
 /// Longest original header block copied into a report.
@@ -157,7 +154,7 @@ fn clean(s: &str) -> String {
 }
 
 /// `Sat, 28 Nov 2026 18:54:16 +0000` for seconds since the epoch (UTC).
-pub(crate) fn rfc5322_date(secs: u64) -> String {
+pub fn rfc5322_date(secs: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",

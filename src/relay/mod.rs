@@ -2,11 +2,11 @@
 //! from upstream results to local replies.
 
 pub(crate) mod deliver;
-pub(crate) mod dsn;
+pub mod dsn;
 pub mod envelope;
 pub(crate) mod outcome;
 pub mod pool;
 mod smtp;
-pub(crate) mod spool;
+pub mod spool;
 pub(crate) mod transport;
 pub mod upstream;

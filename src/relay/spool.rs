@@ -20,15 +20,20 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The spool file format version this build writes and reads.
 pub(crate) const SPOOL_VERSION: u32 = 1;
 /// Longest envelope line accepted when reading a spool file back.
 const MAX_ENVELOPE_LINE: u64 = 1024 * 1024;
+/// Longest header line `queue show` reads (longer ones are cut).
+const MAX_HEADER_LINE: u64 = 64 * 1024;
+/// Most header bytes `queue show` prints.
+const MAX_HEADERS: usize = 64 * 1024;
 
 /// Who the message is from and for, as the client gave it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub(crate) struct Envelope {
+pub struct Envelope {
     pub version: u32,
     pub id: String,
     pub account: String,
@@ -41,25 +46,68 @@ pub(crate) struct Envelope {
     pub bytes: usize,
 }
 
-/// Delivery progress, so a restart never sends to a recipient twice.
+/// Delivery progress, so a restart never sends to a recipient twice. Fields added after
+/// the first edition have serde defaults, so older `.state` files still load.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub(crate) struct Progress {
+pub struct Progress {
     pub attempts: u32,
     pub delivered: Vec<String>,
     /// Recipients refused permanently, with the upstream's reply.
     pub failed: Vec<(String, String)>,
     pub last_error: Option<String>,
+    /// The last [`MAX_HISTORY`] attempts, oldest first (for `queue show`).
+    #[serde(default)]
+    pub history: Vec<Attempt>,
+    /// Unix seconds of the next attempt, when one is scheduled (for `queue list`).
+    #[serde(default)]
+    pub next_attempt: Option<u64>,
+    /// Unix seconds when an operator moved the message back from `dead/`: `max_age` counts
+    /// from then, not from its arrival.
+    #[serde(default)]
+    pub requeued_at: Option<u64>,
+    /// A delivery status notification this bridge wrote: if it cannot be delivered either,
+    /// it is logged and dropped (never a report about a report).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dsn: bool,
+}
+
+/// How many attempts a message's progress remembers (the oldest are dropped).
+pub const MAX_HISTORY: usize = 20;
+
+/// One delivery attempt: when, and the upstream's reply (code 0: no reply, e.g. no
+/// connection; the text says why).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attempt {
+    pub at: u64,
+    pub code: u16,
+    pub reply: String,
 }
 
 impl Progress {
     /// Recipients still to be tried.
-    pub(crate) fn pending<'a>(
-        &'a self,
-        env: &'a Envelope,
-    ) -> impl Iterator<Item = &'a String> + 'a {
+    pub fn pending<'a>(&'a self, env: &'a Envelope) -> impl Iterator<Item = &'a String> + 'a {
         env.rcpts
             .iter()
             .filter(|r| !self.delivered.contains(r) && !self.failed.iter().any(|(f, _)| f == *r))
+    }
+
+    /// Records an attempt's reply, keeping the last [`MAX_HISTORY`].
+    pub fn record(&mut self, at: u64, code: u16, reply: &str) {
+        if self.history.len() >= MAX_HISTORY {
+            let excess = self.history.len() + 1 - MAX_HISTORY;
+            self.history.drain(..excess);
+        }
+        self.history.push(Attempt {
+            at,
+            code,
+            reply: reply.to_string(),
+        });
+    }
+
+    /// Unix seconds from which `queue.max_age` counts: arrival, or the last requeue.
+    pub fn age_from(&self, env: &Envelope) -> u64 {
+        self.requeued_at
+            .map_or(env.received_at, |r| r.max(env.received_at))
     }
 }
 
@@ -83,7 +131,7 @@ pub(crate) enum SpoolError {
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct Spool {
+pub struct Spool {
     dir: PathBuf,
     tmp: PathBuf,
     dead: PathBuf,
@@ -198,7 +246,6 @@ impl Spool {
 
     /// Stores a whole message durably (as [`Spool::create`], one write, commit); the
     /// envelope's `bytes` is the body's length.
-    #[cfg(test)]
     pub(crate) fn store(&self, env: &Envelope, body: &[u8]) -> Result<(), SpoolError> {
         let mut w = self.create(env)?;
         w.write(body)?;
@@ -214,9 +261,19 @@ impl Spool {
             if p.extension().and_then(|x| x.to_str()) != Some("msg") {
                 continue;
             }
-            match read_envelope(&p) {
+            out.extend(self.load(&p));
+        }
+        out.sort_by(|a, b| (a.0.received_at, &a.0.id).cmp(&(b.0.received_at, &b.0.id)));
+        Ok(out)
+    }
+
+    /// One message file of the spool with its progress; one that cannot be read, or whose
+    /// progress cannot, goes to `dead/` (and None).
+    pub(crate) fn load(&self, p: &Path) -> Option<(Envelope, Progress)> {
+        {
+            match read_envelope(p) {
                 Ok(env) => match self.read_progress(&env.id) {
-                    Ok(progress) => out.push((env, progress)),
+                    Ok(progress) => return Some((env, progress)),
                     // Without its progress we cannot tell who already has the message:
                     // sending again could deliver it twice, so it goes to dead/ instead.
                     Err(e) => {
@@ -226,7 +283,7 @@ impl Spool {
                             "delivery progress {} {e}; not retried, so that recipients who already have the message do not get it twice (the file is kept beside it in dead/)",
                             state.display()
                         );
-                        if let Err(e) = self.entomb(&env.id, &reason, true) {
+                        if let Err(e) = self.entomb(&env.id, &reason) {
                             tracing::error!(id = %env.id, error = %e, "cannot move the message to dead; it stays in the spool and is not delivered");
                         }
                     }
@@ -234,8 +291,8 @@ impl Spool {
                 Err(e) => {
                     tracing::error!(file = %p.display(), error = %e, "unreadable spool file; moving it to dead");
                     let name = p.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-                    let len = fs::metadata(&p).map_or(0, |m| m.len());
-                    if fs::rename(&p, self.dead.join(&name)).is_ok() {
+                    let len = fs::metadata(p).map_or(0, |m| m.len());
+                    if fs::rename(p, self.dead.join(&name)).is_ok() {
                         self.release(len);
                     }
                     let _ = fs::write(
@@ -245,8 +302,7 @@ impl Spool {
                 }
             }
         }
-        out.sort_by(|a, b| (a.0.received_at, &a.0.id).cmp(&(b.0.received_at, &b.0.id)));
-        Ok(out)
+        None
     }
 
     /// The message bytes (after the envelope line), whole.
@@ -276,24 +332,43 @@ impl Spool {
         Ok(write_atomic(&tmp, &self.state(id), &[&bytes])?)
     }
 
+    /// Removes a progress file written for a message that was then not stored.
+    pub(crate) fn remove_progress(&self, id: &str) -> io::Result<()> {
+        fs::remove_file(self.state(id))
+    }
+
+    /// Whether the message file was written (or renamed into place with a new time) within
+    /// `d`: a file that new may be a writer's that is about to queue it itself.
+    pub(crate) fn is_fresh(&self, id: &str, d: Duration) -> bool {
+        fs::metadata(self.msg(id))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < d)
+    }
+
     /// Delivered: the message leaves the spool.
     pub(crate) fn remove(&self, id: &str) -> io::Result<()> {
         let len = fs::metadata(self.msg(id))?.len();
         fs::remove_file(self.msg(id))?;
         self.release(len);
         let _ = fs::remove_file(self.state(id));
+        let _ = fs::remove_file(self.retry_marker(id));
         fsync_dir(&self.dir)
     }
 
     /// Will not be delivered: moved to `dead/` with the reason beside it.
-    pub(crate) fn bury(&self, id: &str, reason: &str) -> io::Result<()> {
-        self.entomb(id, reason, false)
+    /// Its progress goes beside it (attempts for `queue show`, and who already has it for
+    /// `queue retry --dead`).
+    pub fn bury(&self, id: &str, reason: &str) -> io::Result<()> {
+        self.entomb(id, reason)
     }
 
-    /// Moves a message to `dead/` with its reason; its progress file is removed, or moved
-    /// beside it when `keep_state` (for the operator to read). The message leaves the spool
-    /// before its progress does, so a crash in between never leaves a message without one.
-    fn entomb(&self, id: &str, reason: &str, keep_state: bool) -> io::Result<()> {
+    /// Moves a message to `dead/` with its reason, its progress file beside it (for the
+    /// operator to read, and for a requeue to know who already has it). The message leaves
+    /// the spool before its progress does, so a crash in between never leaves a message in
+    /// the spool without one.
+    fn entomb(&self, id: &str, reason: &str) -> io::Result<()> {
         write_private(
             &self.dead.join(format!("{id}.reason")),
             &[reason.as_bytes(), b"\n"],
@@ -301,26 +376,364 @@ impl Spool {
         let len = fs::metadata(self.msg(id))?.len();
         fs::rename(self.msg(id), self.dead.join(format!("{id}.msg")))?;
         self.release(len);
-        if keep_state {
-            let _ = fs::rename(self.state(id), self.dead.join(format!("{id}.state")));
-        } else {
-            let _ = fs::remove_file(self.state(id));
-        }
+        let _ = fs::rename(self.state(id), self.dead.join(format!("{id}.state")));
+        let _ = fs::remove_file(self.retry_marker(id));
         fsync_dir(&self.dead)?;
         fsync_dir(&self.dir)
     }
 
     /// A message's delivery progress: none yet if it has no `.state` file.
     fn read_progress(&self, id: &str) -> Result<Progress, StateError> {
-        let bytes = match fs::read(self.state(id)) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Progress::default()),
-            Err(e) => return Err(StateError::Unreadable(e)),
+        read_state(&self.state(id))
+    }
+}
+
+/// How long a `queue` command waits for a delivery in flight to finish before it gives up
+/// on a message (an attempt is bounded by the upstream timeouts, which are far shorter).
+pub const CONTROL_LOCK_WAIT: Duration = Duration::from_secs(120);
+/// How often a waiting `queue` command tries the lock again.
+const CONTROL_LOCK_POLL: Duration = Duration::from_millis(50);
+
+/// An exclusive lock (`flock`) on one message file. A delivery attempt holds it from start
+/// to end; `queue` commands take it before they move, remove or requeue the message, so the
+/// two never act on the same message at once. Dropped, the lock is released.
+#[derive(Debug)]
+pub struct MsgLock {
+    _file: File,
+}
+
+/// What trying a message's lock found.
+#[derive(Debug)]
+pub enum Locked {
+    Held(MsgLock),
+    /// Someone else holds it (a delivery in flight, or a `queue` command).
+    Busy,
+    /// The file is not there (any more): delivered, moved or removed.
+    Gone,
+}
+
+/// Why a `queue` command could not act on a message.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("unknown message id {0}")]
+    Unknown(String),
+    #[error("message {0} is in dead/; use --dead")]
+    IsDead(String),
+    #[error("message {0} is still being delivered; try again")]
+    Busy(String),
+    #[error("message {id}: delivery progress {reason}; requeueing it could deliver it twice (fix or remove {id}.state in dead/ first)")]
+    Progress { id: String, reason: String },
+    #[error("message {id}: {source}")]
+    Io {
+        id: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A message as `queue list` and `queue show` see it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub env: Envelope,
+    pub progress: Progress,
+    /// Its `.state` could not be read (why); `progress` is then empty.
+    pub progress_error: Option<String>,
+    /// In `dead/`: why it is there.
+    pub dead_reason: Option<String>,
+    /// `queue retry` asked for it and the running `serve` has not taken it up yet.
+    pub retry_requested: bool,
+}
+
+/// Whether `id` can be a message id of ours (letters and digits only: never a path).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// Tries the lock on the message file at `path`.
+fn try_lock_at(path: &Path) -> io::Result<Locked> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Locked::Gone),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(Locked::Busy),
+        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    }
+    // Whoever held it before may have moved or removed it: the lock counts only if the
+    // path still names the file we locked.
+    if !same_file(&file, path)? {
+        return Ok(Locked::Gone);
+    }
+    Ok(Locked::Held(MsgLock { _file: file }))
+}
+
+#[cfg(unix)]
+fn same_file(file: &File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let held = file.metadata()?;
+    match fs::metadata(path) {
+        Ok(now) => Ok(now.dev() == held.dev() && now.ino() == held.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_file: &File, path: &Path) -> io::Result<bool> {
+    Ok(path.exists())
+}
+
+/// Waits (up to [`CONTROL_LOCK_WAIT`]) for the lock on the message file at `path`.
+fn lock_at(path: &Path, id: &str) -> Result<Option<MsgLock>, ControlError> {
+    let deadline = std::time::Instant::now() + CONTROL_LOCK_WAIT;
+    loop {
+        match try_lock_at(path).map_err(|source| ControlError::Io {
+            id: id.to_string(),
+            source,
+        })? {
+            Locked::Held(l) => return Ok(Some(l)),
+            Locked::Gone => return Ok(None),
+            Locked::Busy if std::time::Instant::now() >= deadline => {
+                return Err(ControlError::Busy(id.to_string()))
+            }
+            Locked::Busy => std::thread::sleep(CONTROL_LOCK_POLL),
+        }
+    }
+}
+
+/// Queue control: what `queue list|show|retry|delete` do, safe while `serve` runs.
+///
+/// The hand-off with a running `serve`: every change to a message file happens under its
+/// [`MsgLock`], which a delivery attempt holds throughout, so a command waits for an attempt
+/// in flight and an attempt never starts on a message a command is changing. `retry` does
+/// not touch the message: it leaves a `<id>.retry` marker that `serve` picks up (within a
+/// second) and makes the message due at once. `serve` also notices message files that
+/// appear (requeued from `dead/`) and vanish (deleted).
+impl Spool {
+    /// The spool of `state_dir` for queue control: nothing is created, discarded or counted
+    /// (a running `serve` owns those).
+    pub fn at(state_dir: &Path) -> Spool {
+        let dir = state_dir.join("spool");
+        Spool {
+            tmp: dir.join("tmp"),
+            dead: state_dir.join("dead"),
+            dir,
+            used: Arc::new(AtomicU64::new(0)),
+            max_bytes: u64::MAX,
+        }
+    }
+
+    fn retry_marker(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.retry"))
+    }
+
+    /// Tries the lock on a spooled message (a delivery attempt does, and skips the message
+    /// when it is busy).
+    pub fn try_lock(&self, id: &str) -> io::Result<Locked> {
+        try_lock_at(&self.msg(id))
+    }
+
+    /// The message file's size in bytes (what it counts against `max_bytes`).
+    pub(crate) fn file_len(&self, id: &str) -> u64 {
+        fs::metadata(self.msg(id)).map_or(0, |m| m.len())
+    }
+
+    /// Counts bytes that appeared in the spool without [`Spool::create`] (a requeue).
+    pub(crate) fn adopt(&self, n: u64) {
+        self.used.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// Bytes that left the spool without this process (a `queue delete`).
+    pub(crate) fn disown(&self, n: u64) {
+        self.release(n);
+    }
+
+    /// The ids of the message files in the spool, and of the retry markers.
+    pub(crate) fn ids(&self) -> io::Result<(Vec<String>, Vec<String>)> {
+        let (mut msgs, mut retries) = (Vec::new(), Vec::new());
+        for e in fs::read_dir(&self.dir)? {
+            let p = e?.path();
+            let (Some(stem), Some(ext)) = (
+                p.file_stem().and_then(|x| x.to_str()),
+                p.extension().and_then(|x| x.to_str()),
+            ) else {
+                continue;
+            };
+            match ext {
+                "msg" => msgs.push(stem.to_string()),
+                "retry" => retries.push(stem.to_string()),
+                _ => {}
+            }
+        }
+        Ok((msgs, retries))
+    }
+
+    /// A message file's path in the spool (for [`Spool::load`]).
+    pub(crate) fn msg_path(&self, id: &str) -> PathBuf {
+        self.msg(id)
+    }
+
+    /// `serve` took up a retry request.
+    pub(crate) fn clear_retry(&self, id: &str) {
+        let _ = fs::remove_file(self.retry_marker(id));
+    }
+
+    /// Every message in the spool (or in `dead/`), oldest first; changes nothing.
+    pub fn entries(&self, dead: bool) -> io::Result<Vec<Entry>> {
+        let dir = if dead { &self.dead } else { &self.dir };
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
         };
-        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-            line: e.line(),
-            column: e.column(),
+        for e in rd {
+            let p = e?.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("msg") {
+                continue;
+            }
+            let Some(id) = p.file_stem().and_then(|x| x.to_str()) else {
+                continue;
+            };
+            if let Some(entry) = self.read_entry(id, dead) {
+                out.push(entry);
+            }
+        }
+        out.sort_by(|a, b| (a.env.received_at, &a.env.id).cmp(&(b.env.received_at, &b.env.id)));
+        Ok(out)
+    }
+
+    /// One message, from the spool or else `dead/`.
+    pub fn entry(&self, id: &str) -> Option<Entry> {
+        if !valid_id(id) {
+            return None;
+        }
+        self.read_entry(id, false)
+            .or_else(|| self.read_entry(id, true))
+    }
+
+    fn read_entry(&self, id: &str, dead: bool) -> Option<Entry> {
+        let dir = if dead { &self.dead } else { &self.dir };
+        let env = read_envelope(&dir.join(format!("{id}.msg"))).ok()?;
+        let (progress, progress_error) = match read_state(&dir.join(format!("{id}.state"))) {
+            Ok(p) => (p, None),
+            Err(e) => (Progress::default(), Some(e.to_string())),
+        };
+        let dead_reason = dead.then(|| {
+            fs::read_to_string(self.dead.join(format!("{id}.reason")))
+                .map(|r| r.trim_end().to_string())
+                .unwrap_or_default()
+        });
+        Some(Entry {
+            env,
+            progress,
+            progress_error,
+            dead_reason,
+            retry_requested: !dead && self.retry_marker(id).exists(),
         })
+    }
+
+    /// The message's header block (up to the first empty line, at most 64 KiB).
+    pub fn headers(&self, id: &str, dead: bool) -> io::Result<Vec<u8>> {
+        let dir = if dead { &self.dead } else { &self.dir };
+        let mut r = BufReader::new(File::open(dir.join(format!("{id}.msg")))?);
+        let mut line = Vec::new();
+        (&mut r)
+            .take(MAX_ENVELOPE_LINE)
+            .read_until(b'\n', &mut line)?;
+        let mut out = Vec::new();
+        loop {
+            line.clear();
+            let n = (&mut r)
+                .take(MAX_HEADER_LINE)
+                .read_until(b'\n', &mut line)?;
+            if n == 0 || line == b"\r\n" || line == b"\n" || out.len() >= MAX_HEADERS {
+                break;
+            }
+            out.extend_from_slice(&line);
+        }
+        Ok(out)
+    }
+
+    /// `queue retry ID`: due now. The running `serve` takes the marker up.
+    pub fn request_retry(&self, id: &str) -> Result<(), ControlError> {
+        let io = |source| ControlError::Io {
+            id: id.to_string(),
+            source,
+        };
+        if !valid_id(id) {
+            return Err(ControlError::Unknown(id.to_string()));
+        }
+        if !self.msg(id).exists() {
+            return Err(if self.dead.join(format!("{id}.msg")).exists() {
+                ControlError::IsDead(id.to_string())
+            } else {
+                ControlError::Unknown(id.to_string())
+            });
+        }
+        write_private(&self.retry_marker(id), &[b""]).map_err(io)?;
+        Ok(())
+    }
+
+    /// `queue retry --dead ID`: moves a dead message back into the spool. Recipients it was
+    /// delivered to stay delivered; those refused are tried again, and `max_age` counts from
+    /// now. Its progress arrives in the spool before the message does, so `serve` never
+    /// sees the message without it.
+    pub fn requeue(&self, id: &str) -> Result<Envelope, ControlError> {
+        let io = |source| ControlError::Io {
+            id: id.to_string(),
+            source,
+        };
+        if !valid_id(id) {
+            return Err(ControlError::Unknown(id.to_string()));
+        }
+        let path = self.dead.join(format!("{id}.msg"));
+        let Some(_lock) = lock_at(&path, id)? else {
+            return Err(ControlError::Unknown(id.to_string()));
+        };
+        let env = read_envelope(&path).map_err(io)?;
+        let dead_state = self.dead.join(format!("{id}.state"));
+        let mut progress = read_state(&dead_state).map_err(|e| ControlError::Progress {
+            id: id.to_string(),
+            reason: e.to_string(),
+        })?;
+        progress.failed.clear();
+        progress.next_attempt = None;
+        progress.requeued_at = Some(crate::clock::unix_now());
+        self.save_progress(id, &progress).map_err(io)?;
+        fs::rename(&path, self.msg(id)).map_err(io)?;
+        let _ = fs::remove_file(&dead_state);
+        let _ = fs::remove_file(self.dead.join(format!("{id}.reason")));
+        fsync_dir(&self.dir).map_err(io)?;
+        fsync_dir(&self.dead).map_err(io)?;
+        Ok(env)
+    }
+
+    /// `queue delete ID`: removes a message from the spool (or from `dead/`), after any
+    /// delivery in flight is over. The message file goes first, so `serve` never delivers
+    /// one whose progress is gone.
+    pub fn delete(&self, id: &str, dead: bool) -> Result<Envelope, ControlError> {
+        let io = |source| ControlError::Io {
+            id: id.to_string(),
+            source,
+        };
+        if !valid_id(id) {
+            return Err(ControlError::Unknown(id.to_string()));
+        }
+        let dir = if dead { &self.dead } else { &self.dir };
+        let path = dir.join(format!("{id}.msg"));
+        let Some(_lock) = lock_at(&path, id)? else {
+            return Err(ControlError::Unknown(id.to_string()));
+        };
+        let env = read_envelope(&path).map_err(io)?;
+        fs::remove_file(&path).map_err(io)?;
+        for ext in ["state", "retry", "reason"] {
+            let _ = fs::remove_file(dir.join(format!("{id}.{ext}")));
+        }
+        fsync_dir(dir).map_err(io)?;
+        Ok(env)
     }
 }
 
@@ -397,6 +810,19 @@ enum StateError {
     Unreadable(io::Error),
     #[error("is corrupt (not valid progress JSON at line {line} column {column})")]
     Corrupt { line: usize, column: usize },
+}
+
+/// A `.state` file's progress: none yet if there is no file.
+fn read_state(path: &Path) -> Result<Progress, StateError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Progress::default()),
+        Err(e) => return Err(StateError::Unreadable(e)),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+        line: e.line(),
+        column: e.column(),
+    })
 }
 
 fn read_envelope(p: &Path) -> io::Result<Envelope> {
@@ -606,5 +1032,121 @@ mod tests {
         assert!(tmp.path().join("dead/A.msg").exists());
         let reason = fs::read_to_string(tmp.path().join("dead/A.reason")).unwrap();
         assert!(reason.contains("A.state cannot be read"), "{reason}");
+    }
+
+    #[test]
+    fn progress_of_the_first_edition_still_loads_and_history_is_bounded() {
+        let old = br#"{"attempts":2,"delivered":["x@y"],"failed":[["z@y","550 5.1.1 no"]],"last_error":"451 4.3.0 later"}"#;
+        let p: Progress = serde_json::from_slice(old).unwrap();
+        assert_eq!(p.attempts, 2);
+        assert_eq!(p.failed, [("z@y".to_string(), "550 5.1.1 no".to_string())]);
+        assert!(p.history.is_empty() && p.next_attempt.is_none() && !p.dsn);
+        let mut p = Progress::default();
+        for n in 0..(MAX_HISTORY as u64 + 5) {
+            p.record(n, 451, &format!("try {n}"));
+        }
+        assert_eq!(p.history.len(), MAX_HISTORY);
+        assert_eq!(p.history[0].at, 5, "the oldest are dropped");
+        assert_eq!(p.history[MAX_HISTORY - 1].reply, "try 24");
+        // A report's flag survives a round trip; an ordinary message's is not written.
+        assert!(!serde_json::to_string(&p).unwrap().contains("dsn"));
+        p.dsn = true;
+        let back: Progress = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn a_message_lock_is_exclusive_and_follows_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Spool::open(tmp.path(), u64::MAX).unwrap();
+        s.store(&env("A", 1), b"aaa\r\n").unwrap();
+        let control = Spool::at(tmp.path());
+        let Locked::Held(held) = s.try_lock("A").unwrap() else {
+            panic!("free lock not taken")
+        };
+        assert!(matches!(control.try_lock("A").unwrap(), Locked::Busy));
+        assert!(
+            matches!(s.try_lock("A").unwrap(), Locked::Busy),
+            "also within one process"
+        );
+        drop(held);
+        assert!(matches!(control.try_lock("A").unwrap(), Locked::Held(_)));
+        // A delete waits for the holder, and whoever waited on the old file finds it gone.
+        let Locked::Held(held) = s.try_lock("A").unwrap() else {
+            panic!("lock")
+        };
+        let waiter = std::thread::spawn(move || control.delete("A", false));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !waiter.is_finished(),
+            "delete waits for the attempt in flight"
+        );
+        assert!(tmp.path().join("spool/A.msg").exists());
+        drop(held);
+        assert_eq!(waiter.join().unwrap().unwrap().id, "A");
+        assert!(!tmp.path().join("spool/A.msg").exists());
+        assert!(matches!(s.try_lock("A").unwrap(), Locked::Gone));
+        assert!(matches!(
+            Spool::at(tmp.path()).delete("A", false),
+            Err(ControlError::Unknown(_))
+        ));
+        assert!(matches!(
+            Spool::at(tmp.path()).delete("../spool/A", false),
+            Err(ControlError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn a_requeued_dead_message_keeps_who_has_it_and_retries_the_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Spool::open(tmp.path(), u64::MAX).unwrap();
+        s.store(&env("A", 1), b"Subject: a\r\n\r\nbody\r\n")
+            .unwrap();
+        let mut p = Progress {
+            attempts: 1,
+            delivered: vec!["x@y".into()],
+            failed: vec![("z@y".into(), "550 5.1.1 no".into())],
+            next_attempt: Some(99),
+            ..Progress::default()
+        };
+        p.record(5, 550, "5.1.1 no");
+        s.save_progress("A", &p).unwrap();
+        s.bury("A", "z@y: 550 5.1.1 no").unwrap();
+        let c = Spool::at(tmp.path());
+        let dead = c.entries(true).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            dead[0].progress, p,
+            "the progress is kept beside a dead message"
+        );
+        assert_eq!(dead[0].dead_reason.as_deref(), Some("z@y: 550 5.1.1 no"));
+        assert_eq!(c.headers("A", true).unwrap(), b"Subject: a\r\n");
+        assert!(matches!(c.request_retry("A"), Err(ControlError::IsDead(_))));
+        assert_eq!(c.requeue("A").unwrap().id, "A");
+        assert!(c.entries(true).unwrap().is_empty());
+        assert_eq!(names(&tmp.path().join("dead")), Vec::<String>::new());
+        let back = s.scan().unwrap();
+        assert_eq!(back.len(), 1);
+        let q = &back[0].1;
+        assert_eq!(q.delivered, ["x@y"]);
+        assert!(q.failed.is_empty() && q.next_attempt.is_none());
+        assert_eq!(q.history, p.history);
+        assert!(
+            q.age_from(&back[0].0) + 5 >= crate::clock::unix_now(),
+            "max_age counts from the requeue"
+        );
+        assert_eq!(q.pending(&back[0].0).collect::<Vec<_>>(), ["z@y"]);
+        assert!(matches!(c.requeue("A"), Err(ControlError::Unknown(_))));
+        // A retry request is a marker beside the message; an unknown id is refused.
+        c.request_retry("A").unwrap();
+        assert!(c.entries(false).unwrap()[0].retry_requested);
+        assert_eq!(
+            s.ids().unwrap(),
+            (vec!["A".to_string()], vec!["A".to_string()])
+        );
+        assert!(matches!(
+            c.request_retry("B"),
+            Err(ControlError::Unknown(_))
+        ));
     }
 }

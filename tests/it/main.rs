@@ -17,6 +17,7 @@ mod login;
 mod memory;
 mod office;
 mod operate;
+mod queue;
 mod relay;
 mod reload;
 mod secrets;

@@ -90,7 +90,7 @@ fn big_message(i: usize) -> Vec<u8> {
     let mut n = 0u64;
     while msg.len() < size - 200 {
         n += 1;
-        if n % 997 == 0 {
+        if n.is_multiple_of(997) {
             msg.extend_from_slice(
                 format!(".line {n} of message {i}, starting with a dot\r\n").as_bytes(),
             );
