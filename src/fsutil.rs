@@ -96,7 +96,7 @@ fn parent_dir(path: &Path) -> &Path {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[cfg(unix)]
@@ -104,7 +104,8 @@ mod tests {
         fs::metadata(p).unwrap().permissions().mode() & 0o777
     }
 
-    fn names(dir: &Path) -> Vec<String> {
+    /// The names in `dir`, sorted (also used by the spool's tests).
+    pub(crate) fn names(dir: &Path) -> Vec<String> {
         let mut n: Vec<String> = fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -894,14 +894,7 @@ mod tests {
         assert!(tmp.path().join("dead/B.msg").exists());
     }
 
-    fn names(dir: &Path) -> Vec<String> {
-        let mut n: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        n.sort();
-        n
-    }
+    use crate::fsutil::tests::names;
 
     #[test]
     fn a_message_streams_in_and_its_size_is_filled_in_at_commit() {
