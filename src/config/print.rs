@@ -171,6 +171,10 @@ impl From<&OAuth> for RawOAuth {
             client_id: Some(o.client_id.clone()),
             client_secret_env,
             client_secret_file,
+            // Paths, not secrets: the key material stays in the files.
+            client_certificate_file: o.client_certificate.as_ref().map(|c| c.path.clone()),
+            client_assertion_file: o.client_assertion_file.clone(),
+            service_account_key_file: o.service_account.as_ref().map(|s| s.path.clone()),
             scopes: Some(o.scopes.clone()),
             token_url: Some(o.token_url.clone()),
             authorize_url: Some(o.authorize_url.clone()),

@@ -3,6 +3,7 @@
 //! Every error names the file, the key and what is wrong ([`ConfigError`]); the messages are
 //! what users see (`invalid configuration: bridge.toml: account[0].mailbox: is missing ...`).
 
+use super::keys;
 use super::model::*;
 use super::raw::*;
 use super::ConfigError;
@@ -11,6 +12,9 @@ use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// A client certificate expiring sooner than this is warned about at load (30 days).
+const CERTIFICATE_WARN_SECS: i64 = 30 * 86_400;
 
 pub(super) struct Validator<'a> {
     pub file: &'a str,
@@ -515,7 +519,7 @@ impl Validator<'_> {
             }
             self.patterns(&k("allowed_rcpt"), rcpt)?;
         }
-        let oauth = self.oauth(i, a.oauth.unwrap_or_default())?;
+        let oauth = self.oauth(i, a.oauth.unwrap_or_default(), &mailbox)?;
         Ok(Account {
             username,
             password,
@@ -543,7 +547,7 @@ impl Validator<'_> {
         Ok(())
     }
 
-    fn oauth(&self, i: usize, o: RawOAuth) -> Result<OAuth, ConfigError> {
+    fn oauth(&self, i: usize, o: RawOAuth, mailbox: &str) -> Result<OAuth, ConfigError> {
         let k = |key: &str| format!("account[{i}].oauth.{key}");
         let provider_name = o.provider.unwrap_or_else(|| "microsoft".into());
         let provider = Provider::parse(&provider_name).ok_or_else(|| {
@@ -556,15 +560,103 @@ impl Validator<'_> {
         let flow = Flow::parse(&flow_name).ok_or_else(|| {
             self.err(
                 k("flow"),
-                format!("unknown flow {flow_name:?}; expected authorization_code, device_code or client_credentials"),
+                format!("unknown flow {flow_name:?}; expected authorization_code, device_code, client_credentials or service_account"),
             )
         })?;
-        let client_id = o.client_id.filter(|c| !c.is_empty()).ok_or_else(|| {
-            self.err(
-                k("client_id"),
-                "is missing (the application (client) ID of the app registration)",
-            )
-        })?;
+        let service_account = match (flow, o.service_account_key_file) {
+            (Flow::ServiceAccount, _) if provider != Provider::Google => {
+                return Err(self.err(
+                    k("flow"),
+                    "service_account is for provider = \"google\" (Microsoft: client_credentials with a certificate)",
+                ))
+            }
+            (Flow::ServiceAccount, None) => {
+                return Err(self.err(
+                    k("service_account_key_file"),
+                    "is missing: flow service_account needs the service account's JSON key file",
+                ))
+            }
+            (Flow::ServiceAccount, Some(p)) => Some(
+                keys::service_account(&self.path(&p), mailbox)
+                    .map_err(|e| self.err(k("service_account_key_file"), e.to_string()))?,
+            ),
+            (_, Some(_)) => {
+                return Err(self.err(
+                    k("service_account_key_file"),
+                    "is only used with flow = \"service_account\"",
+                ))
+            }
+            (_, None) => None,
+        };
+        let credential_keys = [
+            ("client_secret_env", o.client_secret_env.is_some()),
+            ("client_secret_file", o.client_secret_file.is_some()),
+            (
+                "client_certificate_file",
+                o.client_certificate_file.is_some(),
+            ),
+            ("client_assertion_file", o.client_assertion_file.is_some()),
+        ];
+        let set: Vec<&str> = credential_keys
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(key, _)| *key)
+            .collect();
+        if set.len() > 1 && set[..2] != ["client_secret_env", "client_secret_file"] {
+            return Err(self.err(
+                k(set[1]),
+                format!(
+                    "set at most one of client_secret_env, client_secret_file, client_certificate_file and client_assertion_file ({} is set too)",
+                    set[0]
+                ),
+            ));
+        }
+        if let (Some(sa), Some(other)) = (&service_account, set.first()) {
+            return Err(self.err(
+                k(other),
+                format!(
+                    "flow service_account authenticates with service_account_key_file ({}); remove {other}",
+                    sa.path.display()
+                ),
+            ));
+        }
+        let client_id = o
+            .client_id
+            .filter(|c| !c.is_empty())
+            .or_else(|| service_account.as_ref().map(|sa| sa.client_email.clone()))
+            .ok_or_else(|| {
+                self.err(
+                    k("client_id"),
+                    "is missing (the application (client) ID of the app registration)",
+                )
+            })?;
+        let client_certificate = match o.client_certificate_file {
+            None => None,
+            Some(p) => {
+                let c = keys::client_certificate(&self.path(&p), crate::clock::unix_now())
+                    .map_err(|e| self.err(k("client_certificate_file"), e.to_string()))?;
+                let left = c.not_after - i64::try_from(crate::clock::unix_now()).unwrap_or(0);
+                if left < CERTIFICATE_WARN_SECS {
+                    tracing::warn!(
+                        file = self.file,
+                        key = k("client_certificate_file"),
+                        path = %c.path.display(),
+                        days_left = left / 86_400,
+                        "the client certificate expires in less than 30 days: make and upload a new one"
+                    );
+                }
+                if !c.key_matches {
+                    tracing::warn!(
+                        file = self.file,
+                        key = k("client_certificate_file"),
+                        path = %c.path.display(),
+                        "the private key is not the certificate's key: the token endpoint will refuse the assertions"
+                    );
+                }
+                Some(c)
+            }
+        };
+        let client_assertion_file = o.client_assertion_file.map(|p| self.path(&p));
         let tenant = match o.tenant {
             Some(t) if !t.is_empty() => t,
             _ if flow == Flow::ClientCredentials
@@ -618,10 +710,14 @@ impl Validator<'_> {
             }
             (None, None) => None,
         };
-        if flow == Flow::ClientCredentials && client_secret.is_none() {
+        if flow == Flow::ClientCredentials
+            && client_secret.is_none()
+            && client_certificate.is_none()
+            && client_assertion_file.is_none()
+        {
             return Err(self.err(
                 k("client_secret_env"),
-                "is missing: client_credentials needs a client secret (client_secret_env or client_secret_file)",
+                "is missing: client_credentials needs a client credential (client_secret_env, client_secret_file, client_certificate_file or client_assertion_file)",
             ));
         }
         let scopes = o.scopes.unwrap_or_else(|| {
@@ -639,8 +735,12 @@ impl Validator<'_> {
             check_endpoint_url(&u).map_err(|reason| self.err(k(key), reason.to_string()))?;
             Ok(u)
         };
+        let token_url_preset = service_account
+            .as_ref()
+            .and_then(|sa| sa.token_uri.clone())
+            .unwrap_or_else(|| provider.token_url(&tenant));
         Ok(OAuth {
-            token_url: url("token_url", o.token_url, provider.token_url(&tenant))?,
+            token_url: url("token_url", o.token_url, token_url_preset)?,
             authorize_url: url(
                 "authorize_url",
                 o.authorize_url,
@@ -656,6 +756,9 @@ impl Validator<'_> {
             flow,
             client_id,
             client_secret,
+            client_certificate,
+            client_assertion_file,
+            service_account,
             scopes,
             redirect_port: o.redirect_port.unwrap_or(0),
         })
