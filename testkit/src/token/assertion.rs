@@ -319,3 +319,119 @@ impl Assertions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::{rsa_certificate, sign_jwt, RSA_KEY_A, RSA_KEY_B};
+
+    const URL: &str = "http://127.0.0.1:1/tenant/oauth2/v2.0/token";
+
+    fn body(r: Response) -> (u16, Value) {
+        (r.status, serde_json::from_str(&r.body).unwrap())
+    }
+
+    #[test]
+    fn client_assertions_are_checked_claim_by_claim() {
+        let cert = rsa_certificate(RSA_KEY_A, "app", 86_400);
+        let reg = Registered::from_pem(&cert);
+        let a = Assertions::new(URL.into(), &[cert], &[], &[]);
+        let now = unix_now();
+        let good = json!({"aud": URL, "iss": "app", "sub": "app", "jti": "j1", "nbf": now, "iat": now, "exp": now + 600});
+        let header = json!({"alg": "RS256", "typ": "JWT", "x5t#S256": reg.x5t_s256});
+        let jwt = |key: &str, claims: &Value| sign_jwt(key, &header, claims);
+        assert!(a
+            .verify_client(&jwt(RSA_KEY_A, &good), "app", "client_credentials")
+            .is_ok());
+        // Replayed jti.
+        let (s, b) = body(
+            a.verify_client(&jwt(RSA_KEY_A, &good), "app", "client_credentials")
+                .unwrap_err(),
+        );
+        assert_eq!((s, b["error"].as_str()), (401, Some("invalid_client")));
+        let with = |k: &str, v: Value, jti: &str| {
+            let mut c = good.clone();
+            c[k] = v;
+            c["jti"] = json!(jti);
+            c
+        };
+        for (claims, key, code) in [
+            (with("jti", json!("j2"), "j2"), RSA_KEY_B, "AADSTS700027"),
+            (
+                with("aud", json!("http://elsewhere/token"), "j3"),
+                RSA_KEY_A,
+                "AADSTS700212",
+            ),
+            (with("iss", json!("other"), "j4"), RSA_KEY_A, "AADSTS700021"),
+            (
+                with("exp", json!(now + 3600), "j5"),
+                RSA_KEY_A,
+                "AADSTS700024",
+            ),
+            (
+                with("exp", json!(now - 10), "j6"),
+                RSA_KEY_A,
+                "AADSTS700024",
+            ),
+        ] {
+            let (s, b) = body(
+                a.verify_client(&jwt(key, &claims), "app", "client_credentials")
+                    .unwrap_err(),
+            );
+            assert_eq!(s, 401);
+            assert!(
+                b["error_description"].as_str().unwrap().starts_with(code),
+                "{code}: {b}"
+            );
+        }
+        // An unregistered certificate's thumbprint.
+        let other = json!({"alg": "RS256", "x5t#S256": "AAAA"});
+        let (_, b) = body(
+            a.verify_client(
+                &sign_jwt(RSA_KEY_A, &other, &with("jti", json!("j7"), "j7")),
+                "app",
+                "x",
+            )
+            .unwrap_err(),
+        );
+        assert!(
+            b["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("not registered"),
+            "{b}"
+        );
+        assert_eq!(a.log().iter().filter(|s| s.accepted).count(), 1);
+        assert_eq!(a.log().len(), 8);
+    }
+
+    #[test]
+    fn service_account_grants_are_checked() {
+        let cert = rsa_certificate(RSA_KEY_A, "sa", 86_400);
+        let a = Assertions::new(URL.into(), &[], &[], &[("sa@x".into(), cert)]);
+        let now = unix_now();
+        let claims = json!({"iss": "sa@x", "sub": "u@x", "scope": "https://mail.google.com/", "aud": URL, "iat": now, "exp": now + 3600});
+        let header = json!({"alg": "RS256", "typ": "JWT"});
+        assert_eq!(
+            a.verify_service_account(&sign_jwt(RSA_KEY_A, &header, &claims))
+                .unwrap(),
+            "https://mail.google.com/"
+        );
+        let (s, b) = body(
+            a.verify_service_account(&sign_jwt(RSA_KEY_B, &header, &claims))
+                .unwrap_err(),
+        );
+        assert_eq!(s, 400);
+        assert_eq!(
+            b,
+            json!({"error": "invalid_grant", "error_description": "Invalid JWT Signature."})
+        );
+        let mut long = claims.clone();
+        long["exp"] = json!(now + 7200);
+        let (_, b) = body(
+            a.verify_service_account(&sign_jwt(RSA_KEY_A, &header, &long))
+                .unwrap_err(),
+        );
+        assert_eq!(b["error"], "invalid_grant");
+    }
+}
