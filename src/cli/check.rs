@@ -1,8 +1,10 @@
 //! `check [ACCOUNT]`: for each account, get a valid access token, connect to the upstream,
-//! STARTTLS, AUTH XOAUTH2, QUIT; one line per account, `ok` or the failure and a hint.
+//! STARTTLS, AUTH XOAUTH2, QUIT; one line per account, `ok` or the failure and a hint, and
+//! under it the client credential the token came from (with a certificate's expiry).
 
 use super::{CliError, ConfigArg};
 use smtp_oauth_bridge::config::Account;
+use smtp_oauth_bridge::oauth::credential;
 use smtp_oauth_bridge::oauth::manager::{TokenError, TokenManager};
 use smtp_oauth_bridge::relay::envelope::{self, Address, MailParams, ReversePath};
 use smtp_oauth_bridge::relay::pool::{authenticate, BeginError};
@@ -41,7 +43,7 @@ pub async fn run(config: &ConfigArg, only: Option<&str>) -> Result<(), CliError>
                 format!("{}: FAILED {what}\n  hint: {hint}", a.username)
             }
         };
-        println!("{line}");
+        println!("{line}\n  credential: {}", credential::describe(&a.oauth));
     }
     if failed > 0 {
         return Err(CliError::Runtime(format!(
@@ -116,7 +118,20 @@ async fn send_as(session: &mut UpstreamSession, acc: &Account) -> Result<(), (St
 /// What to do about an error from the token endpoint.
 pub fn token_hint(reason: &str) -> String {
     let r = reason.to_ascii_lowercase();
-    if r.contains("invalid_client") || r.contains("aadsts7000215") || r.contains("aadsts7000222") {
+    if r.contains("aadsts700027") {
+        "the client assertion was refused: the certificate (its SHA-256 thumbprint is shown under credential) is not uploaded to the app registration, or the private key in client_certificate_file is not the certificate's key".into()
+    } else if r.contains("client assertion file") && r.contains("is empty") {
+        "the federated token file is empty: check the workload identity setup (the pod's service account annotation and the projected token at AZURE_FEDERATED_TOKEN_FILE); it is read again at the next token request".into()
+    } else if r.contains("client assertion file") {
+        "the federated token file cannot be read: check client_assertion_file (AZURE_FEDERATED_TOKEN_FILE) and the pod's workload identity setup".into()
+    } else if r.contains("invalid jwt signature") {
+        "the service account key was refused: check service_account_key_file is a current key of the service account".into()
+    } else if r.contains("unauthorized_client") && r.contains("client is unauthorized") {
+        "domain-wide delegation is missing: authorize the service account's client ID for https://mail.google.com/ in the Google Admin console".into()
+    } else if r.contains("invalid_client")
+        || r.contains("aadsts7000215")
+        || r.contains("aadsts7000222")
+    {
         "the client secret is wrong or expired: create a new one under Certificates & secrets in the app registration".into()
     } else if r.contains("aadsts700016") || r.contains("unauthorized_client") {
         "client_id is not an application in this tenant: check client_id and tenant".into()

@@ -28,10 +28,11 @@ pub async fn run(
     };
     let http = flows::http_client().map_err(|e| CliError::Runtime(e.to_string()))?;
     let result = match flow {
-        Flow::ClientCredentials => {
+        Flow::ClientCredentials | Flow::ServiceAccount => {
             return Err(CliError::Usage(format!(
-                "{}: account {account} uses flow = \"client_credentials\" and needs no login; run: smtp-oauth-bridge check {account}",
-                config.source
+                "{}: account {account} uses flow = \"{}\" and needs no login; run: smtp-oauth-bridge check {account}",
+                config.source,
+                flow.as_str()
             )))
         }
         Flow::AuthorizationCode => {

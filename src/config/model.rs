@@ -5,6 +5,7 @@
 //! the `*_env` / `*_file` key they came from, so the configuration can be printed back
 //! without them (`print.rs`). Provider endpoint presets are in `presets.rs`.
 
+use super::keys::{ClientCertificate, ServiceAccountKey};
 use crate::secret::{Secret, SecretKey};
 use ipnet::IpNet;
 use std::net::SocketAddr;
@@ -76,6 +77,8 @@ pub enum Flow {
     AuthorizationCode,
     DeviceCode,
     ClientCredentials,
+    /// Google: JWT bearer grant (RFC 7523) with a service account acting as the mailbox.
+    ServiceAccount,
 }
 
 impl Flow {
@@ -84,16 +87,24 @@ impl Flow {
             "authorization_code" => Some(Flow::AuthorizationCode),
             "device_code" => Some(Flow::DeviceCode),
             "client_credentials" => Some(Flow::ClientCredentials),
+            "service_account" => Some(Flow::ServiceAccount),
             _ => None,
         }
     }
 
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Flow::AuthorizationCode => "authorization_code",
             Flow::DeviceCode => "device_code",
             Flow::ClientCredentials => "client_credentials",
+            Flow::ServiceAccount => "service_account",
         }
+    }
+
+    /// The application acts on its own (no user login, no refresh token): a new token is
+    /// requested with the app's credential whenever one is needed.
+    pub fn is_app_only(self) -> bool {
+        matches!(self, Flow::ClientCredentials | Flow::ServiceAccount)
     }
 }
 
@@ -227,8 +238,15 @@ pub struct OAuth {
     pub tenant: String,
     pub flow: Flow,
     pub client_id: String,
-    /// `client_secret_env` or `client_secret_file`.
+    /// `client_secret_env` or `client_secret_file`. At most one of it,
+    /// `client_certificate`, `client_assertion_file` and `service_account` is set.
     pub client_secret: Option<Sourced<Secret>>,
+    /// `client_certificate_file`: signed client assertions (RS256, `x5t#S256`).
+    pub client_certificate: Option<ClientCertificate>,
+    /// `client_assertion_file`: a federated assertion, read afresh for every token request.
+    pub client_assertion_file: Option<PathBuf>,
+    /// `service_account_key_file` (flow `service_account`), with the mailbox as subject.
+    pub service_account: Option<ServiceAccountKey>,
     pub scopes: Vec<String>,
     pub token_url: String,
     pub authorize_url: String,

@@ -172,6 +172,10 @@ impl From<&OAuth> for RawOAuth {
             client_id: Some(o.client_id.clone()),
             client_secret_env,
             client_secret_file,
+            // Paths, not secrets: the key material stays in the files.
+            client_certificate_file: o.client_certificate.as_ref().map(|c| c.path.clone()),
+            client_assertion_file: o.client_assertion_file.clone(),
+            service_account_key_file: o.service_account.as_ref().map(|s| s.path.clone()),
             scopes: Some(o.scopes.clone()),
             token_url: Some(o.token_url.clone()),
             authorize_url: Some(o.authorize_url.clone()),
@@ -194,7 +198,7 @@ mod tests {
 
     fn env(name: &str) -> Option<String> {
         match name {
-            "PW" => Some(LOCAL_PW.into()),
+            "PW" | "PW2" => Some(LOCAL_PW.into()),
             "SECRET" => Some(ENV_SECRET.into()),
             "STATE_KEY" => Some(KEY.into()),
             _ => None,
@@ -217,6 +221,18 @@ mod tests {
         std::fs::write(dir.join("state.key"), format!("{KEY}\n")).unwrap();
         let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         std::fs::write(dir.join("ca.pem"), ca.cert.pem()).unwrap();
+        use testkit::credential::{rsa_certificate, service_account_json, RSA_KEY_A, RSA_KEY_C};
+        let cert = rsa_certificate(RSA_KEY_A, "app", 365 * 86_400);
+        std::fs::write(dir.join("app.pem"), format!("{cert}{RSA_KEY_A}")).unwrap();
+        std::fs::write(
+            dir.join("sa.json"),
+            service_account_json(
+                "sa@p.iam.gserviceaccount.com",
+                RSA_KEY_C,
+                "https://oauth2.googleapis.com/token",
+            ),
+        )
+        .unwrap();
         format!(
             r#"
 [listen]
@@ -261,6 +277,32 @@ flow = "authorization_code"
 client_id = "def"
 client_secret_file = "client-secret"
 redirect_port = 8765
+[[account]]
+username = "cert"
+password_env = "PW2"
+mailbox = "cert@contoso.com"
+[account.oauth]
+tenant = "contoso.onmicrosoft.com"
+flow = "client_credentials"
+client_id = "abc"
+client_certificate_file = "app.pem"
+[[account]]
+username = "federated"
+password_env = "PW2"
+mailbox = "federated@contoso.com"
+[account.oauth]
+tenant = "contoso.onmicrosoft.com"
+flow = "client_credentials"
+client_id = "abc"
+client_assertion_file = "/var/run/secrets/azure/tokens/azure-identity-token"
+[[account]]
+username = "gsa"
+password_env = "PW2"
+mailbox = "gsa@example.org"
+[account.oauth]
+provider = "google"
+flow = "service_account"
+service_account_key_file = "sa.json"
 "#
         )
     }
@@ -337,7 +379,13 @@ redirect_port = 8765
             .unwrap()
             .to_toml()
             .unwrap();
+            // No key material: a line of each key's base64.
+            let key_a = testkit::credential::RSA_KEY_A.lines().nth(3).unwrap();
+            let key_c = testkit::credential::RSA_KEY_C.lines().nth(3).unwrap();
             for secret in [
+                key_a,
+                key_c,
+                "PRIVATE KEY",
                 LOCAL_PW,
                 ENV_SECRET,
                 FILE_SECRET,
@@ -352,6 +400,11 @@ redirect_port = 8765
                 &format!("password_hash = \"{HASH}\""),
                 "client_secret_env = \"SECRET\"",
                 &format!("client_secret_file = \"{d}/client-secret\""),
+                &format!("client_certificate_file = \"{d}/app.pem\""),
+                "client_assertion_file = \"/var/run/secrets/azure/tokens/azure-identity-token\"",
+                &format!("service_account_key_file = \"{d}/sa.json\""),
+                "flow = \"service_account\"",
+                "client_id = \"sa@p.iam.gserviceaccount.com\"",
             ] {
                 assert_eq!(
                     text.lines().filter(|l| *l == line).count(),

@@ -105,6 +105,12 @@ pub(super) struct RawOAuth {
     pub client_id: Option<String>,
     pub client_secret_env: Option<String>,
     pub client_secret_file: Option<PathBuf>,
+    /// PEM certificate + RSA private key: signed client assertions instead of a secret.
+    pub client_certificate_file: Option<PathBuf>,
+    /// A federated assertion (workload identity), read afresh for every token request.
+    pub client_assertion_file: Option<PathBuf>,
+    /// `flow = "service_account"` (Google): the service account's JSON key.
+    pub service_account_key_file: Option<PathBuf>,
     pub scopes: Option<Vec<String>>,
     pub token_url: Option<String>,
     pub authorize_url: Option<String>,

@@ -3,6 +3,7 @@
 //! Every error names the file, the key and what is wrong ([`ConfigError`]); the messages are
 //! what users see (`invalid configuration: bridge.toml: account[0].mailbox: is missing ...`).
 
+use super::keys;
 use super::model::*;
 use super::raw::*;
 use super::ConfigError;
@@ -11,6 +12,9 @@ use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// A client certificate expiring sooner than this is warned about at load (30 days).
+const CERTIFICATE_WARN_SECS: i64 = 30 * 86_400;
 
 pub(super) struct Validator<'a> {
     pub file: &'a str,
@@ -516,7 +520,7 @@ impl Validator<'_> {
             }
             self.patterns(&k("allowed_rcpt"), rcpt)?;
         }
-        let oauth = self.oauth(i, a.oauth.unwrap_or_default())?;
+        let oauth = self.oauth(i, a.oauth.unwrap_or_default(), &mailbox)?;
         Ok(Account {
             username,
             password,
@@ -544,7 +548,7 @@ impl Validator<'_> {
         Ok(())
     }
 
-    fn oauth(&self, i: usize, o: RawOAuth) -> Result<OAuth, ConfigError> {
+    fn oauth(&self, i: usize, o: RawOAuth, mailbox: &str) -> Result<OAuth, ConfigError> {
         let k = |key: &str| format!("account[{i}].oauth.{key}");
         let provider_name = o.provider.unwrap_or_else(|| "microsoft".into());
         let provider = Provider::parse(&provider_name).ok_or_else(|| {
@@ -557,15 +561,103 @@ impl Validator<'_> {
         let flow = Flow::parse(&flow_name).ok_or_else(|| {
             self.err(
                 k("flow"),
-                format!("unknown flow {flow_name:?}; expected authorization_code, device_code or client_credentials"),
+                format!("unknown flow {flow_name:?}; expected authorization_code, device_code, client_credentials or service_account"),
             )
         })?;
-        let client_id = o.client_id.filter(|c| !c.is_empty()).ok_or_else(|| {
-            self.err(
-                k("client_id"),
-                "is missing (the application (client) ID of the app registration)",
-            )
-        })?;
+        let service_account = match (flow, o.service_account_key_file) {
+            (Flow::ServiceAccount, _) if provider != Provider::Google => {
+                return Err(self.err(
+                    k("flow"),
+                    "service_account is for provider = \"google\" (Microsoft: client_credentials with a certificate)",
+                ))
+            }
+            (Flow::ServiceAccount, None) => {
+                return Err(self.err(
+                    k("service_account_key_file"),
+                    "is missing: flow service_account needs the service account's JSON key file",
+                ))
+            }
+            (Flow::ServiceAccount, Some(p)) => Some(
+                keys::service_account(&self.path(&p), mailbox)
+                    .map_err(|e| self.err(k("service_account_key_file"), e.to_string()))?,
+            ),
+            (_, Some(_)) => {
+                return Err(self.err(
+                    k("service_account_key_file"),
+                    "is only used with flow = \"service_account\"",
+                ))
+            }
+            (_, None) => None,
+        };
+        let credential_keys = [
+            ("client_secret_env", o.client_secret_env.is_some()),
+            ("client_secret_file", o.client_secret_file.is_some()),
+            (
+                "client_certificate_file",
+                o.client_certificate_file.is_some(),
+            ),
+            ("client_assertion_file", o.client_assertion_file.is_some()),
+        ];
+        let set: Vec<&str> = credential_keys
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(key, _)| *key)
+            .collect();
+        if set.len() > 1 && set[..2] != ["client_secret_env", "client_secret_file"] {
+            return Err(self.err(
+                k(set[1]),
+                format!(
+                    "set at most one of client_secret_env, client_secret_file, client_certificate_file and client_assertion_file ({} is set too)",
+                    set[0]
+                ),
+            ));
+        }
+        if let (Some(sa), Some(other)) = (&service_account, set.first()) {
+            return Err(self.err(
+                k(other),
+                format!(
+                    "flow service_account authenticates with service_account_key_file ({}); remove {other}",
+                    sa.path.display()
+                ),
+            ));
+        }
+        let client_id = o
+            .client_id
+            .filter(|c| !c.is_empty())
+            .or_else(|| service_account.as_ref().map(|sa| sa.client_email.clone()))
+            .ok_or_else(|| {
+                self.err(
+                    k("client_id"),
+                    "is missing (the application (client) ID of the app registration)",
+                )
+            })?;
+        let client_certificate = match o.client_certificate_file {
+            None => None,
+            Some(p) => {
+                let c = keys::client_certificate(&self.path(&p), crate::clock::unix_now())
+                    .map_err(|e| self.err(k("client_certificate_file"), e.to_string()))?;
+                let left = c.not_after - i64::try_from(crate::clock::unix_now()).unwrap_or(0);
+                if left < CERTIFICATE_WARN_SECS {
+                    tracing::warn!(
+                        file = self.file,
+                        key = k("client_certificate_file"),
+                        path = %c.path.display(),
+                        days_left = left / 86_400,
+                        "the client certificate expires in less than 30 days: make and upload a new one"
+                    );
+                }
+                if !c.key_matches {
+                    tracing::warn!(
+                        file = self.file,
+                        key = k("client_certificate_file"),
+                        path = %c.path.display(),
+                        "the private key is not the certificate's key: the token endpoint will refuse the assertions"
+                    );
+                }
+                Some(c)
+            }
+        };
+        let client_assertion_file = o.client_assertion_file.map(|p| self.path(&p));
         let tenant = match o.tenant {
             Some(t) if !t.is_empty() => t,
             _ if flow == Flow::ClientCredentials
@@ -619,10 +711,14 @@ impl Validator<'_> {
             }
             (None, None) => None,
         };
-        if flow == Flow::ClientCredentials && client_secret.is_none() {
+        if flow == Flow::ClientCredentials
+            && client_secret.is_none()
+            && client_certificate.is_none()
+            && client_assertion_file.is_none()
+        {
             return Err(self.err(
                 k("client_secret_env"),
-                "is missing: client_credentials needs a client secret (client_secret_env or client_secret_file)",
+                "is missing: client_credentials needs a client secret, a certificate or a federated assertion (client_secret_env, client_secret_file, client_certificate_file or client_assertion_file)",
             ));
         }
         let scopes = o.scopes.unwrap_or_else(|| {
@@ -640,8 +736,12 @@ impl Validator<'_> {
             check_endpoint_url(&u).map_err(|reason| self.err(k(key), reason.to_string()))?;
             Ok(u)
         };
+        let token_url_preset = service_account
+            .as_ref()
+            .and_then(|sa| sa.token_uri.clone())
+            .unwrap_or_else(|| provider.token_url(&tenant));
         Ok(OAuth {
-            token_url: url("token_url", o.token_url, provider.token_url(&tenant))?,
+            token_url: url("token_url", o.token_url, token_url_preset)?,
             authorize_url: url(
                 "authorize_url",
                 o.authorize_url,
@@ -657,6 +757,9 @@ impl Validator<'_> {
             flow,
             client_id,
             client_secret,
+            client_certificate,
+            client_assertion_file,
+            service_account,
             scopes,
             redirect_port: o.redirect_port.unwrap_or(0),
         })
@@ -1212,5 +1315,190 @@ mod tests {
         assert!(!is_address("@c"));
         assert!(!is_address("a@"));
         assert!(!is_address("<a@b>"));
+    }
+
+    /// An account whose `[account.oauth]` is `oauth`, files relative to `dir`.
+    fn load_oauth(dir: &Path, oauth: &str) -> Result<Config, ConfigError> {
+        let text = format!(
+            "[[account]]\nusername = \"scanner\"\npassword_hash = \"{HASH}\"\nmailbox = \"scanner@contoso.com\"\n[account.oauth]\n{oauth}\n"
+        );
+        Config::from_toml(&text, "bridge.toml", dir, &|v| match v {
+            "SECRET" => Some("client-secret".into()),
+            _ => None,
+        })
+    }
+
+    const CC: &str = "flow = \"client_credentials\"\ntenant = \"t\"\nclient_id = \"abc\"\n";
+
+    #[test]
+    fn client_certificates_are_read_and_checked_at_load() {
+        use testkit::credential::{rsa_certificate, RSA_KEY_A, RSA_KEY_B_PKCS1};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let cert = rsa_certificate(RSA_KEY_A, "app", 365 * 86_400);
+        std::fs::write(d.join("app.pem"), format!("{cert}{RSA_KEY_A}")).unwrap();
+        let c = load_oauth(d, &format!("{CC}client_certificate_file = \"app.pem\"")).unwrap();
+        let got = c.accounts[0].oauth.client_certificate.as_ref().unwrap();
+        assert_eq!(got.path, d.join("app.pem"));
+        assert!(got.key_matches);
+        assert_eq!(got.thumbprint_hex().len(), 64);
+        assert!(c.accounts[0].oauth.client_secret.is_none());
+        // PKCS#1 keys are read too (and a key that is not the certificate's is noticed).
+        std::fs::write(d.join("pkcs1.pem"), format!("{RSA_KEY_B_PKCS1}{cert}")).unwrap();
+        let c = load_oauth(d, &format!("{CC}client_certificate_file = \"pkcs1.pem\"")).unwrap();
+        assert!(
+            !c.accounts[0]
+                .oauth
+                .client_certificate
+                .as_ref()
+                .unwrap()
+                .key_matches
+        );
+
+        let key = "account[0].oauth.client_certificate_file";
+        let ec = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let expired = rsa_certificate(RSA_KEY_A, "old", -86_400);
+        for (content, reason) in [
+            (None, "cannot read"),
+            (Some(cert.clone()), "holds a certificate but no private key"),
+            (Some(RSA_KEY_A.to_string()), "holds no CERTIFICATE block"),
+            (Some(format!("{cert}{ec}")), "is not an RSA key"),
+            (
+                Some(format!("{expired}{RSA_KEY_A}")),
+                "the certificate expired",
+            ),
+            (
+                Some(format!(
+                    "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n{RSA_KEY_A}"
+                )),
+                "cannot be parsed",
+            ),
+        ] {
+            let f = d.join("bad.pem");
+            let _ = std::fs::remove_file(&f);
+            if let Some(c) = content {
+                std::fs::write(&f, c).unwrap();
+            }
+            let e =
+                load_oauth(d, &format!("{CC}client_certificate_file = \"bad.pem\"")).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(
+                e.reason.contains(reason) && e.reason.contains("bad.pem"),
+                "{reason}: {e}"
+            );
+            assert!(!e.to_string().contains("MII"), "no key material in {e}");
+        }
+    }
+
+    #[test]
+    fn at_most_one_credential_source() {
+        let dir = tempfile::tempdir().unwrap();
+        for (keys, named) in [
+            (
+                "client_secret_env = \"SECRET\"\nclient_assertion_file = \"/t\"",
+                "client_assertion_file",
+            ),
+            (
+                "client_certificate_file = \"a.pem\"\nclient_assertion_file = \"/t\"",
+                "client_assertion_file",
+            ),
+            (
+                "client_secret_file = \"s\"\nclient_certificate_file = \"a.pem\"",
+                "client_certificate_file",
+            ),
+        ] {
+            let e = load_oauth(dir.path(), &format!("{CC}{keys}")).unwrap_err();
+            assert_eq!(e.key, format!("account[0].oauth.{named}"), "{e}");
+            assert!(e.reason.contains("set at most one of"), "{e}");
+        }
+        // An assertion file need not exist at load (the kubelet writes it).
+        let c = load_oauth(
+            dir.path(),
+            &format!("{CC}client_assertion_file = \"token\""),
+        )
+        .unwrap();
+        assert_eq!(
+            c.accounts[0].oauth.client_assertion_file,
+            Some(dir.path().join("token"))
+        );
+    }
+
+    #[test]
+    fn service_accounts_are_google_only_and_their_key_is_checked() {
+        use testkit::credential::{service_account_json, RSA_KEY_C};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("sa.json"),
+            service_account_json(
+                "sa@p.iam.gserviceaccount.com",
+                RSA_KEY_C,
+                "https://oauth2.googleapis.com/token",
+            ),
+        )
+        .unwrap();
+        let sa = "flow = \"service_account\"\nservice_account_key_file = \"sa.json\"";
+        let c = load_oauth(d, &format!("provider = \"google\"\n{sa}")).unwrap();
+        let o = &c.accounts[0].oauth;
+        assert_eq!(o.flow, Flow::ServiceAccount);
+        assert_eq!(o.client_id, "sa@p.iam.gserviceaccount.com");
+        assert_eq!(o.scopes, ["https://mail.google.com/"]);
+        assert_eq!(o.token_url, "https://oauth2.googleapis.com/token");
+        let key = o.service_account.as_ref().unwrap();
+        assert_eq!(key.subject, "scanner@contoso.com");
+        assert!(!format!("{o:?}").contains("MII"), "Debug shows no key");
+
+        let e = load_oauth(d, sa).unwrap_err();
+        assert_eq!(e.key, "account[0].oauth.flow", "{e}");
+        let e = load_oauth(d, "provider = \"google\"\nflow = \"service_account\"").unwrap_err();
+        assert_eq!(e.key, "account[0].oauth.service_account_key_file", "{e}");
+        let e = load_oauth(d, &format!("{CC}service_account_key_file = \"sa.json\"")).unwrap_err();
+        assert_eq!(e.key, "account[0].oauth.service_account_key_file", "{e}");
+        let e = load_oauth(
+            d,
+            &format!("provider = \"google\"\n{sa}\nclient_secret_env = \"SECRET\""),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "account[0].oauth.client_secret_env", "{e}");
+        for (content, reason) in [
+            ("{", "not JSON"),
+            ("{\"client_email\": \"x@y\"}", "a field is missing"),
+            (
+                "{\"client_email\": \"x@y\", \"private_key\": \"nope\"}",
+                "private_key holds no PEM private key",
+            ),
+        ] {
+            std::fs::write(d.join("bad.json"), content).unwrap();
+            let e = load_oauth(
+                d,
+                "provider = \"google\"\nflow = \"service_account\"\nservice_account_key_file = \"bad.json\"",
+            )
+            .unwrap_err();
+            assert_eq!(e.key, "account[0].oauth.service_account_key_file", "{e}");
+            assert!(
+                e.reason.contains(reason) && e.reason.contains("bad.json"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn environment_sets_the_credential_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = vec![(
+            "SMTP_OAUTH_BRIDGE_ACCOUNT__0__OAUTH__CLIENT_ASSERTION_FILE".to_string(),
+            "/var/run/secrets/azure/tokens/azure-identity-token".to_string(),
+        )];
+        let text = format!(
+            "[[account]]\nusername = \"scanner\"\npassword_hash = \"{HASH}\"\nmailbox = \"scanner@contoso.com\"\n[account.oauth]\n{CC}"
+        );
+        let c = Config::from_parts(Some(&text), "bridge.toml", dir.path(), &vars, &|_| None)
+            .expect("valid");
+        assert_eq!(
+            c.accounts[0].oauth.client_assertion_file.as_deref(),
+            Some(Path::new(
+                "/var/run/secrets/azure/tokens/azure-identity-token"
+            ))
+        );
     }
 }

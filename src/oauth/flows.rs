@@ -1,11 +1,17 @@
 //! Token requests to the provider's token endpoint, through the `oauth2` crate over reqwest.
 //!
-//! Owns the grant requests (client credentials, refresh token) and turns the provider's
+//! Owns the grant requests (client credentials, refresh token, and the JWT bearer grant of a
+//! Google service account, which `oauth2` has no builder for and we post ourselves) and
+//! presents the client's credential (`credential.rs`: a secret, or a client assertion made
+//! for this very request) with each. Turns the provider's
 //! answers into [`TokenResponse`] or a [`FlowError`] that keeps Microsoft's `error` and
 //! `error_description` (with the AADSTS code) but never a token or a secret. Caching and
 //! single-flight are the manager's business.
 
-use crate::config::OAuth;
+use super::credential::{
+    self, Credential, CredentialError, CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT,
+};
+use crate::config::{OAuth, ServiceAccountKey};
 use crate::secret::Secret;
 use oauth2::basic::{BasicClient, BasicErrorResponseType};
 use oauth2::{
@@ -28,6 +34,8 @@ const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// What we send to the token endpoint.
 #[derive(Debug)]
 pub(crate) enum TokenGrant {
+    /// The application's own grant: `client_credentials`, or for a Google service account
+    /// the JWT bearer grant (both: no refresh token, a new request whenever one is needed).
     ClientCredentials,
     RefreshToken(Secret),
 }
@@ -111,6 +119,9 @@ pub enum FlowError {
     },
     #[error(transparent)]
     HttpClient(#[from] HttpClientError),
+    /// The client credential could not be presented (e.g. an empty assertion file).
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
 }
 
 /// The HTTP client for token requests could not be built (e.g. the TLS backend or the
@@ -154,25 +165,44 @@ fn scopes(oauth: &OAuth) -> impl Iterator<Item = Scope> + '_ {
     oauth.scopes.iter().map(|s| Scope::new(s.clone()))
 }
 
+/// Adds `client_assertion` + `client_assertion_type` to an `oauth2` token request when the
+/// credential is an assertion (made or read for this request).
+macro_rules! with_assertion {
+    ($request:expr, $assertion:expr) => {
+        match $assertion {
+            Some(a) => $request
+                .add_extra_param("client_assertion_type", CLIENT_ASSERTION_TYPE)
+                .add_extra_param("client_assertion", a.expose().to_string()),
+            None => $request,
+        }
+    };
+}
+
 pub(crate) async fn request_token(
     http: &reqwest::Client,
     oauth: &OAuth,
     grant: &TokenGrant,
 ) -> Result<TokenResponse, FlowError> {
+    if let (Credential::ServiceAccount(sa), TokenGrant::ClientCredentials) =
+        (Credential::of(oauth), grant)
+    {
+        return jwt_bearer(http, oauth, sa).await;
+    }
     let client = token_client(oauth)?;
+    let assertion = credential::client_assertion(oauth)?;
     let result = match grant {
         TokenGrant::ClientCredentials => {
-            client
+            let request = client
                 .exchange_client_credentials()
-                .add_scopes(scopes(oauth))
+                .add_scopes(scopes(oauth));
+            with_assertion!(request, &assertion)
                 .request_async(http)
                 .await
         }
         TokenGrant::RefreshToken(rt) => {
             let rt = RefreshToken::new(rt.expose().to_string());
-            client
-                .exchange_refresh_token(&rt)
-                .add_scopes(scopes(oauth))
+            let request = client.exchange_refresh_token(&rt).add_scopes(scopes(oauth));
+            with_assertion!(request, &assertion)
                 .request_async(http)
                 .await
         }
@@ -185,6 +215,46 @@ pub(crate) async fn request_token(
             Err(FlowError::InvalidGrant(server_error(&e)))
         }
         Err(e) => Err(flow_error(e, "token endpoint")),
+    }
+}
+
+/// The JWT bearer grant (RFC 7523 §2.1) of a Google service account acting as the mailbox.
+/// Answers are read as `oauth2` reads them: the same [`TokenResponse`], the same
+/// [`FlowError`]s (never a body).
+async fn jwt_bearer(
+    http: &reqwest::Client,
+    oauth: &OAuth,
+    sa: &ServiceAccountKey,
+) -> Result<TokenResponse, FlowError> {
+    const WHAT: &str = "token endpoint";
+    let assertion = credential::service_account_assertion(sa, &oauth.scopes, &oauth.token_url)?;
+    let unreachable = |e: reqwest::Error| FlowError::Unreachable {
+        what: WHAT,
+        source: Box::new(oauth2::HttpClientError::Reqwest(Box::new(e))),
+    };
+    let response = http
+        .post(&oauth.token_url)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .form(&[
+            ("grant_type", JWT_BEARER_GRANT),
+            ("assertion", assertion.expose()),
+        ])
+        .send()
+        .await
+        .map_err(unreachable)?;
+    let status = response.status();
+    let body = response.bytes().await.map_err(unreachable)?;
+    let unexpected = |path: String| FlowError::UnexpectedAnswer { what: WHAT, path };
+    if status.is_success() {
+        let r: oauth2::basic::BasicTokenResponse =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
+                .map_err(|e| unexpected(e.path().to_string()))?;
+        Ok(token_response(&r))
+    } else {
+        let e: oauth2::basic::BasicErrorResponse =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
+                .map_err(|e| unexpected(e.path().to_string()))?;
+        Err(FlowError::Provider(server_error(&e)))
     }
 }
 
@@ -311,12 +381,14 @@ impl AuthCodeLogin {
         let code = tokio::time::timeout(LOGIN_TIMEOUT, self.wait_for_code())
             .await
             .map_err(|_| FlowError::LoginTimedOut(LOGIN_TIMEOUT))??;
-        let r = token_client(oauth)?
-            .set_redirect_uri(redirect_url(&self.redirect_uri)?)
+        let assertion = credential::client_assertion(oauth)?;
+        let client = token_client(oauth)?.set_redirect_uri(redirect_url(&self.redirect_uri)?);
+        let request = client
             .exchange_code(oauth2::AuthorizationCode::new(code.expose().to_string()))
             .set_pkce_verifier(oauth2::PkceCodeVerifier::new(
                 self.verifier.expose().to_string(),
-            ))
+            ));
+        let r = with_assertion!(request, &assertion)
             .request_async(http)
             .await;
         r.map(|t| token_response(&t))

@@ -208,7 +208,7 @@ fn load_entry(store: &TokenStore, a: &Account, clock: &Clock) -> Result<AccountT
     let current = token_from_store(&stored, 1, clock);
     let status = if current.is_some() {
         AccountStatus::Ready
-    } else if a.oauth.flow != Flow::ClientCredentials && stored.refresh_token.is_none() {
+    } else if !a.oauth.flow.is_app_only() && stored.refresh_token.is_none() {
         AccountStatus::NeedsLogin(format!(
             "no refresh token is stored; {}",
             login_hint(&a.username)
@@ -341,7 +341,7 @@ impl TokenManager {
     /// settings makes the account "needs login", as at start).
     fn replacement(&self, old: &AccountTokens, a: &Account) -> AccountTokens {
         let st = old.state();
-        let status = if a.oauth.flow != Flow::ClientCredentials && st.refresh_token.is_none() {
+        let status = if !a.oauth.flow.is_app_only() && st.refresh_token.is_none() {
             AccountStatus::NeedsLogin(format!(
                 "no refresh token is stored; {}",
                 login_hint(&a.username)
@@ -589,7 +589,7 @@ impl TokenManager {
             });
         }
         let grant = match acc.account.oauth.flow {
-            Flow::ClientCredentials => TokenGrant::ClientCredentials,
+            Flow::ClientCredentials | Flow::ServiceAccount => TokenGrant::ClientCredentials,
             Flow::AuthorizationCode | Flow::DeviceCode => match acc.state().refresh_token.clone() {
                 Some(rt) => TokenGrant::RefreshToken(rt),
                 None => {

@@ -3,6 +3,7 @@
 //!
 //! Tokens flow one way: provider -> [`manager::TokenManager`] -> upstream sessions.
 
+pub mod credential;
 pub mod flows;
 pub mod manager;
 pub mod store;

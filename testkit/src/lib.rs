@@ -11,6 +11,7 @@
 //! none of it; `tests/` and `benches/` use it as a dev-dependency.
 
 pub mod ca;
+pub mod credential;
 pub mod token;
 pub mod upstream;
 

@@ -32,7 +32,7 @@ fn stored(env: &Env) -> StoredTokens {
 /// Runs `login --no-browser`, follows the authorize URL it prints like a browser would
 /// (the fake provider approves at once and redirects to the loopback listener), and
 /// returns login's stdout once it exited 0.
-async fn login_with_browser(env: &Env) -> String {
+pub(crate) async fn login_with_browser(env: &Env) -> String {
     login_with_browser_after_silent_clients(env, 0).await.0
 }
 

@@ -5,6 +5,7 @@
 mod admin;
 mod cli;
 mod clients;
+mod credentials;
 mod deploy;
 mod failures;
 mod features;

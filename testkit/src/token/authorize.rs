@@ -273,6 +273,7 @@ mod tests {
         let client = Client {
             id: "app".into(),
             secret: None,
+            ..Client::default()
         };
         let now = Instant::now();
         let target = "/t/oauth2/v2.0/authorize?client_id=app&response_type=code\

@@ -239,6 +239,7 @@ mod tests {
         let client = Client {
             id: "app".into(),
             secret: Some("s".into()),
+            ..Client::default()
         };
         let now = Instant::now();
         let req = Request::form(

@@ -14,6 +14,7 @@ use base64::Engine as _;
 use serde_json::json;
 use tokio::time::Instant;
 
+use super::assertion::{Assertions, CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT};
 use super::authorize::{self, AuthCode};
 use super::device::{self, Device, DeviceSettings};
 use super::http::{basic_credentials, parse_form, Request, Response};
@@ -31,11 +32,14 @@ const OFFLINE_ACCESS: &str = "offline_access";
 const DEFAULT_DELEGATED_SCOPE: &str = "https://outlook.office.com/SMTP.Send offline_access";
 
 /// The registered application the endpoint knows.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct Client {
     pub id: String,
-    /// `None` = a public client (no secret may be presented).
+    /// `None` = a public client (no secret may be presented), unless it has a certificate
+    /// or a federated credential in `assertions`.
     pub secret: Option<String>,
+    /// Registered certificates, federated issuers and service accounts, and what was seen.
+    pub assertions: Assertions,
 }
 
 /// Everything the endpoint remembers between requests.
@@ -197,7 +201,19 @@ pub(super) fn token_request(
         "refresh_token" => refresh_token(state, client, &form, now),
         "authorization_code" => authorize::redeem_code(state, client, &form, now),
         DEVICE_CODE_GRANT => device::poll(state, client, &form, now),
+        JWT_BEARER_GRANT => jwt_bearer(state, client, &form, now),
         other => unsupported(other),
+    }
+}
+
+/// RFC 7523 JWT bearer grant (a Google service account acting for `sub`): no refresh token.
+fn jwt_bearer(state: &mut State, client: &Client, form: &Form<'_>, now: Instant) -> Response {
+    let Some(assertion) = form.get("assertion") else {
+        return missing("assertion");
+    };
+    match client.assertions.verify_service_account(assertion) {
+        Ok(scope) => user_tokens(state, &scope, false, now),
+        Err(resp) => resp,
     }
 }
 
@@ -282,6 +298,36 @@ pub(super) fn authenticate(
     };
     if id != client.id {
         return Err(unknown_client(&id));
+    }
+    if let Some(assertion) = form.get("client_assertion") {
+        if form.get("client_assertion_type") != Some(CLIENT_ASSERTION_TYPE) {
+            return Err(error(
+                400,
+                "invalid_request",
+                50027,
+                "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer.",
+            ));
+        }
+        if secret.is_some() {
+            return Err(error(
+                400,
+                "invalid_request",
+                7000219,
+                "Only one of 'client_assertion' or 'client_secret' may be presented.",
+            ));
+        }
+        let grant_type = form.get("grant_type").unwrap_or("");
+        return client.assertions.verify_client(assertion, &id, grant_type);
+    }
+    let confidential_by_assertion = client.secret.is_none() && client.assertions.registered();
+    if confidential_by_assertion && (secret.is_some() || rule != SecretRule::IfSent) {
+        return Err(error(
+            401,
+            "invalid_client",
+            7000218,
+            "The request body must contain the following parameter: 'client_assertion' or \
+             'client_secret'.",
+        ));
     }
     match (&client.secret, secret) {
         (Some(expected), Some(got)) if *expected == got => Ok(()),
@@ -420,6 +466,7 @@ mod tests {
         Client {
             id: "app".into(),
             secret: Some("s3cret".into()),
+            ..Client::default()
         }
     }
 
@@ -535,6 +582,7 @@ mod tests {
         let public = Client {
             id: "app".into(),
             secret: None,
+            ..Client::default()
         };
         let body = format!("grant_type=refresh_token&client_id=app&refresh_token={rt}&scope=x");
         let r = token_request(&mut st, &public, &post(&body, None), now);

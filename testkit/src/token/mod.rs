@@ -8,6 +8,7 @@
 //! Routing is by the end of the request path: `/token`, `/authorize`, `/devicecode`;
 //! everything else is 404. Time is `tokio::time::Instant`, so `tokio::time::pause` applies.
 
+mod assertion;
 mod authorize;
 mod device;
 #[cfg(test)]
@@ -15,6 +16,7 @@ mod flow_tests;
 mod grant;
 mod http;
 
+pub use assertion::{SeenAssertion, CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT};
 pub use device::DeviceOutcome;
 pub use grant::DEVICE_CODE_GRANT;
 
@@ -27,9 +29,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+use assertion::Assertions;
 use grant::{Client, State};
 use http::{Request, Response};
 
+/// The token path under [`FakeTokenEndpoint::base_url`]; client assertions name
+/// `base_url + TOKEN_PATH` as their audience.
+const TOKEN_PATH: &str = "/tenant/oauth2/v2.0/token";
 /// Default access token lifetime, as Microsoft issues them (about an hour).
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 
@@ -43,6 +49,16 @@ pub struct TokenOptions {
     /// Its secret, default `Some("test-secret")`; `None` makes it a public client (which
     /// cannot use `client_credentials` and must not present a secret).
     pub client_secret: Option<String>,
+    /// Certificates (PEM) registered on the application: a `client_assertion` signed with
+    /// one of their keys (header `x5t#S256`) authenticates the client. Default none.
+    pub client_certificates: Vec<String>,
+    /// Certificates (PEM) of trusted federated issuers (workload identity): a
+    /// `client_assertion` with `aud` = `api://AzureADTokenExchange` signed by one of them
+    /// authenticates the client. Default none.
+    pub federated_issuers: Vec<String>,
+    /// Google service accounts `(client_email, certificate PEM)` whose JWT bearer grants are
+    /// accepted. Default none.
+    pub service_accounts: Vec<(String, String)>,
 }
 
 impl Default for TokenOptions {
@@ -51,6 +67,9 @@ impl Default for TokenOptions {
             lifetime: DEFAULT_LIFETIME,
             client_id: "test-client".to_string(),
             client_secret: Some("test-secret".to_string()),
+            client_certificates: Vec::new(),
+            federated_issuers: Vec::new(),
+            service_accounts: Vec::new(),
         }
     }
 }
@@ -64,6 +83,9 @@ impl fmt::Debug for TokenOptions {
                 "client_secret",
                 &self.client_secret.as_ref().map(|_| "<redacted>"),
             )
+            .field("client_certificates", &self.client_certificates.len())
+            .field("federated_issuers", &self.federated_issuers.len())
+            .field("service_accounts", &self.service_accounts.len())
             .finish()
     }
 }
@@ -97,11 +119,19 @@ impl FakeTokenEndpoint {
         let addr = listener
             .local_addr()
             .expect("a bound TcpListener has a local address");
+        let addr = reachable(addr);
+        let token_url = format!("http://{addr}{TOKEN_PATH}");
         let inner = Arc::new(Inner {
-            addr: reachable(addr),
+            addr,
             client: Client {
                 id: opts.client_id,
                 secret: opts.client_secret,
+                assertions: Assertions::new(
+                    token_url,
+                    &opts.client_certificates,
+                    &opts.federated_issuers,
+                    &opts.service_accounts,
+                ),
             },
             state: Mutex::new(State::new(opts.lifetime)),
             requests: AtomicUsize::new(0),
@@ -119,7 +149,13 @@ impl FakeTokenEndpoint {
 
     /// The token URL, `http://127.0.0.1:PORT/tenant/oauth2/v2.0/token`.
     pub fn token_url(&self) -> String {
-        format!("{}/tenant/oauth2/v2.0/token", self.base_url())
+        format!("{}{TOKEN_PATH}", self.base_url())
+    }
+
+    /// Every assertion presented so far (client assertions and JWT bearer grants), oldest
+    /// first, accepted or not.
+    pub fn assertions_seen(&self) -> Vec<SeenAssertion> {
+        self.inner.client.assertions.log()
     }
 
     /// The authorize URL, `http://127.0.0.1:PORT/tenant/oauth2/v2.0/authorize`. A GET with a
