@@ -21,6 +21,10 @@ const LIST_KEYS: &[&str] = &[
     "allow_networks",
     "cidr",
 ];
+/// The most entries an indexed section may have from the environment (the index is used to
+/// grow a list: an absurd one must not allocate without bound).
+const MAX_INDEX: usize = 1000;
+
 /// Lists of tables, addressed by index: `ACCOUNT__<N>__<KEY>`, `RELAY_NETWORK__<N>__<KEY>`.
 const INDEXED_SECTIONS: &[&str] = &["account", "relay_network"];
 /// Keys whose environment value is a boolean.
@@ -96,6 +100,12 @@ pub(super) fn overlay(table: &mut toml::Table, name: &str, value: &str) -> Resul
         if segs.len() < 3 {
             return Err(err(format!("names no key of the {section}")));
         }
+        if index >= MAX_INDEX {
+            return Err(err(format!(
+                "{section} index {index} is too large (at most {})",
+                MAX_INDEX - 1
+            )));
+        }
         let entries = node
             .entry(*section)
             .or_insert_with(|| toml::Value::Array(Vec::new()));
@@ -124,4 +134,23 @@ pub(super) fn overlay(table: &mut toml::Table, name: &str, value: &str) -> Resul
     }
     node.insert(leaf.to_string(), typed);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absurd_index_is_an_error_not_an_allocation() {
+        let mut t = toml::Table::new();
+        let name = format!("{ENV_PREFIX}ACCOUNT__999999999__USERNAME");
+        let e = overlay(&mut t, &name, "x").unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
+        assert!(t
+            .get("account")
+            .is_none_or(|a| a.as_array().is_some_and(|a| a.len() <= 1)));
+        let ok = format!("{ENV_PREFIX}ACCOUNT__2__USERNAME");
+        overlay(&mut t, &ok, "x").unwrap();
+        assert_eq!(t["account"].as_array().unwrap().len(), 3);
+    }
 }

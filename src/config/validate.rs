@@ -3,6 +3,25 @@
 //! Every error names the file, the key and what is wrong ([`ConfigError`]); the messages are
 //! what users see (`invalid configuration: bridge.toml: account[0].mailbox: is missing ...`).
 
+/// The longest duration any `*_secs` key takes: a year (deadlines are `Instant`s, which
+/// overflow far before `u64::MAX` seconds).
+const MAX_SECS: u64 = 365 * 24 * 3600;
+
+/// The error for a `*_env` key whose variable is unset. A value that is not a variable name
+/// at all is not echoed: it may be the secret itself, pasted into the wrong key.
+fn unset_env_message(var: &str) -> String {
+    let is_name = var
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if is_name {
+        format!("environment variable {var} is not set or empty")
+    } else {
+        "is not the name of an environment variable (letters, digits and _; the value itself is not shown)".to_string()
+    }
+}
+
 use super::keys;
 use super::model::*;
 use super::raw::*;
@@ -182,12 +201,7 @@ impl Validator<'_> {
                         value,
                     })
                 }
-                _ => {
-                    return Err(self.err(
-                        "state.key_env",
-                        format!("environment variable {var} is not set or empty"),
-                    ))
-                }
+                _ => return Err(self.err("state.key_env", unset_env_message(&var))),
             },
             (None, None) => None,
         };
@@ -197,10 +211,11 @@ impl Validator<'_> {
         })
     }
 
-    /// A positive number of seconds (default `d`).
+    /// A positive number of seconds (default `d`), at most [`MAX_SECS`].
     fn secs(&self, key: &str, v: Option<u64>, d: u64) -> Result<Duration, ConfigError> {
         match v.unwrap_or(d) {
             0 => Err(self.err(key, "must be greater than 0")),
+            n if n > MAX_SECS => Err(self.err(key, "must be at most 31536000 (one year)")),
             n => Ok(Duration::from_secs(n)),
         }
     }
@@ -373,19 +388,21 @@ impl Validator<'_> {
                 l.max_connections,
                 DEFAULT_MAX_CONNECTIONS,
             )?,
-            shutdown_grace: Duration::from_secs(l.shutdown_grace_secs.unwrap_or(30)),
-            command_timeout: Duration::from_secs(match l.command_timeout_secs {
-                Some(0) => {
-                    return Err(self.err("listen.command_timeout_secs", "must be greater than 0"))
-                }
-                v => v.unwrap_or(300),
-            }),
-            session_timeout: Duration::from_secs(match l.session_timeout_secs {
-                Some(0) => {
-                    return Err(self.err("listen.session_timeout_secs", "must be greater than 0"))
-                }
-                v => v.unwrap_or(3600),
-            }),
+            shutdown_grace: match l.shutdown_grace_secs {
+                // 0 is allowed: no grace period.
+                Some(0) => Duration::ZERO,
+                v => self.secs("listen.shutdown_grace_secs", v, 30)?,
+            },
+            command_timeout: self.secs(
+                "listen.command_timeout_secs",
+                l.command_timeout_secs,
+                300,
+            )?,
+            session_timeout: self.secs(
+                "listen.session_timeout_secs",
+                l.session_timeout_secs,
+                3600,
+            )?,
         })
     }
 
@@ -495,7 +512,7 @@ impl Validator<'_> {
                 _ => {
                     return Err(self.err(
                         k("password_env"),
-                        format!("environment variable {var} is not set or empty"),
+                        unset_env_message(&var),
                     ))
                 }
             },
@@ -683,12 +700,7 @@ impl Validator<'_> {
                     source: SecretSource::Env(var),
                     value: Secret::new(v),
                 }),
-                _ => {
-                    return Err(self.err(
-                        k("client_secret_env"),
-                        format!("environment variable {var} is not set or empty"),
-                    ))
-                }
+                _ => return Err(self.err(k("client_secret_env"), unset_env_message(&var))),
             },
             (None, Some(p)) => {
                 let p = self.path(&p);
@@ -989,6 +1001,22 @@ mod tests {
             ),
             (String::new(), "account", "no [[account]]"),
             (
+                account("password_env = \"hunter2 is my pass!\"")
+                    .replace(&format!("password_hash = \"{HASH}\"\n"), ""),
+                "account[0].password_env",
+                "the value itself is not shown",
+            ),
+            (
+                format!("[listen]\ncommand_timeout_secs = 9223372036854775807\n{}", account("")),
+                "listen.command_timeout_secs",
+                "at most 31536000",
+            ),
+            (
+                format!("[upstream]\ntimeout_secs = 9223372036854775807\n{}", account("")),
+                "upstream.timeout_secs",
+                "at most 31536000",
+            ),
+            (
                 format!("[listen]\nsmtp = [\"127.0.0.1:25\", \"x\"]\n{}", account("")),
                 "listen.smtp[1]",
                 "\"x\" is not an IP:port",
@@ -1073,6 +1101,10 @@ mod tests {
             assert_eq!(e.file, "bridge.toml", "{e}");
             assert_eq!(e.key, key, "{e}");
             assert!(e.reason.contains(reason), "{key}: {e}");
+            assert!(
+                !e.to_string().contains("hunter2"),
+                "a pasted secret is echoed: {e}"
+            );
         }
     }
 

@@ -393,6 +393,30 @@ impl Queue {
         }
     }
 
+    /// A message already reported (delivered, or dead) whose removal from the spool failed
+    /// before: remove it (or move it to dead/) now, without sending or logging it again.
+    fn clean_up(&self, aq: &AccountQueue, env: &Envelope, progress: &Progress) {
+        let done = if progress.failed.is_empty() {
+            self.spool.remove(&env.id)
+        } else {
+            let reason = progress
+                .failed
+                .iter()
+                .map(|(r, why)| format!("{r}: {why}"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            self.spool.bury(&env.id, &reason)
+        };
+        match done {
+            Ok(()) => self.forget(aq, env),
+            Err(e) => {
+                tracing::error!(id = %env.id, error = %e, "cannot clean up a finished message; trying again later");
+                let next = Instant::now() + self.cfg.retry_max;
+                self.release(aq, env, progress.clone(), next);
+            }
+        }
+    }
+
     fn forget(&self, aq: &AccountQueue, env: &Envelope) {
         lock(&aq.items).remove(&(env.received_at, env.id.clone()));
     }
@@ -438,6 +462,10 @@ impl Queue {
                 return self.release(aq, &env, progress, next);
             }
         };
+        if progress.pending(&env).next().is_none() {
+            // Reported in an earlier attempt whose clean-up failed: only the clean-up is left.
+            return self.clean_up(aq, &env, &progress);
+        }
         let age = Duration::from_secs(unix_now().saturating_sub(progress.age_from(&env)));
         if age >= self.cfg.max_age {
             let reason = format!(
@@ -478,11 +506,17 @@ impl Queue {
         progress.record(unix_now(), code, &text);
         if progress.pending(&env).next().is_none() {
             if progress.failed.is_empty() {
-                if let Err(e) = self.spool.remove(&env.id) {
-                    tracing::error!(id = %env.id, error = %e, "delivered, but cannot remove the spool file");
-                }
-                self.forget(aq, &env);
                 self.log(&env, started, Outcome::Delivered, code, &text);
+                match self.spool.remove(&env.id) {
+                    Ok(()) => self.forget(aq, &env),
+                    Err(e) => {
+                        // Kept (and known) so that it is neither re-adopted nor re-sent: its
+                        // progress says delivered; the removal is tried again later.
+                        tracing::error!(id = %env.id, error = %e, "delivered, but cannot remove the spool file; trying again later");
+                        let next = Instant::now() + self.cfg.retry_max;
+                        self.release(aq, &env, progress, next);
+                    }
+                }
             } else {
                 let reason = progress
                     .failed
@@ -540,7 +574,11 @@ impl Queue {
                 tracing::error!(id = %env.id, error = %e, "cannot record delivery progress");
             }
             if let Err(e) = self.spool.bury(&env.id, reason) {
-                tracing::error!(id = %env.id, error = %e, "cannot move the message to dead");
+                tracing::error!(id = %env.id, error = %e, "cannot move the message to dead; trying again later");
+                let next = Instant::now() + self.cfg.retry_max;
+                self.release(aq, env, progress.clone(), next);
+                self.log(env, started, Outcome::Dead, code, reason);
+                return;
             }
         }
         self.forget(aq, env);
@@ -790,7 +828,7 @@ impl Queue {
             Ok(_) => stream_body(&mut txn, &mut body, &env.id).await,
             Err(e) => Err(e),
         };
-        txn.finish();
+        txn.finish().await;
         match r {
             Ok(up) => {
                 progress.delivered.extend(accepted);

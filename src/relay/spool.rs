@@ -288,6 +288,8 @@ impl Spool {
                         }
                     }
                 },
+                // Delivered, deleted or moved to dead/ since the directory was listed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
                 Err(e) => {
                     tracing::error!(file = %p.display(), error = %e, "unreadable spool file; moving it to dead");
                     let name = p.file_name().map(|n| n.to_os_string()).unwrap_or_default();

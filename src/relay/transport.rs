@@ -32,7 +32,7 @@ impl Transport {
     ) -> Result<(Transaction, UpReply), BeginError> {
         let cmd = envelope::mail_command(from, params, size);
         let (lease, reply) = self.pool.begin(account, &cmd).await?;
-        Ok((Transaction { lease }, reply))
+        Ok((Transaction { lease, open: true }, reply))
     }
 }
 
@@ -40,6 +40,9 @@ impl Transport {
 #[derive(Debug)]
 pub(crate) struct Transaction {
     lease: Lease,
+    /// The upstream holds an unfinished transaction (MAIL accepted, no final reply to the
+    /// content yet): the session needs RSET before it serves another one.
+    open: bool,
 }
 
 impl Transaction {
@@ -56,9 +59,19 @@ impl Transaction {
         self.lease.session().is_broken()
     }
 
-    /// Announces the content (SMTP: `DATA`, answered 354).
+    /// Announces the content (SMTP: `DATA`, answered 354). Any other positive reply is a
+    /// protocol error: the session is broken, and no content is sent into it.
     pub(crate) async fn start_data(&mut self) -> Result<UpReply, UpstreamError> {
-        self.lease.session().command("DATA").await
+        match self.lease.session().command("DATA").await {
+            Ok(r) if r.code == 354 => Ok(r),
+            Ok(r) => {
+                self.break_off();
+                Err(UpstreamError::Lost(format!(
+                    "unexpected reply to DATA: {r}"
+                )))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Streams one piece of the content (unstuffed, CRLF line endings, split anywhere)
@@ -68,9 +81,26 @@ impl Transaction {
         self.lease.session().body_chunk(chunk).await
     }
 
-    /// Ends the streamed content; the final verdict. The transaction is complete either way.
+    /// Ends the streamed content; the final verdict (2xx taken, 4xx/5xx refused). The
+    /// transaction is complete either way; a reply that is neither is a protocol error.
     pub(crate) async fn finish_content(&mut self) -> Result<UpReply, UpstreamError> {
-        self.lease.session().body_end().await
+        match self.lease.session().body_end().await {
+            Ok(r) if (200..300).contains(&r.code) => {
+                self.open = false;
+                Ok(r)
+            }
+            Ok(r) => {
+                self.break_off();
+                Err(UpstreamError::Lost(format!(
+                    "unexpected reply to the end of data: {r}"
+                )))
+            }
+            Err(UpstreamError::Reply(r)) => {
+                self.open = false;
+                Err(UpstreamError::Reply(r))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Gives up mid-content: the session is marked broken, so it is closed (without the
@@ -85,9 +115,14 @@ impl Transaction {
         drop(self.lease);
     }
 
-    /// After a final verdict: the session goes back to the pool (unless it broke).
-    pub fn finish(self) {
-        self.lease.release(true);
+    /// Done with the transaction: after a final verdict the session goes back to the pool
+    /// (unless it broke); an upstream transaction still open (DATA refused) is RSET first.
+    pub(crate) async fn finish(self) {
+        if self.open {
+            self.abort().await;
+        } else {
+            self.lease.release(true);
+        }
     }
 
     /// Abandons the transaction (RSET); the session is reused only if RSET worked.

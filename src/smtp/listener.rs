@@ -23,7 +23,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -113,14 +112,16 @@ pub async fn serve(
     let mut limit = Limit::new(first_max);
     let tracker = TaskTracker::new();
     let mut accept_errors = AcceptErrors::default();
-    let mut refusals = RefusalLog::default();
+    let mut refusals =
+        RefusalLog::new("connection from outside listen.allow_networks refused (554 5.7.1)");
+    let mut over_limit = RefusalLog::new("connection limit reached; refusing (421 4.3.2)");
     let mut next = 0;
     loop {
         let (which, accepted) = tokio::select! {
             a = accept_any(&listeners, &mut next) => a,
             _ = shutdown.cancelled() => break,
         };
-        let (mut stream, peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(a) => {
                 accept_errors.accepted("smtp");
                 a
@@ -139,29 +140,19 @@ pub async fn serve(
         if admission.max_connections != limit.max {
             limit.resize(admission.max_connections);
         }
-        let max_connections = limit.max;
         let _ = stream.set_nodelay(true);
         let implicit_tls = listeners.get(which).is_some_and(|b| b.implicit_tls);
         if !policy::connection_allowed(admission.allow_networks.as_deref(), peer.ip()) {
             ctx.metrics.connection_refused_network();
             refusals.note(peer);
             if !implicit_tls {
-                tracker.spawn(async move {
-                    let mut out = Vec::new();
-                    reply::NETWORK_REFUSED.write_to(&mut out);
-                    let write = stream.write_all(&out);
-                    let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
-                });
+                refuse(stream, &reply::NETWORK_REFUSED);
             }
             continue;
         }
         let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max_connections, "connection limit reached; refusing");
-            tracker.spawn(async move {
-                let mut out = Vec::new();
-                reply::TOO_MANY_CONNECTIONS.write_to(&mut out);
-                let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&out)).await;
-            });
+            over_limit.note(peer);
+            refuse(stream, &reply::TOO_MANY_CONNECTIONS);
             continue;
         };
         let tls = tls.clone();
@@ -283,12 +274,23 @@ fn accept_any<'a>(
 /// Logs refused connections at INFO at most once a second, the rest at DEBUG.
 #[derive(Debug, Default)]
 struct RefusalLog {
+    what: &'static str,
     last_info: Option<tokio::time::Instant>,
     /// Refusals logged at DEBUG since the last INFO line.
     quiet: u64,
 }
 
 impl RefusalLog {
+    fn new(what: &'static str) -> RefusalLog {
+        RefusalLog {
+            what,
+            last_info: None,
+            quiet: 0,
+        }
+    }
+
+    /// One INFO line a second at most (with how many were refused quietly since); the rest
+    /// at DEBUG, so a flood of connections cannot flood the log.
     fn note(&mut self, peer: SocketAddr) {
         let now = tokio::time::Instant::now();
         if self
@@ -296,13 +298,21 @@ impl RefusalLog {
             .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
         {
             self.quiet += 1;
-            tracing::debug!(%peer, "connection from outside listen.allow_networks refused");
+            tracing::debug!(%peer, "{}", self.what);
             return;
         }
-        tracing::info!(%peer, also_refused = self.quiet, "connection from outside listen.allow_networks refused (554 5.7.1)");
+        tracing::info!(%peer, also_refused = self.quiet, "{}", self.what);
         self.last_info = Some(now);
         self.quiet = 0;
     }
+}
+
+/// Refuses a connection with one reply, written without waiting (it fits any socket buffer)
+/// and without a task: a flood of connections costs no more than their accept.
+fn refuse(stream: TcpStream, r: &crate::reply::Reply) {
+    let mut out = Vec::new();
+    r.write_to(&mut out);
+    let _ = stream.try_write(&out);
 }
 
 /// Implicit TLS (`listen.smtps`): the handshake first (bounded), then the session over TLS

@@ -40,6 +40,9 @@ use tokio_util::sync::CancellationToken;
 /// How long we wait for the next command (RFC 5321 4.5.3.2: at least 5 minutes).
 #[cfg(test)]
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// RCPT commands a transaction may try, as a multiple of `max_recipients` (refused ones
+/// included: a few typos are fine, an address-probing loop is not).
+const MAX_RCPT_ATTEMPTS_FACTOR: usize = 2;
 /// Failed AUTH attempts per connection before it is closed with 421.
 pub(crate) const MAX_AUTH_FAILURES: u32 = 5;
 /// The longest the failed-AUTH delay grows to.
@@ -110,6 +113,9 @@ struct Txn {
     started: Instant,
     /// Since when this transaction holds an upstream session (sync mode, from the first RCPT).
     held_since: Option<Instant>,
+    /// RCPT commands tried, accepted or not: each may cost an upstream round trip, so a
+    /// client cannot probe addresses without end ([`MAX_RCPT_ATTEMPTS_FACTOR`]).
+    rcpt_attempts: usize,
 }
 
 impl Txn {
@@ -506,8 +512,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let account = match self.ctx.auth.verify(self.peer.ip(), &user, pass).await {
             Verdict::Ok(account) => account,
             Verdict::Busy => {
-                tracing::warn!(peer = %self.peer, "too many password checks waiting; AUTH deferred");
-                return Ok(Some(reply::AUTH_BUSY));
+                // Not the client's fault, so not counted as a failure; but it waits like one,
+                // so retrying at once cannot spin (or flood the log).
+                tracing::debug!(peer = %self.peer, "too many password checks waiting; AUTH deferred");
+                return self.after_failure(reply::AUTH_BUSY).await;
             }
             Verdict::Throttled => {
                 self.ctx.metrics.auth_failed();
@@ -593,6 +601,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             rcpts: Vec::new(),
             started: Instant::now(),
             held_since: None,
+            rcpt_attempts: 0,
         });
         self.reply(&reply::SENDER_OK);
     }
@@ -603,9 +612,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let Some(txn) = self.txn.as_mut() else {
             return self.reply(&reply::BAD_SEQUENCE_MAIL);
         };
-        if txn.rcpts.len() >= max {
+        if txn.rcpts.len() >= max
+            || txn.rcpt_attempts >= max.saturating_mul(MAX_RCPT_ATTEMPTS_FACTOR)
+        {
             return self.reply(&reply::TOO_MANY_RECIPIENTS);
         }
+        txn.rcpt_attempts += 1;
         let to = match envelope::parse_rcpt_args(args, txn.mail.params.smtputf8) {
             Ok(a) => a,
             Err(e) => return self.reply(&envelope_error_reply(&e, false)),
@@ -640,7 +652,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                         forward_rcpt(Box::new(t), to, &mut txn.rcpts).await
                     }
                     Ok((t, _)) => {
-                        t.finish();
+                        t.finish().await;
                         (r.clone(), Upstream::Failed(r))
                     }
                     Err(_) => {
@@ -767,7 +779,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         self.log_relay(&txn, bytes, outcome, code, &text);
         // After any final DATA reply the upstream session is idle again, unless it broke.
         if let Some(t) = upstream {
-            t.finish();
+            t.finish().await;
         }
         if result.is_ok() {
             self.note_rate();

@@ -756,3 +756,72 @@ async fn a_noop_ing_client_cannot_hold_the_mailboxs_upstream_session() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].rcpts, vec!["b@fabrikam.com".to_string()]);
 }
+
+/// An upstream that refuses the DATA command keeps its transaction open (as Postfix does):
+/// the pooled session must be RSET before it serves the next message, or every later MAIL on
+/// it gets `503 5.5.2 Sender already specified`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_data_was_refused_is_reset_before_it_is_reused() {
+    let env = start(Opts::default()).await;
+    env.upstream
+        .set_data_command_reply(Some(testkit::Reply::new(
+            452,
+            "4.3.1 Insufficient system storage",
+        )));
+    let mut c = TcpSmtp::connect(env.addr).await;
+    c.login().await;
+    c.expect(&format!("MAIL FROM:<{MAILBOX}>"), 250).await;
+    c.expect("RCPT TO:<a@fabrikam.com>", 250).await;
+    // Sync mode answers 354 while DATA goes upstream; the refusal is the final reply.
+    c.expect("DATA", 354).await;
+    c.send(b"Subject: refused\r\n\r\nbody\r\n.\r\n").await;
+    let (code, t) = c.reply().await;
+    assert!(
+        (400..500).contains(&code),
+        "DATA refused upstream: {code} {t}"
+    );
+    env.upstream.set_data_command_reply(None);
+    c.expect(&format!("MAIL FROM:<{MAILBOX}>"), 250).await;
+    c.expect("RCPT TO:<b@fabrikam.com>", 250).await;
+    c.expect("DATA", 354).await;
+    c.send(b"Subject: after a refused DATA\r\n\r\nbody\r\n.\r\n")
+        .await;
+    let (code, t) = c.reply().await;
+    assert_eq!(code, 250, "{t}");
+    let got = env.upstream.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpts, vec!["b@fabrikam.com".to_string()]);
+    // The same upstream session served both, with RSET between them.
+    assert_eq!(env.upstream.connections(), 1);
+    let log = env.upstream.log().join("\n");
+    let rset = log.find("RSET").expect("an RSET upstream");
+    let second_mail = log.rfind("MAIL FROM").unwrap();
+    assert!(rset < second_mail, "{log}");
+}
+
+/// Refused recipients count too: a client cannot probe addresses upstream without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rcpt_attempts_are_bounded_whatever_the_verdict() {
+    let env = start(Opts {
+        listen: "max_recipients = 2".into(),
+        ..Opts::default()
+    })
+    .await;
+    env.upstream.set_rcpt_reply(
+        "probe@fabrikam.com",
+        Some(testkit::Reply::new(550, "5.1.10 Recipient not found")),
+    );
+    let mut c = TcpSmtp::connect(env.addr).await;
+    c.login().await;
+    c.expect(&format!("MAIL FROM:<{MAILBOX}>"), 250).await;
+    for _ in 0..4 {
+        c.expect("RCPT TO:<probe@fabrikam.com>", 550).await;
+    }
+    let t = c.expect("RCPT TO:<probe@fabrikam.com>", 452).await;
+    assert!(t.starts_with("4.5.3"), "{t}");
+    let rcpts = upstream_lines(&env.upstream)
+        .iter()
+        .filter(|l| l.starts_with("RCPT TO"))
+        .count();
+    assert_eq!(rcpts, 4, "only the allowed attempts reached the upstream");
+}

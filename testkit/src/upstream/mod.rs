@@ -225,6 +225,8 @@ struct Script {
     /// Keyed by lower-cased address.
     rcpt: HashMap<String, Reply>,
     data: Option<Reply>,
+    /// Reply to the DATA command itself (a refusal keeps the transaction open, as Postfix).
+    data_command: Option<Reply>,
     auth: Option<Reply>,
     delay: Duration,
     stall: Option<Stall>,
@@ -274,7 +276,8 @@ pub(super) struct Inner {
     /// What the accept loop did about it: true while the listening socket is closed.
     refusing: watch::Sender<bool>,
     /// The socket bound again by `refuse_connections(false)`, for the accept loop to take.
-    relisten: Mutex<Option<TcpListener>>,
+    /// While refusing: the port, bound but not listening.
+    relisten: Mutex<Option<tokio::net::TcpSocket>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -443,6 +446,12 @@ impl FakeUpstream {
         lock(&self.inner.script).data = reply;
     }
 
+    /// Scripted refusal of the DATA command itself (no 354); the transaction stays open, so
+    /// the next MAIL without RSET gets `503 5.5.2 Sender already specified`.
+    pub fn set_data_command_reply(&self, reply: Option<Reply>) {
+        lock(&self.inner.script).data_command = reply;
+    }
+
     /// Scripted reply to MAIL FROM; non-2xx starts no transaction.
     pub fn set_mail_reply(&self, reply: Option<Reply>) {
         lock(&self.inner.script).mail = reply;
@@ -554,17 +563,6 @@ impl FakeUpstream {
     /// # Panics
     /// If the address cannot be bound again (another process took the port meanwhile).
     pub async fn refuse_connections(&self, on: bool) {
-        if !on && *self.inner.refusing.borrow() {
-            let l = TcpListener::bind(self.inner.addr)
-                .await
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "fake upstream: cannot listen on {} again: {e}",
-                        self.inner.addr
-                    )
-                });
-            *lock(&self.inner.relisten) = Some(l);
-        }
         self.inner.refuse.send_replace(on);
         let mut refusing = self.inner.refusing.subscribe();
         refusing.wait_for(|r| *r == on).await.unwrap_or_else(|_| {
@@ -693,6 +691,22 @@ fn message_id(data: &[u8]) -> String {
         .unwrap_or_default()
 }
 
+/// A socket bound to `addr` (SO_REUSEADDR, as listeners are) but not listening.
+fn hold_port(addr: SocketAddr) -> tokio::net::TcpSocket {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    };
+    socket
+        .and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            Ok(s)
+        })
+        .unwrap_or_else(|e| panic!("fake upstream: cannot hold {addr} while refusing: {e}"))
+}
+
 /// Decrements the open-session count when a session ends, however it ends.
 struct OpenGuard(Arc<Inner>);
 
@@ -708,11 +722,19 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
     loop {
         let refusing = *refuse.borrow_and_update();
         if refusing && listener.is_some() {
+            // The port stays ours while we refuse: a socket bound but not listening makes
+            // the kernel answer connections with RST (refused), and no other test can take
+            // the port meanwhile; listening again is `listen()` on that same socket.
             listener = None;
+            *lock(&inner.relisten) = Some(hold_port(inner.addr));
             inner.refusing.send_replace(true);
         } else if !refusing && listener.is_none() {
-            // Bound by `refuse_connections(false)` before it asked us to listen again.
-            listener = lock(&inner.relisten).take();
+            let held = lock(&inner.relisten).take();
+            listener = held.map(|s| {
+                s.listen(1024).unwrap_or_else(|e| {
+                    panic!("fake upstream: cannot listen on {} again: {e}", inner.addr)
+                })
+            });
             if listener.is_some() {
                 inner.refusing.send_replace(false);
             }

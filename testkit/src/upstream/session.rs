@@ -516,6 +516,7 @@ impl Session<'_> {
             ))
         } else {
             self.check_ready_for_data()
+                .or_else(|| self.inner.script().data_command.clone())
         };
         if let Some(r) = refusal {
             self.send(conn, &r).await?;
