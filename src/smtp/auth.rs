@@ -234,6 +234,7 @@ impl LocalAuth {
 
     /// The address's failure score now (decayed).
     fn address_score(&self, peer: IpAddr) -> f64 {
+        let peer = client_key(peer);
         let now = Instant::now();
         lock(&self.failures)
             .get(&peer)
@@ -241,6 +242,7 @@ impl LocalAuth {
     }
 
     fn note_failure(&self, peer: IpAddr) {
+        let peer = client_key(peer);
         let now = Instant::now();
         let mut f = lock(&self.failures);
         if f.len() >= MAX_TRACKED_ADDRESSES && !f.contains_key(&peer) {
@@ -267,6 +269,22 @@ fn same_password(a: &LocalPassword, b: &LocalPassword) -> bool {
             x.var == y.var && ct_eq(x.expose().as_bytes(), y.expose().as_bytes())
         }
         _ => false,
+    }
+}
+
+/// Whose failures an address counts as: an IPv4 address itself (also when it arrives
+/// IPv4-mapped on an IPv6 socket), an IPv6 address by its /64 — one host or site usually
+/// holds a whole /64, and rotating addresses inside it must not reset the score.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -476,6 +494,15 @@ mod tests {
 
     /// A wrong password costs one argon2 check whether the user is unknown ("nobody") or has
     /// a plain `password_env` ("p"): so both fill the verifier queue alike (no timing oracle).
+    #[test]
+    fn failures_count_per_ipv4_address_and_per_ipv6_64() {
+        let k = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(k("10.0.5.7"), k("::ffff:10.0.5.7"));
+        assert_ne!(k("10.0.5.7"), k("10.0.5.8"));
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff:1:2:3"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+    }
+
     #[tokio::test]
     async fn a_full_queue_answers_busy_without_checking() {
         for user in ["nobody", "p"] {
