@@ -7,7 +7,9 @@
 //! cargo bench --bench relay -- --concurrency 50 --messages 2000 --size 10240
 //!
 //! Options: --concurrency N (1), --messages N (2000), --size BYTES (10240), --rcpts N (1),
-//! --upstream-delay-ms N (0), --sessions N (bridge's max_sessions_per_mailbox, 3).
+//! --upstream-delay-ms N (0, per upstream reply), --upstream-rtt-ms N (0: a delay proxy in front
+//! of the upstream adds N/2 ms each way for both paths), --sessions N (bridge's
+//! max_sessions_per_mailbox, 3).
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
@@ -31,6 +33,8 @@ struct Args {
     size: usize,
     rcpts: usize,
     delay_ms: u64,
+    /// Round-trip time added between every client of the upstream and the upstream.
+    rtt_ms: u64,
     sessions: usize,
 }
 
@@ -41,6 +45,7 @@ fn args() -> Args {
         size: 10 * 1024,
         rcpts: 1,
         delay_ms: 0,
+        rtt_ms: 0,
         sessions: 3,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
@@ -53,6 +58,7 @@ fn args() -> Args {
             "--size" => a.size = next().unwrap_or(10240) as usize,
             "--rcpts" => a.rcpts = next().unwrap_or(1) as usize,
             "--upstream-delay-ms" => a.delay_ms = next().unwrap_or(0),
+            "--upstream-rtt-ms" => a.rtt_ms = next().unwrap_or(0),
             "--sessions" => a.sessions = next().unwrap_or(3) as usize,
             _ => {
                 i += 1;
@@ -196,9 +202,28 @@ async fn remote_ends(dir: &std::path::Path) {
     )
     .await;
     upstream.set_keep_data(false);
+    // Distance: both paths (direct and bridge) reach the upstream through the same delay
+    // proxy, N/2 ms each way.
+    let rtt_ms: u64 = std::env::var("BENCH_UPSTREAM_RTT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let upstream_addr = if rtt_ms > 0 {
+        let proxy = testkit::DelayProxy::start(
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind"),
+            upstream.addr(),
+            Duration::from_micros(rtt_ms * 500),
+        )
+        .await;
+        proxy.addr()
+    } else {
+        upstream.addr()
+    };
     println!(
         "{}",
-        serde_json::json!({"upstream": upstream.addr().to_string(), "token_url": tokens.token_url()})
+        serde_json::json!({"upstream": upstream_addr.to_string(), "token_url": tokens.token_url()})
     );
     let _ = tokio::task::spawn_blocking(|| {
         let mut sink = String::new();
@@ -232,6 +257,7 @@ async fn main() {
     let mut remote = std::process::Command::new(std::env::current_exe().expect("exe"))
         .args(["--remote-ends", dir.path().to_str().expect("path")])
         .env("BENCH_UPSTREAM_DELAY_MS", a.delay_ms.to_string())
+        .env("BENCH_UPSTREAM_RTT_MS", a.rtt_ms.to_string())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -421,8 +447,8 @@ async fn main() {
     let mb = |s: &Stats| s.latencies.len() as f64 * size as f64 / s.wall.as_secs_f64() / 1e6;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "relay benchmark: concurrency {} messages {} size {} B rcpts {} upstream delay {} ms, bridge sessions/mailbox {}",
-        a.concurrency, a.messages, a.size, a.rcpts, a.delay_ms, a.sessions
+        "relay benchmark: concurrency {} messages {} size {} B rcpts {} upstream delay {} ms, upstream RTT {} ms, bridge sessions/mailbox {}",
+        a.concurrency, a.messages, a.size, a.rcpts, a.delay_ms, a.rtt_ms, a.sessions
     );
     println!(
         "{:<8} {:>10} {:>8} {:>9} {:>9} {:>9} {:>8}",
@@ -450,7 +476,7 @@ async fn main() {
         "{}",
         serde_json::json!({
             "concurrency": a.concurrency, "messages": a.messages, "size": a.size, "rcpts": a.rcpts,
-            "upstream_delay_ms": a.delay_ms, "sessions_per_mailbox": a.sessions,
+            "upstream_delay_ms": a.delay_ms, "upstream_rtt_ms": a.rtt_ms, "sessions_per_mailbox": a.sessions,
             "direct": {"msgs_per_s": direct.rate(), "mb_per_s": mb(&direct), "p50_ms": ms(direct.pct(0.5)), "p99_ms": ms(direct.pct(0.99)), "max_ms": ms(direct.pct(1.0)), "failed": direct.failures},
             "bridge": {"msgs_per_s": via_bridge.rate(), "mb_per_s": mb(&via_bridge), "p50_ms": ms(via_bridge.pct(0.5)), "p99_ms": ms(via_bridge.pct(0.99)), "max_ms": ms(via_bridge.pct(1.0)), "failed": via_bridge.failures},
             "ratio_msgs_per_s": rate_ratio, "ratio_p50": p50_ratio, "bridge_peak_rss_bytes": rss,

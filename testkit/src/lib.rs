@@ -12,10 +12,12 @@
 
 pub mod ca;
 pub mod credential;
+pub mod delay;
 pub mod token;
 pub mod upstream;
 
 pub use ca::TestCa;
+pub use delay::DelayProxy;
 pub use token::{FakeTokenEndpoint, TokenOptions};
 pub use upstream::{FakeUpstream, FakeUpstreamOptions, Received, Reply, Stall};
 
