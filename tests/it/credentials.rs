@@ -59,17 +59,7 @@ authorize_url = "{authorize_url}"
         token_url = tokens.token_url(),
         authorize_url = tokens.authorize_url(),
     );
-    let config_path = dir.path().join("bridge.toml");
-    std::fs::write(&config_path, &config_text).expect("write config");
-    Env {
-        dir,
-        tokens,
-        upstream,
-        config_text,
-        config_path,
-        bridge: None,
-        addr: "127.0.0.1:9".parse().expect("addr"),
-    }
+    Env::written(dir, tokens, upstream, config_text)
 }
 
 fn config(env: &Env) -> Config {

@@ -68,6 +68,28 @@ pub async fn bind() -> TcpListener {
 }
 
 /// The remote ends and a config for them; the bridge itself is not started.
+impl Env {
+    /// An environment whose `bridge.toml` (in `dir`) is `config_text`; no bridge yet.
+    pub fn written(
+        dir: tempfile::TempDir,
+        tokens: FakeTokenEndpoint,
+        upstream: FakeUpstream,
+        config_text: String,
+    ) -> Env {
+        let config_path = dir.path().join("bridge.toml");
+        std::fs::write(&config_path, &config_text).expect("write config");
+        Env {
+            dir,
+            tokens,
+            upstream,
+            config_text,
+            config_path,
+            bridge: None,
+            addr: "127.0.0.1:9".parse().expect("addr"),
+        }
+    }
+}
+
 pub async fn remote_ends(opts: &Opts) -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = TestCa::new();
@@ -150,17 +172,7 @@ device_authorization_url = "{device_url}"
         state_extra = opts.state,
         extra = opts.extra,
     );
-    let config_path = dir.path().join("bridge.toml");
-    std::fs::write(&config_path, &config_text).expect("write config");
-    Env {
-        dir,
-        tokens,
-        upstream,
-        config_text,
-        config_path,
-        bridge: None,
-        addr: "127.0.0.1:9".parse().expect("addr"),
-    }
+    Env::written(dir, tokens, upstream, config_text)
 }
 
 pub fn test_env(name: &str) -> Option<String> {

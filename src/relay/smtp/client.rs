@@ -16,10 +16,11 @@ use rustls::pki_types::ServerName;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
 use zeroize::Zeroize;
 
 /// Size of one write of message content.
@@ -41,51 +42,9 @@ pub(crate) enum ClientError {
     Unsolicited(String),
 }
 
-/// The transport, before or after TLS.
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// The transport, before TLS (`Left`) or after (`Right`); tokio-util's `Either` forwards
+/// reads and writes to whichever it holds.
+type Stream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 /// One connection to the upstream: the stream and the input not yet consumed.
 pub(crate) struct Connection {
@@ -105,7 +64,7 @@ impl Connection {
     pub(crate) async fn connect(host: &str, port: u16) -> io::Result<Connection> {
         let tcp = TcpStream::connect((host, port)).await?;
         tcp.set_nodelay(true)?;
-        Ok(Connection::new(Stream::Plain(tcp)))
+        Ok(Connection::new(Either::Left(tcp)))
     }
 
     fn new(stream: Stream) -> Connection {
@@ -123,11 +82,11 @@ impl Connection {
         connector: &TlsConnector,
         name: &ServerName<'static>,
     ) -> Result<Connection, ClientError> {
-        let Stream::Plain(tcp) = self.stream else {
+        let Either::Left(tcp) = self.stream else {
             return Err(io::Error::other("TLS is already active").into());
         };
         let tls = connector.connect(name.clone(), tcp).await?;
-        Ok(Connection::new(Stream::Tls(Box::new(tls))))
+        Ok(Connection::new(Either::Right(Box::new(tls))))
     }
 
     /// Upgrades after the server's `220` to STARTTLS. Refused if the server sent anything
