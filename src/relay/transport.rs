@@ -2,12 +2,13 @@
 //! and a sender, add recipients one by one (each with its own verdict), send the content
 //! (whole, or streamed piece by piece as it arrives), and finish or abort (or abandon it
 //! mid-content: the upstream never sees the final dot). The session and the spool
-//! deliverer speak only this interface; how a transport reaches Microsoft 365 (SMTP
-//! sessions from the pool today) is its own business, so another transport is a new
-//! variant here, not an edit of the session.
+//! deliverer speak only this interface; how a transport reaches Microsoft 365 is its own
+//! business (`relay::smtp::transaction`: SMTP sessions from the pool), so another transport
+//! is a new variant here, not an edit of the session.
 
-use crate::relay::envelope::{self, Address, MailParams, ReversePath};
-use crate::relay::pool::{BeginError, Lease, Pool};
+use crate::relay::envelope::{Address, MailParams, ReversePath};
+use crate::relay::pool::{BeginError, Pool};
+use crate::relay::smtp::transaction::SmtpTransaction;
 use crate::relay::upstream::{UpReply, UpstreamError};
 
 /// The upstream transport of all accounts.
@@ -21,7 +22,7 @@ impl Transport {
         Transport { pool }
     }
 
-    /// Opens a transaction: takes an authenticated session for `account` and sends MAIL.
+    /// Opens a transaction for `account` with this sender (SMTP: a pooled session, MAIL).
     /// `size` is the real message size when known (spool), else the client's SIZE=.
     pub(crate) async fn begin(
         &self,
@@ -30,47 +31,37 @@ impl Transport {
         params: &MailParams,
         size: Option<usize>,
     ) -> Result<(Transaction, UpReply), BeginError> {
-        let cmd = envelope::mail_command(from, params, size);
-        let (lease, reply) = self.pool.begin(account, &cmd).await?;
-        Ok((Transaction { lease, open: true }, reply))
+        let (t, reply) = SmtpTransaction::begin(&self.pool, account, from, params, size).await?;
+        Ok((Transaction::Smtp(t), reply))
     }
 }
 
-/// One open upstream transaction (MAIL accepted).
+/// One open upstream transaction (the sender accepted).
 #[derive(Debug)]
-pub(crate) struct Transaction {
-    lease: Lease,
-    /// The upstream holds an unfinished transaction (MAIL accepted, no final reply to the
-    /// content yet): the session needs RSET before it serves another one.
-    open: bool,
+pub(crate) enum Transaction {
+    Smtp(SmtpTransaction),
 }
 
 impl Transaction {
     /// Adds a recipient; the upstream's verdict on it.
     pub(crate) async fn rcpt(&mut self, to: &Address) -> Result<UpReply, UpstreamError> {
-        self.lease
-            .session()
-            .command(&envelope::rcpt_command(to))
-            .await
+        match self {
+            Transaction::Smtp(t) => t.rcpt(to).await,
+        }
     }
 
     /// The upstream can no longer carry this transaction (the connection broke).
     pub(crate) fn is_broken(&mut self) -> bool {
-        self.lease.session().is_broken()
+        match self {
+            Transaction::Smtp(t) => t.is_broken(),
+        }
     }
 
-    /// Announces the content (SMTP: `DATA`, answered 354). Any other positive reply is a
-    /// protocol error: the session is broken, and no content is sent into it.
+    /// Announces the content (SMTP: `DATA`, answered 354); any other positive reply is a
+    /// protocol error and nothing is sent.
     pub(crate) async fn start_data(&mut self) -> Result<UpReply, UpstreamError> {
-        match self.lease.session().command("DATA").await {
-            Ok(r) if r.code == 354 => Ok(r),
-            Ok(r) => {
-                self.break_off();
-                Err(UpstreamError::Lost(format!(
-                    "unexpected reply to DATA: {r}"
-                )))
-            }
-            Err(e) => Err(e),
+        match self {
+            Transaction::Smtp(t) => t.start_data().await,
         }
     }
 
@@ -78,56 +69,43 @@ impl Transaction {
     /// after [`Transaction::start_data`]. On an error the transaction is lost (4xx to the
     /// client); nothing more may be sent.
     pub(crate) async fn send_chunk(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
-        self.lease.session().body_chunk(chunk).await
+        match self {
+            Transaction::Smtp(t) => t.send_chunk(chunk).await,
+        }
     }
 
-    /// Ends the streamed content; the final verdict (2xx taken, 4xx/5xx refused). The
-    /// transaction is complete either way; a reply that is neither is a protocol error.
+    /// Ends the content; the final verdict (2xx taken, 4xx/5xx refused).
     pub(crate) async fn finish_content(&mut self) -> Result<UpReply, UpstreamError> {
-        match self.lease.session().body_end().await {
-            Ok(r) if (200..300).contains(&r.code) => {
-                self.open = false;
-                Ok(r)
-            }
-            Ok(r) => {
-                self.break_off();
-                Err(UpstreamError::Lost(format!(
-                    "unexpected reply to the end of data: {r}"
-                )))
-            }
-            Err(UpstreamError::Reply(r)) => {
-                self.open = false;
-                Err(UpstreamError::Reply(r))
-            }
-            Err(e) => Err(e),
+        match self {
+            Transaction::Smtp(t) => t.finish_content().await,
         }
     }
 
-    /// Gives up mid-content: the session is marked broken, so it is closed (without the
-    /// final dot) when the transaction ends.
+    /// Gives up mid-content: nothing of it is ever delivered.
     pub(crate) fn break_off(&mut self) {
-        self.lease.session().break_off();
-    }
-
-    /// Drops the transaction mid-content: the connection is closed without the final dot,
-    /// so the upstream never takes the message (and the session is not reused).
-    pub(crate) fn abandon(self) {
-        drop(self.lease);
-    }
-
-    /// Done with the transaction: after a final verdict the session goes back to the pool
-    /// (unless it broke); an upstream transaction still open (DATA refused) is RSET first.
-    pub(crate) async fn finish(self) {
-        if self.open {
-            self.abort().await;
-        } else {
-            self.lease.release(true);
+        match self {
+            Transaction::Smtp(t) => t.break_off(),
         }
     }
 
-    /// Abandons the transaction (RSET); the session is reused only if RSET worked.
-    pub(crate) async fn abort(mut self) {
-        let ok = self.lease.session().command("RSET").await.is_ok();
-        self.lease.release(ok);
+    /// Drops the transaction mid-content: the upstream never takes the message.
+    pub(crate) fn abandon(self) {
+        match self {
+            Transaction::Smtp(t) => t.abandon(),
+        }
+    }
+
+    /// Done with the transaction after a final verdict (or a refused DATA).
+    pub(crate) async fn finish(self) {
+        match self {
+            Transaction::Smtp(t) => t.finish().await,
+        }
+    }
+
+    /// Abandons the transaction before its content.
+    pub(crate) async fn abort(self) {
+        match self {
+            Transaction::Smtp(t) => t.abort().await,
+        }
     }
 }
