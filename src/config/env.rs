@@ -37,6 +37,7 @@ const INT_KEYS: &[&str] = &[
     "max_recipients",
     "max_connections",
     "max_sessions_per_mailbox",
+    "warm_sessions",
     "messages_per_minute",
     "redirect_port",
 ];

@@ -212,6 +212,9 @@ pub struct Upstream {
     pub timeout: Duration,
     pub max_sessions_per_mailbox: usize,
     pub idle: Duration,
+    /// Authenticated sessions kept ready per mailbox (NOOPed, re-authenticated before the
+    /// token expires, reopened when closed); at most `max_sessions_per_mailbox`, 0 = none.
+    pub warm_sessions: usize,
     /// Messages per minute per mailbox: held in spool mode, reported in sync mode; 0 = no limit.
     pub messages_per_minute: u32,
 }

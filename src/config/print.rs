@@ -109,6 +109,7 @@ impl From<&Upstream> for RawUpstream {
             timeout_secs: secs(u.timeout),
             max_sessions_per_mailbox: count(u.max_sessions_per_mailbox),
             idle_secs: secs(u.idle),
+            warm_sessions: count(u.warm_sessions),
             messages_per_minute: Some(u.messages_per_minute),
         }
     }
@@ -246,6 +247,7 @@ command_timeout_secs = 60
 [upstream]
 security = "tls"
 ca_file = "ca.pem"
+warm_sessions = 2
 messages_per_minute = 0
 [state]
 dir = "var/state"
@@ -341,6 +343,7 @@ service_account_key_file = "sa.json"
                 "[[relay_network]]",
                 "cidr = [\"10.0.5.0/24\", \"10.0.6.17/32\", \"fd00:5::/64\"]",
                 "account = \"scanner\"",
+                "warm_sessions = 2",
                 "allowed_rcpt = [\"*@contoso.com\", \"alerts@fabrikam.com\"]",
             ] {
                 assert_eq!(
@@ -447,6 +450,7 @@ security = "starttls"
 timeout_secs = 60
 max_sessions_per_mailbox = 3
 idle_secs = 30
+warm_sessions = 0
 messages_per_minute = 30
 
 [state]

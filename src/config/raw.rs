@@ -53,6 +53,7 @@ pub(super) struct RawUpstream {
     pub timeout_secs: Option<u64>,
     pub max_sessions_per_mailbox: Option<u64>,
     pub idle_secs: Option<u64>,
+    pub warm_sessions: Option<u64>,
     pub messages_per_minute: Option<u32>,
 }
 

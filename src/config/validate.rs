@@ -453,18 +453,34 @@ impl Validator<'_> {
             }
         };
         let secs = |key: &str, v: Option<u64>, d: u64| self.secs(key, v, d);
+        let max_sessions_per_mailbox = self.count(
+            "upstream.max_sessions_per_mailbox",
+            u.max_sessions_per_mailbox,
+            DEFAULT_MAX_SESSIONS_PER_MAILBOX,
+        )?;
+        let warm_sessions = match u.warm_sessions {
+            None => 0,
+            Some(n) => usize::try_from(n)
+                .ok()
+                .filter(|n| *n <= max_sessions_per_mailbox)
+                .ok_or_else(|| {
+                    self.err(
+                        "upstream.warm_sessions",
+                        format!(
+                            "is {n}, more than upstream.max_sessions_per_mailbox ({max_sessions_per_mailbox}): warm sessions count in that cap"
+                        ),
+                    )
+                })?,
+        };
         Ok(Upstream {
             host,
             port,
             security,
             ca_file,
             timeout: secs("upstream.timeout_secs", u.timeout_secs, 60)?,
-            max_sessions_per_mailbox: self.count(
-                "upstream.max_sessions_per_mailbox",
-                u.max_sessions_per_mailbox,
-                DEFAULT_MAX_SESSIONS_PER_MAILBOX,
-            )?,
+            max_sessions_per_mailbox,
             idle: secs("upstream.idle_secs", u.idle_secs, 30)?,
+            warm_sessions,
             messages_per_minute: u.messages_per_minute.unwrap_or(30),
         })
     }
@@ -915,6 +931,52 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.key, "queue.max_bytes");
+    }
+
+    #[test]
+    fn warm_sessions_default_to_none_and_fit_in_the_session_cap() {
+        let c = load(&account("")).expect("valid");
+        assert_eq!(c.upstream.warm_sessions, 0);
+        let c = load(&format!("[upstream]\nwarm_sessions = 3\n{}", account(""))).expect("valid");
+        assert_eq!(c.upstream.warm_sessions, 3);
+        let e = load(&format!("[upstream]\nwarm_sessions = 4\n{}", account(""))).unwrap_err();
+        assert_eq!(
+            (e.file.as_str(), e.key.as_str()),
+            ("bridge.toml", "upstream.warm_sessions")
+        );
+        assert!(
+            e.reason
+                .contains("is 4, more than upstream.max_sessions_per_mailbox (3)"),
+            "{e}"
+        );
+        let e = load(&format!(
+            "[upstream]\nmax_sessions_per_mailbox = 1\nwarm_sessions = 2\n{}",
+            account("")
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "upstream.warm_sessions");
+        assert!(e.reason.contains("(1)"), "{e}");
+        // From the environment too, named by its variable.
+        let env = |v: &str| (v == "SECRET").then(|| "client-secret".to_string());
+        let var = |n: &str| {
+            vec![(
+                "SMTP_OAUTH_BRIDGE_UPSTREAM__WARM_SESSIONS".to_string(),
+                n.to_string(),
+            )]
+        };
+        let text = account("");
+        let from_env = |n: &str| {
+            Config::from_parts(
+                Some(&text),
+                "bridge.toml",
+                Path::new("/etc/b"),
+                &var(n),
+                &env,
+            )
+        };
+        assert_eq!(from_env("2").expect("valid").upstream.warm_sessions, 2);
+        let e = from_env("9").unwrap_err();
+        assert_eq!(e.key, "upstream.warm_sessions", "{e}");
     }
 
     #[test]

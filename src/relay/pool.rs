@@ -12,19 +12,46 @@
 //! a changed mailbox or `max_sessions_per_mailbox` a fresh one; the idle sessions of removed
 //! or replaced entries are closed, and a lease still out on one closes its session when it
 //! comes back instead of returning it to the idle list.
+//!
+//! Warm sessions (`upstream.warm_sessions`, per mailbox): the newest `warm_sessions` idle
+//! sessions are exempt from `idle_secs`, and a keeper round (started by the reaper's tick,
+//! at most one per mailbox at a time) NOOPs each one that has been quiet for
+//! [`WARM_NOOP_INTERVAL`] (or `idle_secs`, if shorter), replaces one whose token is due for
+//! refresh by a session authenticated with the new token, and opens sessions while fewer
+//! than `warm_sessions` exist (idle + lent). A session lent to a message counts: it comes
+//! back. The cap holds because a session outside the idle list always travels with a
+//! semaphore permit (the keeper takes one to NOOP or replace a session, and opens a new one
+//! only while `idle + permits held <= max_sessions_per_mailbox`), and `begin` connects only
+//! when the idle list is empty. A failed NOOP (EOF, 421, timeout) drops the session and the
+//! same round reopens it; failures to open back off ([`WARM_RETRY_MIN`] doubling to
+//! [`WARM_RETRY_MAX`]), logged once per streak.
 
 use crate::config::Config;
 use crate::oauth::manager::{AccessToken, TokenError, TokenManager};
 use crate::relay::upstream::{UpReply, UpstreamError, UpstreamSession, UpstreamTarget};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// How often idle sessions are checked for expiry (at most; shorter idle_secs check sooner).
+/// Also how often a mailbox with warm sessions gets a keeper round.
 const REAP_INTERVAL: Duration = Duration::from_secs(5);
+/// A warm session quiet this long gets a NOOP (sooner if `idle_secs` is shorter). Exchange
+/// Online drops an SMTP session idle for a few minutes (Exchange's receive connectors
+/// default to a 5-minute `ConnectionInactivityTimeout`), and NAT gateways on the way often
+/// forget a quiet TCP flow after 4 minutes (Azure's default): a minute stays well below
+/// both at one small command per minute. It also bounds how long a warm session the
+/// upstream closed goes unnoticed.
+const WARM_NOOP_INTERVAL: Duration = Duration::from_secs(60);
+/// The keeper's first wait after failing to open a warm session; doubled per failure in a
+/// row, up to [`WARM_RETRY_MAX`]: no tight loop while the upstream is down or the account
+/// needs login.
+const WARM_RETRY_MIN: Duration = Duration::from_secs(5);
+/// The longest wait between attempts to open a warm session.
+const WARM_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Why no upstream transaction could be started.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -48,7 +75,30 @@ pub enum BeginError {
 struct Idle {
     session: UpstreamSession,
     token: AccessToken,
+    /// Last use: released by a lease, opened or NOOPed by the keeper. The list is in this
+    /// order (oldest first).
     since: Instant,
+}
+
+/// Why the keeper could not open a warm session.
+#[derive(Debug, thiserror::Error)]
+enum WarmError {
+    #[error("{0}")]
+    Open(BeginError),
+    /// The token provider is failing and only a token due for refresh is at hand.
+    #[error("no fresh access token (the token provider is failing)")]
+    NoFreshToken,
+}
+
+/// The keeper's state of one mailbox.
+#[derive(Debug, Default)]
+struct Keeper {
+    /// A round is under way.
+    running: bool,
+    /// Rounds in a row that failed to open a warm session.
+    failures: u32,
+    /// No round before this (back-off after a failure).
+    retry_at: Option<Instant>,
 }
 
 struct Mailbox {
@@ -60,10 +110,13 @@ struct Mailbox {
     idle: Mutex<Vec<Idle>>,
     /// Replaced or removed by a reload: sessions coming back are closed, not kept.
     retired: AtomicBool,
+    /// `upstream.warm_sessions`; a reload changes it in place.
+    warm: AtomicUsize,
+    keeper: Mutex<Keeper>,
 }
 
 impl Mailbox {
-    fn new(account: &str, mailbox: &str, capacity: usize) -> Arc<Mailbox> {
+    fn new(account: &str, mailbox: &str, capacity: usize, warm: usize) -> Arc<Mailbox> {
         Arc::new(Mailbox {
             account: account.to_string(),
             mailbox: mailbox.to_string(),
@@ -71,6 +124,8 @@ impl Mailbox {
             sessions: Arc::new(Semaphore::new(capacity)),
             idle: Mutex::new(Vec::new()),
             retired: AtomicBool::new(false),
+            warm: AtomicUsize::new(warm),
+            keeper: Mutex::new(Keeper::default()),
         })
     }
 
@@ -78,9 +133,93 @@ impl Mailbox {
         crate::sync::lock(&self.idle)
     }
 
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    /// How many sessions to keep warm (never more than the cap).
+    fn warm(&self) -> usize {
+        self.warm.load(Ordering::Relaxed).min(self.capacity)
+    }
+
+    /// Sessions lent out or being opened, NOOPed or replaced (semaphore permits held).
+    fn held(&self) -> usize {
+        self.capacity
+            .saturating_sub(self.sessions.available_permits())
+    }
+
+    /// Claims the next keeper round if one is due: warm sessions wanted, the entry in use,
+    /// no round under way and no back-off pending (`slack`: half a tick, so a back-off that
+    /// ends just after a tick, as it does when it starts just after one, is taken then).
+    fn claim_round(&self, now: Instant, slack: Duration) -> bool {
+        if self.warm() == 0 || self.is_retired() {
+            return false;
+        }
+        let mut k = crate::sync::lock(&self.keeper);
+        if k.running || k.retry_at.is_some_and(|t| now + slack < t) {
+            return false;
+        }
+        k.running = true;
+        true
+    }
+
+    /// Ends a round: a failure sets the back-off (logged at the first failure in a row),
+    /// a success clears it.
+    fn end_round(&self, result: Result<(), WarmError>) {
+        let mut k = crate::sync::lock(&self.keeper);
+        k.running = false;
+        match result {
+            Ok(()) => {
+                if k.failures > 0 {
+                    tracing::info!(account = %self.account, "warm upstream sessions open again");
+                }
+                k.failures = 0;
+                k.retry_at = None;
+            }
+            Err(e) => {
+                k.failures = k.failures.saturating_add(1);
+                let wait = retry_delay(k.failures);
+                k.retry_at = Some(Instant::now() + wait);
+                if k.failures == 1 {
+                    tracing::warn!(account = %self.account, error = %e, retry_in_secs = wait.as_secs(), "cannot open a warm upstream session; retrying with back-off");
+                } else {
+                    tracing::debug!(account = %self.account, error = %e, failures = k.failures, retry_in_secs = wait.as_secs(), "warm upstream session still cannot be opened");
+                }
+            }
+        }
+    }
+
+    /// Puts a session the keeper opened or NOOPed at the newest end of the idle list (or
+    /// closes it if the entry was retired meanwhile).
+    fn keep_idle(&self, session: UpstreamSession, token: AccessToken) {
+        let mut idle = self.idle();
+        if self.is_retired() {
+            drop(idle);
+            tokio::spawn(session.close());
+            return;
+        }
+        idle.push(Idle {
+            session,
+            token,
+            since: Instant::now(),
+        });
+    }
+
+    /// Takes out the first kept-warm session (the newest `warm`) due for a NOOP (quiet for
+    /// `noop_every`) or a new token.
+    fn take_due(&self, now: Instant, noop_every: Duration) -> Option<Idle> {
+        let mut idle = self.idle();
+        let n = idle.len();
+        let i = (n.saturating_sub(self.warm())..n).find(|&i| {
+            let s = &idle[i];
+            !s.token.is_fresh(now) || now.duration_since(s.since) >= noop_every
+        })?;
+        Some(idle.remove(i))
+    }
+
     /// Marks the entry out of use and closes its idle sessions.
     fn retire(&self) {
-        self.retired.store(true, Ordering::Relaxed);
+        self.retired.store(true, Ordering::SeqCst);
         for i in std::mem::take(&mut *self.idle()) {
             tokio::spawn(i.session.close());
         }
@@ -97,6 +236,8 @@ struct PoolInner {
     target: UpstreamTarget,
     tokens: TokenManager,
     idle_limit: Duration,
+    /// A kept-warm session quiet this long gets a NOOP.
+    noop_every: Duration,
     /// Replaced as a whole by [`Pool::reconfigure`].
     mailboxes: Mutex<HashMap<String, Arc<Mailbox>>>,
 }
@@ -172,6 +313,7 @@ impl Pool {
                         &a.username,
                         &a.mailbox,
                         config.upstream.max_sessions_per_mailbox,
+                        config.upstream.warm_sessions,
                     ),
                 )
             })
@@ -181,6 +323,7 @@ impl Pool {
                 target,
                 tokens,
                 idle_limit: config.upstream.idle,
+                noop_every: WARM_NOOP_INTERVAL.min(config.upstream.idle),
                 mailboxes: Mutex::new(mailboxes),
             }),
         };
@@ -202,22 +345,36 @@ impl Pool {
         })
     }
 
+    /// Failed keeper rounds in a row for `account` (tests).
+    #[cfg(test)]
+    fn warm_failures(&self, account: &str) -> u32 {
+        self.inner
+            .mailbox(account)
+            .map_or(0, |m| crate::sync::lock(&m.keeper).failures)
+    }
+
     /// Follows a reloaded configuration: new accounts get a mailbox entry; an account whose
     /// mailbox or `max_sessions_per_mailbox` changed gets a fresh one; removed and replaced
-    /// entries are retired (idle sessions closed; leases still out close theirs on return).
+    /// entries are retired (idle sessions, warm ones included, closed; leases still out
+    /// close theirs on return). A changed `warm_sessions` applies to the entry in place
+    /// from the next keeper round (sessions no longer kept warm expire after `idle_secs`).
     /// Transactions in flight keep the entry they started with.
     pub(crate) fn reconfigure(&self, config: &Config) {
         let capacity = config.upstream.max_sessions_per_mailbox;
+        let warm = config.upstream.warm_sessions;
         let mut map = crate::sync::lock(&self.inner.mailboxes);
         let mut next = HashMap::new();
         for a in &config.accounts {
             let entry = match map.remove(&a.username) {
-                Some(mb) if mb.mailbox == a.mailbox && mb.capacity == capacity => mb,
+                Some(mb) if mb.mailbox == a.mailbox && mb.capacity == capacity => {
+                    mb.warm.store(warm, Ordering::Relaxed);
+                    mb
+                }
                 old => {
                     if let Some(old) = old {
                         old.retire();
                     }
-                    Mailbox::new(&a.username, &a.mailbox, capacity)
+                    Mailbox::new(&a.username, &a.mailbox, capacity, warm)
                 }
             };
             next.insert(a.username.clone(), entry);
@@ -283,11 +440,19 @@ impl Pool {
         }
     }
 
+    /// The newest usable idle session: token fresh, and quiet for less than `idle_secs`
+    /// unless it is one of the newest `warm_sessions` (kept alive by the keeper's NOOPs).
+    /// Unusable ones on the way are closed.
     fn take_idle(&self, mb: &Mailbox) -> Option<Idle> {
         let now = Instant::now();
+        let mut kept_warm = mb.warm();
         let mut idle = mb.idle();
         while let Some(i) = idle.pop() {
-            if now.duration_since(i.since) < self.inner.idle_limit && i.token.is_fresh(now) {
+            let warm = kept_warm > 0;
+            kept_warm = kept_warm.saturating_sub(1);
+            if (warm || now.duration_since(i.since) < self.inner.idle_limit)
+                && i.token.is_fresh(now)
+            {
                 return Some(i);
             }
             tokio::spawn(i.session.close());
@@ -358,7 +523,10 @@ pub async fn authenticate(
     }
 }
 
-/// Closes idle sessions past `idle_secs` or with a token due for refresh, until the pool is gone.
+/// Until the pool is gone: closes idle sessions past `idle_secs` or with a token due for
+/// refresh, and starts the keeper rounds of mailboxes with warm sessions. The newest
+/// `warm_sessions` idle sessions are exempt from `idle_secs`, and from the token check
+/// when a keeper round starts now (it replaces them: new session first).
 async fn reap(pool: Weak<PoolInner>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -369,11 +537,26 @@ async fn reap(pool: Weak<PoolInner>, every: Duration) {
         let mailboxes: Vec<Arc<Mailbox>> =
             crate::sync::lock(&p.mailboxes).values().cloned().collect();
         for mb in mailboxes {
+            let keeping = mb.claim_round(now, every / 2);
+            if keeping {
+                tokio::spawn(keep(p.clone(), mb.clone()));
+            }
+            let warm = mb.warm();
             let expired: Vec<Idle> = {
                 let mut idle = mb.idle();
-                let (keep, gone) = std::mem::take(&mut *idle).into_iter().partition(|i| {
-                    now.duration_since(i.since) < p.idle_limit && i.token.is_fresh(now)
-                });
+                let n = idle.len();
+                let mut keep = Vec::with_capacity(n);
+                let mut gone = Vec::new();
+                for (pos, i) in std::mem::take(&mut *idle).into_iter().enumerate() {
+                    let kept_warm = pos + warm >= n;
+                    let young = now.duration_since(i.since) < p.idle_limit;
+                    let fresh = i.token.is_fresh(now);
+                    if (young || kept_warm) && (fresh || (kept_warm && keeping)) {
+                        keep.push(i);
+                    } else {
+                        gone.push(i);
+                    }
+                }
                 *idle = keep;
                 gone
             };
@@ -382,6 +565,120 @@ async fn reap(pool: Weak<PoolInner>, every: Duration) {
             }
         }
     }
+}
+
+/// The wait before the next keeper round after `failures` failed ones in a row.
+fn retry_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    WARM_RETRY_MIN
+        .saturating_mul(1 << doublings)
+        .min(WARM_RETRY_MAX)
+}
+
+/// One keeper round of `mb`; see the module doc.
+async fn keep(p: Arc<PoolInner>, mb: Arc<Mailbox>) {
+    let result = keep_round(&p, &mb).await;
+    mb.end_round(result);
+}
+
+async fn keep_round(p: &PoolInner, mb: &Arc<Mailbox>) -> Result<(), WarmError> {
+    // Upkeep of the sessions kept warm. Each is taken out of the idle list under a permit,
+    // so that `begin` never counts on it nor opens one more in its place beyond the cap.
+    for _ in 0..mb.warm() {
+        if mb.is_retired() {
+            return Ok(());
+        }
+        let Ok(permit) = mb.sessions.clone().try_acquire_owned() else {
+            // Every permit is out: the warm sessions are in use or about to be.
+            break;
+        };
+        let now = Instant::now();
+        let Some(due) = mb.take_due(now, p.noop_every) else {
+            break;
+        };
+        if due.token.is_fresh(now) {
+            let Idle {
+                mut session, token, ..
+            } = due;
+            match session.command("NOOP").await {
+                Ok(_) => mb.keep_idle(session, token),
+                Err(e) => {
+                    tracing::debug!(account = %mb.account, error = %e, "warm upstream session failed its NOOP; reopening it");
+                    if !session.is_broken() {
+                        tokio::spawn(session.close());
+                    }
+                }
+            }
+            drop(permit);
+        } else {
+            replace(p, mb, due, permit).await?;
+        }
+    }
+    // Open sessions while fewer than `warm` exist (idle + lent; our permit not counted).
+    // With warm <= capacity this also keeps idle + permits held <= capacity.
+    loop {
+        if mb.is_retired() {
+            return Ok(());
+        }
+        let Ok(permit) = mb.sessions.clone().try_acquire_owned() else {
+            return Ok(());
+        };
+        let open = mb.idle().len() + mb.held().saturating_sub(1);
+        if open >= mb.warm() {
+            return Ok(());
+        }
+        let (session, token) = open_warm(p, mb).await?;
+        mb.keep_idle(session, token);
+        drop(permit);
+    }
+}
+
+/// Replaces kept-warm `old`, whose token is due for refresh (it is out of the idle list
+/// under `permit`), by a session authenticated with the refreshed token: the new one first
+/// if a second permit keeps the total within the cap, else the old one is closed first.
+async fn replace(
+    p: &PoolInner,
+    mb: &Arc<Mailbox>,
+    old: Idle,
+    permit: OwnedSemaphorePermit,
+) -> Result<(), WarmError> {
+    let second = mb
+        .sessions
+        .clone()
+        .try_acquire_owned()
+        .ok()
+        .filter(|_| mb.idle().len() <= mb.sessions.available_permits());
+    let opened = if second.is_some() {
+        let opened = open_warm(p, mb).await;
+        old.session.close().await;
+        opened
+    } else {
+        old.session.close().await;
+        open_warm(p, mb).await
+    };
+    let (session, token) = opened?;
+    tracing::debug!(account = %mb.account, "warm upstream session re-authenticated with a refreshed token");
+    mb.keep_idle(session, token);
+    drop((second, permit));
+    Ok(())
+}
+
+/// A new session for the keeper, authenticated with a fresh token.
+async fn open_warm(
+    p: &PoolInner,
+    mb: &Mailbox,
+) -> Result<(UpstreamSession, AccessToken), WarmError> {
+    let token = p
+        .tokens
+        .token(&mb.account)
+        .await
+        .map_err(|e| WarmError::Open(BeginError::Token(e)))?;
+    if !token.is_fresh(Instant::now()) {
+        return Err(WarmError::NoFreshToken);
+    }
+    authenticate(&p.target, &p.tokens, &mb.account, &mb.mailbox, token)
+        .await
+        .map_err(WarmError::Open)
 }
 
 #[cfg(test)]
@@ -691,5 +988,328 @@ pub(crate) mod tests {
         until("QUIT on session 1", || count(&r.upstream, "S1 QUIT") == 1).await;
         send_one(&pool).await;
         assert_eq!(r.upstream.connections(), 2);
+    }
+
+    // ---- warm sessions ----
+
+    /// Moves paused time on to `at` (in 1 ms steps) and resumes real time, so that the I/O
+    /// a timer at `at` starts runs in real time (see the module doc).
+    async fn skip_to_then_resume(at: Instant) {
+        tokio::time::pause();
+        skip(at.saturating_duration_since(Instant::now())).await;
+        tokio::time::resume();
+    }
+
+    fn position(up: &FakeUpstream, what: impl Fn(&str) -> bool) -> usize {
+        up.log()
+            .iter()
+            .position(|l| what(l))
+            .unwrap_or_else(|| panic!("not in the upstream log: {:?}", up.log()))
+    }
+
+    #[tokio::test]
+    async fn no_warm_sessions_by_default() {
+        let r = remote(Duration::from_secs(3600), "idle_secs = 1", "").await;
+        let _pool = pool(&r);
+        // Several reaper rounds (every second), in real time.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert_eq!(r.upstream.connections(), 0);
+        assert_eq!(r.tokens.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn one_warm_session_opens_at_start_and_is_kept_past_idle_secs_with_noop() {
+        let r = remote(
+            Duration::from_secs(3600),
+            "idle_secs = 12\nwarm_sessions = 1",
+            "",
+        )
+        .await;
+        let t0 = Instant::now();
+        let pool = pool(&r);
+        until("the warm session", || pool.idle_sessions(ACCOUNT) == 1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(r.upstream.connections(), 1, "exactly one, without traffic");
+        assert_eq!(r.upstream.auth_attempts(), 1);
+        assert_eq!(r.upstream.open_sessions(), 1);
+        assert_eq!(count(&r.upstream, "S1 NOOP"), 0);
+        // Quiet for idle_secs (12 s, also the NOOP interval here): not closed; the reaper's
+        // round at 15 s NOOPs it.
+        skip_to_then_resume(t0 + Duration::from_millis(14_900)).await;
+        assert_eq!(pool.idle_sessions(ACCOUNT), 1);
+        assert_eq!(count(&r.upstream, "S1 NOOP"), 0);
+        skip_to_then_resume(t0 + Duration::from_millis(15_050)).await;
+        until("a NOOP", || count(&r.upstream, "S1 NOOP") == 1).await;
+        until("back in the pool", || pool.idle_sessions(ACCOUNT) == 1).await;
+        assert_eq!(count(&r.upstream, "QUIT"), 0);
+        // The next message uses it: no handshake.
+        send_one(&pool).await;
+        assert_eq!(sessions(&r.upstream), [1]);
+        assert_eq!(r.upstream.connections(), 1);
+        assert_eq!(r.upstream.auth_attempts(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_warm_session_closed_by_the_upstream_is_replaced_before_the_next_message() {
+        let r = remote(
+            Duration::from_secs(3600),
+            "idle_secs = 12\nwarm_sessions = 1",
+            "",
+        )
+        .await;
+        let t0 = Instant::now();
+        let pool = pool(&r);
+        until("the warm session", || pool.idle_sessions(ACCOUNT) == 1).await;
+        r.upstream.close_idle_sessions();
+        until("the upstream closed it", || r.upstream.open_sessions() == 0).await;
+        // The NOOP at the round at 15 s finds it closed; the same round opens another.
+        skip_to_then_resume(t0 + Duration::from_millis(15_050)).await;
+        until("a new warm session", || {
+            r.upstream.connections() == 2 && pool.idle_sessions(ACCOUNT) == 1
+        })
+        .await;
+        let (connections, auths) = (r.upstream.connections(), r.upstream.auth_attempts());
+        assert_eq!(auths, 2);
+        send_one(&pool).await;
+        assert_eq!(r.upstream.connections(), connections, "no new connection");
+        assert_eq!(r.upstream.auth_attempts(), auths, "no new AUTH");
+        assert_eq!(sessions(&r.upstream), [2]);
+        assert_eq!(pool.warm_failures(ACCOUNT), 0);
+    }
+
+    /// 40 s tokens are due for refresh from 30 s on. The token is fetched 2.5 s before the
+    /// pool starts, so the reaper's rounds fall at 27.5 s and 32.5 s of its life.
+    async fn reauth_before_expiry(cap: usize) -> (Remote, Pool) {
+        let r = remote(
+            Duration::from_secs(40),
+            &format!("idle_secs = 600\nwarm_sessions = 1\nmax_sessions_per_mailbox = {cap}"),
+            "",
+        )
+        .await;
+        let tokens = TokenManager::new(&r.config).expect("token manager");
+        let fetched = Instant::now();
+        tokens.token(ACCOUNT).await.expect("token");
+        skip_to_then_resume(fetched + Duration::from_millis(2_500)).await;
+        let target = UpstreamTarget::new(&r.config.upstream).expect("target");
+        let pool = Pool::new(&r.config, target, tokens);
+        until("the warm session", || pool.idle_sessions(ACCOUNT) == 1).await;
+        send_one(&pool).await;
+        let first = r.upstream.received()[0].auth_token.clone();
+        skip_to_then_resume(fetched + Duration::from_millis(32_400)).await;
+        assert_eq!(r.upstream.auth_attempts(), 1, "not yet");
+        assert_eq!(r.tokens.requests(), 1);
+        skip_to_then_resume(fetched + Duration::from_millis(32_550)).await;
+        until("the re-authenticated session", || {
+            r.upstream.auth_attempts() == 2
+                && count(&r.upstream, "S1 QUIT") == 1
+                && pool.idle_sessions(ACCOUNT) == 1
+        })
+        .await;
+        // Well before the first token's expiry at 40 s.
+        assert!(
+            fetched.elapsed() < Duration::from_secs(36),
+            "{:?}",
+            fetched.elapsed()
+        );
+        assert_eq!(r.tokens.requests(), 2);
+        // The message after it goes on the new session, with the new token, no handshake.
+        send_one(&pool).await;
+        let got = r.upstream.received();
+        assert_eq!(sessions(&r.upstream), [1, 2]);
+        assert_ne!(got[1].auth_token, first, "a new token");
+        assert!(r.tokens.is_valid(&got[1].auth_token));
+        assert_eq!(r.upstream.connections(), 2);
+        assert_eq!(r.upstream.auth_attempts(), 2);
+        (r, pool)
+    }
+
+    #[tokio::test]
+    async fn a_warm_session_is_reauthenticated_before_its_token_expires_new_one_first() {
+        let (r, _pool) = reauth_before_expiry(3).await;
+        let auth2 = position(&r.upstream, |l| l.starts_with("S2 AUTH"));
+        let quit1 = position(&r.upstream, |l| l == "S1 QUIT");
+        assert!(
+            auth2 < quit1,
+            "the new session first: {:?}",
+            r.upstream.log()
+        );
+        assert_eq!(r.upstream.peak_sessions(), 2);
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_old_warm_session_is_closed_before_the_new_one_opens() {
+        let (r, _pool) = reauth_before_expiry(1).await;
+        let auth2 = position(&r.upstream, |l| l.starts_with("S2 AUTH"));
+        let quit1 = position(&r.upstream, |l| l == "S1 QUIT");
+        assert!(
+            quit1 < auth2,
+            "the old session first: {:?}",
+            r.upstream.log()
+        );
+        assert_eq!(r.upstream.peak_sessions(), 1);
+    }
+
+    #[tokio::test]
+    async fn warm_sessions_count_the_ones_lent_out() {
+        let r = remote(
+            Duration::from_secs(3600),
+            "idle_secs = 1\nwarm_sessions = 2\nmax_sessions_per_mailbox = 3",
+            "",
+        )
+        .await;
+        let pool = pool(&r);
+        until("two warm sessions", || pool.idle_sessions(ACCOUNT) == 2).await;
+        let (a, _) = pool.begin(ACCOUNT, MAIL).await.expect("begin");
+        let (b, _) = pool.begin(ACCOUNT, MAIL).await.expect("begin");
+        assert_eq!(pool.busy_sessions(ACCOUNT), 2);
+        // Rounds pass (every second): two sessions exist, none is opened.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert_eq!(r.upstream.connections(), 2);
+        assert_eq!(pool.idle_sessions(ACCOUNT), 0);
+        // One comes back broken (dropped): the keeper opens one in its place.
+        drop(a);
+        until("a replacement", || {
+            r.upstream.connections() == 3 && pool.idle_sessions(ACCOUNT) == 1
+        })
+        .await;
+        drop(b);
+        until("another", || {
+            r.upstream.connections() == 4 && pool.idle_sessions(ACCOUNT) == 2
+        })
+        .await;
+        assert!(r.upstream.peak_sessions() <= 3);
+    }
+
+    #[tokio::test]
+    async fn warm_sessions_never_exceed_the_cap_under_load() {
+        let r = remote(
+            Duration::from_secs(3600),
+            "idle_secs = 1\nwarm_sessions = 2\nmax_sessions_per_mailbox = 3",
+            "",
+        )
+        .await;
+        let pool = pool(&r);
+        until("two warm sessions", || pool.idle_sessions(ACCOUNT) == 2).await;
+        for _ in 0..3 {
+            let burst: Vec<_> = (0..10)
+                .map(|_| {
+                    let p = pool.clone();
+                    tokio::spawn(async move { send_one(&p).await })
+                })
+                .collect();
+            for t in burst {
+                t.await.expect("message");
+            }
+            // The upstream drops the idle ones; the keeper (NOOP every second) notices and
+            // reopens while the next burst competes for the same three slots.
+            r.upstream.close_idle_sessions();
+            tokio::time::sleep(Duration::from_millis(1_100)).await;
+        }
+        assert_eq!(r.upstream.received().len(), 30);
+        assert!(r.upstream.connections() > 3, "the keeper reopened sessions");
+        assert!(
+            r.upstream.peak_sessions() <= 3,
+            "peak {}",
+            r.upstream.peak_sessions()
+        );
+        until("warm again", || pool.idle_sessions(ACCOUNT) >= 2).await;
+        assert!(r.upstream.peak_sessions() <= 3);
+    }
+
+    #[tokio::test]
+    async fn opening_warm_sessions_backs_off_while_the_upstream_is_down() {
+        let r = remote(Duration::from_secs(3600), "warm_sessions = 1", "").await;
+        r.upstream.pause();
+        let t0 = Instant::now();
+        let pool = pool(&r);
+        until("a first attempt", || pool.warm_failures(ACCOUNT) == 1).await;
+        assert_eq!(r.upstream.connections(), 1);
+        // Back-off 5 s: the next round at 5 s, then 10 s: none at 10 s, one at 15 s.
+        skip_to_then_resume(t0 + Duration::from_millis(4_900)).await;
+        assert_eq!(r.upstream.connections(), 1, "no tight loop");
+        skip_to_then_resume(t0 + Duration::from_millis(5_050)).await;
+        until("a second attempt", || pool.warm_failures(ACCOUNT) == 2).await;
+        assert_eq!(r.upstream.connections(), 2);
+        skip_to_then_resume(t0 + Duration::from_millis(14_900)).await;
+        assert_eq!(r.upstream.connections(), 2, "the back-off doubled");
+        r.upstream.resume();
+        skip_to_then_resume(t0 + Duration::from_millis(15_050)).await;
+        until("warm again", || pool.idle_sessions(ACCOUNT) == 1).await;
+        assert_eq!(pool.warm_failures(ACCOUNT), 0);
+        assert_eq!(r.upstream.connections(), 3);
+    }
+
+    #[test]
+    fn the_retry_delay_doubles_up_to_its_bound() {
+        let secs: Vec<u64> = (1..=9).map(|f| retry_delay(f).as_secs()).collect();
+        assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(retry_delay(u32::MAX), WARM_RETRY_MAX);
+    }
+
+    #[tokio::test]
+    async fn an_account_that_needs_login_gets_no_warm_session_and_no_loop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = TestCa::new();
+        ca.write_ca_pem(&dir.path().join("ca.pem"))
+            .expect("CA file");
+        let r = remote(Duration::from_secs(3600), "", "").await;
+        // A delegated account with no stored refresh token: it needs `login`.
+        let toml = format!(
+            "[upstream]\nhost = \"127.0.0.1\"\nport = {port}\nca_file = \"ca.pem\"\ntimeout_secs = 5\nwarm_sessions = 1\n[state]\ndir = \"state\"\n\n[[account]]\nusername = \"{ACCOUNT}\"\npassword_env = \"PW\"\nmailbox = \"{MAILBOX}\"\n[account.oauth]\nflow = \"authorization_code\"\ntenant = \"t\"\nclient_id = \"test-client\"\ntoken_url = \"{url}\"\n",
+            port = r.upstream.addr().port(),
+            url = r.tokens.token_url(),
+        );
+        let env = |k: &str| (k == "PW").then(|| "local-pw".to_string());
+        let config = Config::from_toml(&toml, "t.toml", dir.path(), &env).expect("config");
+        tokio::time::pause();
+        let tokens = TokenManager::new(&config).expect("token manager");
+        let target = UpstreamTarget::new(&config.upstream).expect("target");
+        let pool = Pool::new(&config, target, tokens);
+        // Ten minutes: rounds at 0, 5, 15, 35, 75, 155, 315 s and then every 300 s at most.
+        skip_by(Duration::from_secs(600), Duration::from_millis(100)).await;
+        let failures = pool.warm_failures(ACCOUNT);
+        assert!((6..=8).contains(&failures), "{failures} attempts");
+        assert_eq!(pool.idle_sessions(ACCOUNT), 0);
+        assert_eq!(r.upstream.connections(), 0);
+        assert_eq!(r.tokens.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn reload_follows_warm_sessions_and_retired_mailboxes_close_theirs() {
+        let r = remote(
+            Duration::from_secs(3600),
+            "idle_secs = 1\nwarm_sessions = 1",
+            "",
+        )
+        .await;
+        let pool = pool(&r);
+        until("one warm session", || pool.idle_sessions(ACCOUNT) == 1).await;
+        let mut config = r.config.clone();
+        config.upstream.warm_sessions = 2;
+        pool.reconfigure(&config);
+        until("two", || {
+            pool.idle_sessions(ACCOUNT) == 2 && r.upstream.connections() == 2
+        })
+        .await;
+        // Down to none: they expire after idle_secs like any idle session.
+        config.upstream.warm_sessions = 0;
+        pool.reconfigure(&config);
+        until("none", || {
+            pool.idle_sessions(ACCOUNT) == 0 && count(&r.upstream, "QUIT") == 2
+        })
+        .await;
+        config.upstream.warm_sessions = 1;
+        pool.reconfigure(&config);
+        until("one again", || {
+            pool.idle_sessions(ACCOUNT) == 1 && r.upstream.connections() == 3
+        })
+        .await;
+        // The account goes: its warm session is closed and not reopened.
+        config.accounts.clear();
+        pool.reconfigure(&config);
+        until("closed", || count(&r.upstream, "S3 QUIT") == 1).await;
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert_eq!(r.upstream.connections(), 3);
+        assert_eq!(r.upstream.open_sessions(), 0);
     }
 }

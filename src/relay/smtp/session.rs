@@ -474,6 +474,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             max_sessions_per_mailbox: 1,
             idle: Duration::from_secs(60),
+            warm_sessions: 0,
             messages_per_minute: 0,
         };
         (UpstreamTarget::new(&cfg).expect("target"), server)
@@ -623,6 +624,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             max_sessions_per_mailbox: 1,
             idle: Duration::from_secs(60),
+            warm_sessions: 0,
             messages_per_minute: 0,
         };
         let t = UpstreamTarget::new(&cfg).expect("target");
