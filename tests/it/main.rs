@@ -24,3 +24,4 @@ mod reload;
 mod secrets;
 mod spool;
 mod tokens;
+mod warm;
