@@ -54,6 +54,10 @@ pub(super) struct RawUpstream {
     pub max_sessions_per_mailbox: Option<u64>,
     pub idle_secs: Option<u64>,
     pub messages_per_minute: Option<u32>,
+    /// "smtp" | "graph".
+    pub transport: Option<String>,
+    pub graph_url: Option<String>,
+    pub save_to_sent_items: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -94,6 +98,8 @@ pub(super) struct RawAccount {
     pub allowed_from: Option<Vec<String>>,
     pub allowed_rcpt: Option<Vec<String>>,
     pub oauth: Option<RawOAuth>,
+    /// Overrides `upstream.transport` for this account.
+    pub transport: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]

@@ -475,6 +475,9 @@ mod tests {
             max_sessions_per_mailbox: 1,
             idle: Duration::from_secs(60),
             messages_per_minute: 0,
+            transport: crate::config::TransportKind::Smtp,
+            graph_url: String::new(),
+            save_to_sent_items: false,
         };
         (UpstreamTarget::new(&cfg).expect("target"), server)
     }
@@ -624,6 +627,9 @@ mod tests {
             max_sessions_per_mailbox: 1,
             idle: Duration::from_secs(60),
             messages_per_minute: 0,
+            transport: crate::config::TransportKind::Smtp,
+            graph_url: String::new(),
+            save_to_sent_items: false,
         };
         let t = UpstreamTarget::new(&cfg).expect("target");
         let mut s = UpstreamSession::connect(&t).await.expect("connect");
