@@ -1,7 +1,8 @@
-//! Test doubles for the remote ends only: Microsoft's token endpoint and Microsoft 365's
-//! SMTP submission server, plus the throwaway CA their TLS needs. Real sockets, real TLS,
-//! real HTTP and SMTP, so the `demo` command, integration tests and benchmarks exercise the
-//! bridge exactly as in production. Nothing here is used by the bridge's own code paths.
+//! Test doubles for the remote ends only: Microsoft's token endpoint, Microsoft 365's
+//! SMTP submission server and Microsoft Graph's mail API, plus the throwaway CA their TLS
+//! needs. Real sockets, real TLS, real HTTP and SMTP, so the `demo` command, integration
+//! tests and benchmarks exercise the bridge exactly as in production. Nothing here is used
+//! by the bridge's own code paths.
 //!
 //! Callers bind the listeners (e.g. `127.0.0.1:0`) and pass them in; each fake runs in
 //! spawned tasks until the tokio runtime shuts down.
@@ -13,11 +14,16 @@
 pub mod ca;
 pub mod credential;
 pub mod delay;
+pub mod graph;
 pub mod token;
 pub mod upstream;
 
 pub use ca::TestCa;
 pub use delay::DelayProxy;
+pub use graph::{
+    FakeGraph, FakeGraphOptions, GraphAttachment, GraphFault, GraphRequest, GraphSendPath,
+    GraphSent,
+};
 pub use token::{FakeTokenEndpoint, TokenOptions};
 pub use upstream::{FakeUpstream, FakeUpstreamOptions, Received, Reply, Stall};
 

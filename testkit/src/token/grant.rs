@@ -50,6 +50,9 @@ pub(super) struct State {
     pub access: HashMap<String, Instant>,
     /// Every access token ever issued, in order.
     pub issued: Vec<String>,
+    /// The `scope` each access token was issued for (every one ever issued), so a resource
+    /// server (the fake Graph endpoint) can check the token's audience.
+    pub scopes: HashMap<String, String>,
     /// Refresh tokens that are honoured, oldest first. Each is removed when it is used
     /// (rotation) or revoked.
     pub refresh: Vec<String>,
@@ -77,6 +80,7 @@ impl State {
             lifetime,
             access: HashMap::new(),
             issued: Vec::new(),
+            scopes: HashMap::new(),
             refresh: Vec::new(),
             last_refresh_used: None,
             grants: HashMap::new(),
@@ -106,9 +110,10 @@ impl State {
         self.refresh.len() != before
     }
 
-    fn new_access_token(&mut self, now: Instant) -> String {
+    fn new_access_token(&mut self, now: Instant, scope: &str) -> String {
         let token = format!("eyJ0{}", random_urlsafe(ACCESS_TOKEN_RANDOM_BYTES));
         self.access.insert(token.clone(), now + self.lifetime);
+        self.scopes.insert(token.clone(), scope.to_string());
         self.issued.push(token.clone());
         token
     }
@@ -122,7 +127,7 @@ pub(super) fn user_tokens(
     with_refresh: bool,
     now: Instant,
 ) -> Response {
-    let access = state.new_access_token(now);
+    let access = state.new_access_token(now, scope);
     let secs = state.lifetime.as_secs();
     let mut body = json!({
         "token_type": "Bearer",
@@ -407,7 +412,7 @@ fn client_credentials(
             ),
         );
     }
-    let access = state.new_access_token(now);
+    let access = state.new_access_token(now, scope);
     let secs = state.lifetime.as_secs();
     let body = json!({
         "token_type": "Bearer",

@@ -244,6 +244,13 @@ impl FakeTokenEndpoint {
         self.inner.state().is_valid(token, Instant::now())
     }
 
+    /// The `scope` access token `token` was issued for (as the grant request named it, or the
+    /// default a refresh without `scope` answers), whether or not it is still valid; `None`
+    /// for a token this endpoint never issued. Resource servers check their audience with it.
+    pub fn scope_of(&self, token: &str) -> Option<String> {
+        self.inner.state().scopes.get(token).cloned()
+    }
+
     /// Every access token issued so far, oldest first (revoked and expired ones included).
     pub fn issued(&self) -> Vec<String> {
         self.inner.state().issued.clone()
@@ -303,7 +310,7 @@ impl Inner {
 }
 
 /// A listener bound to the unspecified address is reached over loopback.
-fn reachable(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn reachable(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => {
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
