@@ -246,6 +246,11 @@ impl GraphClient {
         })
     }
 
+    /// `upstream.graph_url` (for messages).
+    pub(crate) fn base_url(&self) -> String {
+        self.base.as_str().trim_end_matches('/').to_string()
+    }
+
     pub(crate) fn tokens(&self) -> &TokenManager {
         &self.tokens
     }

@@ -470,3 +470,83 @@ impl Sender<'_> {
         Ok(())
     }
 }
+
+/// What `check` learned about a Graph account whose mailbox and Mail.Send are fine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// Mail.ReadWrite (drafts) is granted too: large messages and messages whose header
+    /// recipients differ from the envelope can be sent. `Err`: why not.
+    pub drafts: Result<(), String>,
+}
+
+/// Why `check` failed for a Graph account: what happened and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what}")]
+pub struct ProbeFailure {
+    pub what: String,
+    pub hint: String,
+}
+
+/// The hint for a Graph status in `check`.
+fn probe_hint(status: Option<u16>, graph_url: &str) -> String {
+    match status {
+        Some(401) => "Graph refused the access token: the token must be issued for Microsoft Graph (scopes https://graph.microsoft.com/.default for client_credentials, https://graph.microsoft.com/Mail.Send offline_access for a signed-in user); check scopes and tenant".into(),
+        Some(403) => format!("{FORBIDDEN_HINT}: grant the Mail.Send application permission with admin consent, and if an application access policy (New-ApplicationAccessPolicy) or an RBAC for Applications assignment (New-ManagementRoleAssignment -App) limits the app, include this mailbox"),
+        Some(404) => "the mailbox was not found: check mailbox (the user principal name or primary SMTP address of a mailbox in Exchange Online, in the app's tenant)".into(),
+        Some(429) | Some(503) | Some(504) => "Microsoft Graph is busy or throttling; try again later".into(),
+        Some(_) => "see Graph's error above".into(),
+        None => format!("check upstream.graph_url ({graph_url}), DNS, proxy and firewall"),
+    }
+}
+
+/// `check` for a Graph account: proves the token, the mailbox and the Mail.Send permission
+/// without sending anything. Graph has no dry run and an app with only Mail.Send may read
+/// nothing, so the probe is a `sendMail` whose body is not base64 MIME: Graph checks the
+/// mailbox (404) and the permission (403) before the content, and answers 400
+/// (`ErrorMimeContentInvalidBase64String`) once both are fine; nothing can be sent from it.
+/// The same probe on `POST /messages` tells whether Mail.ReadWrite (drafts) is granted.
+pub async fn probe(
+    graph: &GraphTransport,
+    account: &str,
+    mailbox: &str,
+) -> Result<Probe, ProbeFailure> {
+    let client = graph.client();
+    let graph_url = client.base_url();
+    // Never base64: a body Graph cannot take as a message.
+    let body = Body::Mime("!check: not a message!".into());
+    let attempt = |rest: &'static str| {
+        let url = client.user_url(mailbox, &[rest]);
+        let body = body.clone();
+        async move { client.call(account, Method::POST, &url, &body).await }
+    };
+    match attempt("sendMail").await {
+        Err(GraphError::Status { status: 400, .. }) => {}
+        Err(GraphError::Token(e)) => {
+            return Err(ProbeFailure {
+                what: format!("token: {e}"),
+                hint: "see the token error above".into(),
+            })
+        }
+        Err(e) => {
+            return Err(ProbeFailure {
+                what: format!("Graph sendMail probe: {e}"),
+                hint: probe_hint(e.status(), &graph_url),
+            })
+        }
+        Ok(_) => {
+            return Err(ProbeFailure {
+                what: "Graph accepted a sendMail that is not a message".into(),
+                hint: format!(
+                    "upstream.graph_url ({graph_url}) does not behave like Microsoft Graph"
+                ),
+            })
+        }
+    }
+    let drafts = match attempt("messages").await {
+        Err(GraphError::Status { status: 400, .. }) => Ok(()),
+        Err(GraphError::Status { status: 403, .. }) => Err("Mail.ReadWrite is not granted (or not for this mailbox): messages over about 2.9 MB, and messages whose To/Cc/Bcc differ from the envelope, will be refused with 550 5.7.1".into()),
+        Err(e) => Err(format!("drafts could not be checked: {e}")),
+        Ok(_) => Err("Graph created a draft from a body that is not a message".into()),
+    };
+    Ok(Probe { drafts })
+}
