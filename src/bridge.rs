@@ -156,6 +156,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         ("upstream.ca_file", ou.ca_file != nu.ca_file),
         ("upstream.timeout_secs", ou.timeout != nu.timeout),
         ("upstream.idle_secs", ou.idle != nu.idle),
+        ("upstream.graph_url", ou.graph_url != nu.graph_url),
         ("state.dir", old.state.dir != new.state.dir),
         ("state.key_file/key_env", key_source(old) != key_source(new)),
         ("queue.mode", old.queue.is_some() != new.queue.is_some()),

@@ -42,6 +42,9 @@ pub enum DemoTransport {
     Graph,
 }
 
+/// One delivered copy: how it went, the mailbox it went as, its bytes, where it was written.
+type Delivered = (String, String, Vec<u8>, Option<String>);
+
 /// Where the demo delivered: the SMTP upstream, or Graph (copies written to `dir`).
 enum Remote {
     Smtp(FakeUpstream),
@@ -49,8 +52,9 @@ enum Remote {
 }
 
 impl Remote {
-    /// Waits for `n` deliveries; each as (who authenticated, the bytes, the copy's path).
-    async fn wait(&self, n: usize, timeout: Duration) -> Vec<(String, Vec<u8>, Option<String>)> {
+    /// Waits for `n` deliveries; each as (how it went, the mailbox it went as, the bytes, the
+    /// copy's path).
+    async fn wait(&self, n: usize, timeout: Duration) -> Vec<Delivered> {
         match self {
             Remote::Smtp(up) => up
                 .wait_received(n, timeout)
@@ -62,7 +66,12 @@ impl Remote {
                     } else {
                         "no TLS".into()
                     };
-                    (who, m.data, m.path.map(|p| p.display().to_string()))
+                    (
+                        who,
+                        m.auth_user,
+                        m.data,
+                        m.path.map(|p| p.display().to_string()),
+                    )
                 })
                 .collect(),
             Remote::Graph(g, dir) => g
@@ -76,7 +85,7 @@ impl Remote {
                         .ok()
                         .map(|()| path.display().to_string());
                     let who = format!("Microsoft Graph {:?} as {}", m.via, m.mailbox);
-                    (who, m.mime, path)
+                    (who, m.mailbox, m.mime, path)
                 })
                 .collect(),
         }
@@ -188,7 +197,7 @@ token_url = "{token_url}"
     bridge.wait().await;
     let reply = result?;
 
-    let Some((who, data, path)) = received.first() else {
+    let Some((who, _, data, path)) = received.first() else {
         return Err(CliError::Runtime("the upstream received nothing".into()));
     };
     if let Remote::Smtp(up) = &remote {
@@ -260,14 +269,14 @@ async fn serve_until_signal(
         tokio::select! {
             _ = &mut signal => break,
             received = remote.wait(seen + 1, Duration::from_secs(3600)) => {
-                for (who, _, path) in received.iter().skip(seen) {
+                for (who, user, _, path) in received.iter().skip(seen) {
                     if format == LogFormat::Pretty {
                         println!(
                             "demo: delivered ({who}): {}",
                             path.as_deref().unwrap_or("kept in memory")
                         );
                     } else {
-                        println!("{}", serde_json::json!({"demo": "delivered", "via": who, "delivered_copy": path}));
+                        println!("{}", serde_json::json!({"demo": "delivered", "via": who, "auth_user": user, "delivered_copy": path}));
                     }
                 }
                 seen = seen.max(received.len());
