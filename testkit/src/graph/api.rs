@@ -74,6 +74,21 @@ impl Upload {
     pub(super) fn mailbox_key(&self) -> String {
         self.key.clone()
     }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl Draft {
+    pub(super) fn bytes(&self) -> usize {
+        self.mime.len()
+            + self
+                .attachments
+                .iter()
+                .map(|a| a.att.bytes.len())
+                .sum::<usize>()
+    }
 }
 
 /// A message as submitted to `sendMail` or draft creation.
@@ -524,7 +539,12 @@ fn create_draft(inner: &Inner, call: &Call, mb: &str) -> Reply {
         Err(r) => return r,
     };
     let mut st = inner.state();
-    if st.drafts.len() >= MAX_DRAFTS {
+    let size = s.mime.len()
+        + s.attachments
+            .iter()
+            .map(|a| a.att.bytes.len())
+            .sum::<usize>();
+    if st.drafts.len() >= MAX_DRAFTS || !st.has_room_for(size) {
         return quota_exceeded();
     }
     let id = random_id("AAMkAD", 33);
@@ -612,6 +632,9 @@ fn add_attachment(inner: &Inner, call: &Call, mb: &str, id: &str) -> Reply {
         Err(r) => return r,
     };
     let mut st = inner.state();
+    if !st.has_room_for(added.att.bytes.len()) {
+        return quota_exceeded();
+    }
     let d = match draft_mut(&mut st, mb, id) {
         Ok(d) => d,
         Err(r) => return r,
@@ -731,6 +754,7 @@ fn expiry() -> String {
 /// A ranged PUT (or DELETE, cancelling the session) on an upload URL.
 fn upload(inner: &Inner, call: &Call, session: &str) -> Reply {
     let mut st = inner.state();
+    let room = st.has_room_for(call.body.len());
     let Some(u) = st.uploads.get_mut(session) else {
         return item_not_found();
     };
@@ -769,6 +793,9 @@ fn upload(inner: &Inner, call: &Call, session: &str) -> Reply {
                 u.size
             ),
         );
+    }
+    if !room {
+        return quota_exceeded();
     }
     u.data.extend_from_slice(&call.body);
     if u.data.len() < u.size {

@@ -136,6 +136,7 @@ async fn serve(
         path: raw_path,
         body_bytes,
         status: reply.status,
+        at: tokio::time::Instant::now(),
     });
     reply.into_response()
 }

@@ -63,6 +63,10 @@ pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 1;
 const MAX_DRAFTS: usize = 1000;
 /// Upload sessions open at once; one more is refused like a draft over [`MAX_DRAFTS`].
 const MAX_UPLOAD_SESSIONS: usize = 100;
+/// Bytes kept at once in open drafts (their MIME and attachments) and upload sessions; what
+/// would pass it is refused like a draft over [`MAX_DRAFTS`] (sent messages are not counted:
+/// tests read them).
+const MAX_STORED_BYTES: usize = 2 * 1024 * 1024 * 1024;
 /// Requests remembered by [`FakeGraph::requests`]; later ones are counted but not kept.
 const MAX_REQUEST_LOG: usize = 100_000;
 
@@ -213,6 +217,9 @@ pub struct GraphRequest {
     /// (or `max_request_bytes + 1` when it was chunked).
     pub body_bytes: usize,
     pub status: u16,
+    /// When it was answered (tokio's clock, so `tokio::time::pause` applies): e.g. to show a
+    /// retry came at least `Retry-After` after the 429.
+    pub at: tokio::time::Instant,
 }
 
 /// Handle to a running fake Graph endpoint. Clones share the server and its state; the
@@ -262,6 +269,20 @@ struct State {
 struct Flight {
     now: usize,
     peak: usize,
+}
+
+impl State {
+    /// Bytes held by open drafts and upload sessions (see [`MAX_STORED_BYTES`]).
+    fn stored_bytes(&self) -> usize {
+        let drafts: usize = self.drafts.values().map(api::Draft::bytes).sum();
+        let uploads: usize = self.uploads.values().map(api::Upload::bytes).sum();
+        drafts + uploads
+    }
+
+    /// Whether `more` bytes may be stored.
+    fn has_room_for(&self, more: usize) -> bool {
+        self.stored_bytes().saturating_add(more) <= MAX_STORED_BYTES
+    }
 }
 
 impl FakeGraph {

@@ -618,6 +618,8 @@ async fn bearer_tokens_are_checked() {
     let a = send("Basic YTpi").await;
     assert_eq!(a.status, 401);
 
+    assert_eq!(e.tokens.scope_of(&e.token).as_deref(), Some(GRAPH_SCOPE));
+    assert_eq!(e.tokens.scope_of("eyJ0madeup"), None);
     // A token for Exchange Online (SMTP) is not a token for Graph.
     let outlook = token_for(&e.http, &e.tokens, "https://outlook.office365.com/.default").await;
     let auth: &'static str = Box::leak(format!("Bearer {outlook}").into_boxed_str());
@@ -850,4 +852,27 @@ async fn response_delay_holds_the_slot() {
         2,
         "both were in flight at once"
     );
+}
+
+#[tokio::test]
+async fn drafts_kept_are_bounded() {
+    let e = env().await;
+    let mime = b"From: app@contoso.com\r\nTo: a@x.test\r\nSubject: n\r\n\r\nb\r\n";
+    let mut last = String::new();
+    for _ in 0..MAX_DRAFTS {
+        let a = e.post_mime(MB, "/messages", mime).await;
+        assert_eq!(a.status, 201);
+        last = a.json["id"].as_str().expect("id").to_string();
+    }
+    let a = e.post_mime(MB, "/messages", mime).await;
+    assert_eq!((a.status, a.code()), (507, "ErrorQuotaExceeded"));
+    assert_eq!(e.graph.open_drafts(), MAX_DRAFTS);
+    let url = e.user_url(MB, &format!("/messages/{last}"));
+    assert_eq!(
+        e.call(Method::DELETE, &url, None, Vec::new(), None)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(e.post_mime(MB, "/messages", mime).await.status, 201);
 }
