@@ -277,6 +277,18 @@ async fn throttled_sync_gets_451_and_spool_waits_for_retry_after() {
         1,
         "{reqs:?}"
     );
+    let at = |status: u16| {
+        reqs.iter()
+            .find(|r| r.status == status)
+            .map(|r| r.at)
+            .unwrap()
+    };
+    let gap = at(202).duration_since(at(429));
+    assert!(
+        gap >= Duration::from_secs(2),
+        "retried {gap:?} after the 429"
+    );
+    println!("spool: retried {gap:?} after 429 Retry-After 2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
