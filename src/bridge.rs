@@ -16,6 +16,7 @@ use crate::config::{Config, ConfigError, ListenTls};
 use crate::metrics::Metrics;
 use crate::oauth::manager::{ManagerError, TokenManager};
 use crate::relay::deliver::{Pacers, Queue};
+use crate::relay::graph::GraphTransport;
 use crate::relay::pool::Pool;
 use crate::relay::transport::Transport;
 use crate::relay::upstream::{local_hostname, UpstreamTarget};
@@ -155,6 +156,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         ("upstream.ca_file", ou.ca_file != nu.ca_file),
         ("upstream.timeout_secs", ou.timeout != nu.timeout),
         ("upstream.idle_secs", ou.idle != nu.idle),
+        ("upstream.graph_url", ou.graph_url != nu.graph_url),
         ("state.dir", old.state.dir != new.state.dir),
         ("state.key_file/key_env", key_source(old) != key_source(new)),
         ("queue.mode", old.queue.is_some() != new.queue.is_some()),
@@ -245,6 +247,9 @@ impl Bridge {
         let target =
             UpstreamTarget::new(&config.upstream).map_err(|e| StartError::Upstream(e.into()))?;
         let pool = Pool::new(config, target, tokens.clone());
+        let graph = GraphTransport::new(config, tokens.clone())
+            .map_err(|e| StartError::Upstream(e.into()))?;
+        let transport = Transport::smtp(pool.clone()).with_graph(graph);
         let starttls = config.listen.tls == ListenTls::StartTls;
         // One certificate serves STARTTLS and the implicit-TLS listeners.
         let acceptor = if starttls || !smtps.is_empty() {
@@ -264,7 +269,7 @@ impl Bridge {
                 Queue::start(
                     config,
                     q,
-                    Transport::smtp(pool.clone()),
+                    transport.clone(),
                     pacers.clone(),
                     metrics.clone(),
                     shutdown.clone(),
@@ -279,7 +284,7 @@ impl Bridge {
         tokens.spawn_refresher(shutdown.clone());
         let shared = Shared {
             hostname: local_hostname(),
-            transport: Transport::smtp(pool.clone()),
+            transport,
             tokens: tokens.clone(),
             starttls,
             shutdown: shutdown.clone(),
@@ -414,6 +419,7 @@ impl Reloader {
             );
         }
         self.pool.reconfigure(config);
+        self.shared.transport.reconfigure(config);
         self.shared.pacers.follow(config);
         if let Some(q) = &self.shared.queue {
             q.reconfigure(config);

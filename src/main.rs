@@ -69,6 +69,9 @@ enum Command {
         /// point a real application or printer at, and each delivered copy as it arrives
         #[arg(long)]
         serve: bool,
+        /// Deliver through the embedded Microsoft Graph endpoint instead of SMTP
+        #[arg(long, value_enum, default_value_t = cli::demo::DemoTransport::Smtp)]
+        transport: cli::demo::DemoTransport,
     },
 }
 
@@ -126,7 +129,7 @@ async fn run(command: Command, config: &cli::ConfigArg, format: LogFormat) -> Re
             no_browser,
         } => cli::login::run(config, &account, device, no_browser).await,
         #[cfg(feature = "demo")]
-        Command::Demo { serve } => cli::demo::run(format, serve).await,
+        Command::Demo { serve, transport } => cli::demo::run(format, serve, transport).await,
         Command::HashPassword => cli::hash_password::run(),
         Command::Queue { command } => cli::queue::run(config, command),
     }

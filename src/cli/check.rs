@@ -1,12 +1,15 @@
 //! `check [ACCOUNT]`: for each account, get a valid access token, connect to the upstream,
 //! STARTTLS, AUTH XOAUTH2, QUIT; one line per account, `ok` or the failure and a hint, and
 //! under it the client credential the token came from (with a certificate's expiry).
+//! Accounts with `transport = "graph"` are checked against Microsoft Graph instead
+//! (`relay::graph::probe`: token, mailbox and Mail.Send, with nothing sent).
 
 use super::{CliError, ConfigArg};
-use smtp_oauth_bridge::config::Account;
+use smtp_oauth_bridge::config::{Account, TransportKind};
 use smtp_oauth_bridge::oauth::credential;
 use smtp_oauth_bridge::oauth::manager::{TokenError, TokenManager};
 use smtp_oauth_bridge::relay::envelope::{self, Address, MailParams, ReversePath};
+use smtp_oauth_bridge::relay::graph::{self, GraphTransport};
 use smtp_oauth_bridge::relay::pool::{authenticate, BeginError};
 use smtp_oauth_bridge::relay::upstream::{UpReply, UpstreamError, UpstreamSession, UpstreamTarget};
 
@@ -23,6 +26,8 @@ pub async fn run(config: &ConfigArg, only: Option<&str>) -> Result<(), CliError>
     let tokens = TokenManager::new(&config).map_err(|e| CliError::Runtime(e.to_string()))?;
     let target =
         UpstreamTarget::new(&config.upstream).map_err(|e| CliError::Usage(e.to_string()))?;
+    let graph =
+        GraphTransport::new(&config, tokens.clone()).map_err(|e| CliError::Usage(e.to_string()))?;
     let mut failed = 0;
     let mut checked = 0;
     for a in config
@@ -31,6 +36,17 @@ pub async fn run(config: &ConfigArg, only: Option<&str>) -> Result<(), CliError>
         .filter(|a| only.is_none_or(|n| n == a.username))
     {
         checked += 1;
+        if a.transport == TransportKind::Graph {
+            let line = match check_graph(&tokens, &graph, a).await {
+                Ok(ok) => ok,
+                Err((what, hint)) => {
+                    failed += 1;
+                    format!("{}: FAILED {what}\n  hint: {hint}", a.username)
+                }
+            };
+            println!("{line}\n  credential: {}", credential::describe(&a.oauth));
+            continue;
+        }
         let line = match check_account(&tokens, &target, a).await {
             Ok(()) => format!(
                 "{}: ok (mailbox {}, {} STARTTLS + XOAUTH2 accepted)",
@@ -86,6 +102,34 @@ async fn check_account(
     let r = send_as(&mut session, acc).await;
     session.close().await;
     r
+}
+
+/// A Graph account: a fresh token, then the probe (see `relay::graph::probe`).
+async fn check_graph(
+    tokens: &TokenManager,
+    graph: &GraphTransport,
+    acc: &Account,
+) -> Result<String, (String, String)> {
+    let account = acc.username.as_str();
+    if let Err(e) = tokens.force_refresh(account).await {
+        let hint = match &e {
+            TokenError::NeedsLogin { .. } => format!("run: smtp-oauth-bridge login {account}"),
+            TokenError::Provider { reason, .. } => token_hint(reason),
+            TokenError::UnknownAccount(_) => "check the configuration".into(),
+        };
+        return Err((format!("token: {e}"), hint));
+    }
+    let probe = graph::probe(graph, account, &acc.mailbox)
+        .await
+        .map_err(|f| (f.what, f.hint))?;
+    let drafts = match probe.drafts {
+        Ok(()) => "drafts allowed (Mail.ReadWrite)".to_string(),
+        Err(why) => format!("warning: {why}"),
+    };
+    Ok(format!(
+        "{account}: ok (mailbox {}, Microsoft Graph accepts Mail.Send for it; nothing sent)\n  graph: {drafts}",
+        acc.mailbox
+    ))
 }
 
 const DROPPED: &str = "the upstream dropped the session; try again";

@@ -5,7 +5,9 @@
 //! 127.0.0.1:2525 (or a free port if that is taken), sends one sample message with AUTH
 //! PLAIN, and prints the relay log line and where the delivered copy is. With `--serve` it
 //! keeps running instead, prints the address, user and password to try, and the path of each
-//! delivered copy as it arrives, until SIGINT or SIGTERM.
+//! delivered copy as it arrives, until SIGINT or SIGTERM. `--transport graph` runs the same
+//! through testkit's Microsoft Graph endpoint (`upstream.transport = "graph"`); the copies
+//! Graph "delivered" are written to the demo directory.
 
 use super::CliError;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
@@ -17,7 +19,10 @@ use smtp_oauth_bridge::secret::Secret;
 use smtp_oauth_bridge::smtp::auth::hash_password;
 use smtp_oauth_bridge::telemetry::LogFormat;
 use std::time::Duration;
-use testkit::{FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa, TokenOptions};
+use testkit::{
+    FakeGraph, FakeGraphOptions, FakeTokenEndpoint, FakeUpstream, FakeUpstreamOptions, TestCa,
+    TokenOptions,
+};
 use tokio::net::TcpListener;
 
 const DEMO_USER: &str = "scanner";
@@ -30,7 +35,64 @@ fn rt(what: &str) -> impl Fn(std::io::Error) -> CliError + '_ {
     move |e| CliError::Runtime(format!("{what}: {e}"))
 }
 
-pub async fn run(format: LogFormat, serve: bool) -> Result<(), CliError> {
+/// `demo --transport`: which embedded remote end delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoTransport {
+    Smtp,
+    Graph,
+}
+
+/// One delivered copy: how it went, the mailbox it went as, its bytes, where it was written.
+type Delivered = (String, String, Vec<u8>, Option<String>);
+
+/// Where the demo delivered: the SMTP upstream, or Graph (copies written to `dir`).
+enum Remote {
+    Smtp(FakeUpstream),
+    Graph(FakeGraph, std::path::PathBuf),
+}
+
+impl Remote {
+    /// Waits for `n` deliveries; each as (how it went, the mailbox it went as, the bytes, the
+    /// copy's path).
+    async fn wait(&self, n: usize, timeout: Duration) -> Vec<Delivered> {
+        match self {
+            Remote::Smtp(up) => up
+                .wait_received(n, timeout)
+                .await
+                .into_iter()
+                .map(|m| {
+                    let who = if m.tls {
+                        format!("TLS + XOAUTH2 as {}", m.auth_user)
+                    } else {
+                        "no TLS".into()
+                    };
+                    (
+                        who,
+                        m.auth_user,
+                        m.data,
+                        m.path.map(|p| p.display().to_string()),
+                    )
+                })
+                .collect(),
+            Remote::Graph(g, dir) => g
+                .wait_sent(n, timeout)
+                .await
+                .into_iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let path = dir.join(format!("graph-{}.eml", i + 1));
+                    let path = std::fs::write(&path, &m.mime)
+                        .ok()
+                        .map(|()| path.display().to_string());
+                    let who = format!("Microsoft Graph {:?} as {}", m.via, m.mailbox);
+                    (who, m.mailbox, m.mime, path)
+                })
+                .collect(),
+        }
+    }
+}
+
+pub async fn run(format: LogFormat, serve: bool, transport: DemoTransport) -> Result<(), CliError> {
     let dir = std::env::temp_dir().join(format!("smtp-oauth-bridge-demo-{}", std::process::id()));
     let delivered = dir.join("delivered");
     std::fs::create_dir_all(&delivered).map_err(rt("cannot create the demo directory"))?;
@@ -49,6 +111,20 @@ pub async fn run(format: LogFormat, serve: bool) -> Result<(), CliError> {
     opts.save_dir = Some(delivered.clone());
     let up_listener = TcpListener::bind("127.0.0.1:0").await.map_err(rt("bind"))?;
     let upstream = FakeUpstream::start(up_listener, opts).await;
+    let graph_listener = TcpListener::bind("127.0.0.1:0").await.map_err(rt("bind"))?;
+    let remote = match transport {
+        DemoTransport::Smtp => Remote::Smtp(upstream.clone()),
+        DemoTransport::Graph => {
+            let mut opts = FakeGraphOptions::new(Some(tokens.clone()));
+            opts.mailboxes = Some(vec![DEMO_MAILBOX.to_string()]);
+            let graph = FakeGraph::start(graph_listener, opts).await;
+            Remote::Graph(graph, delivered.clone())
+        }
+    };
+    let graph_lines = match &remote {
+        Remote::Graph(g, _) => format!("transport = \"graph\"\ngraph_url = \"{}\"\n", g.url()),
+        Remote::Smtp(_) => String::new(),
+    };
 
     // A real config, through the real loader.
     let secret_path = dir.join("client-secret");
@@ -70,7 +146,7 @@ host = "localhost"
 port = {port}
 ca_file = "upstream-ca.pem"
 timeout_secs = 10
-[state]
+{graph_lines}[state]
 dir = "state"
 [[account]]
 username = "{DEMO_USER}"
@@ -104,7 +180,7 @@ token_url = "{token_url}"
         .map_err(|e| CliError::Runtime(e.to_string()))?;
     let addr = bridge.local_addr;
     if serve {
-        return serve_until_signal(bridge, &upstream, addr, &config_path, format).await;
+        return serve_until_signal(bridge, &remote, addr, &config_path, format).await;
     }
 
     // The legacy application: plain SMTP with AUTH PLAIN to the bridge.
@@ -116,20 +192,26 @@ token_url = "{token_url}"
     // without its final CRLF (the bridge itself keeps every byte: see relay::upstream).
     let wire = message.strip_suffix("\r\n").unwrap_or(&message);
     let result = send(addr, &password, wire.as_bytes()).await;
-    let received = upstream.wait_received(1, Duration::from_secs(10)).await;
+    let received = remote.wait(1, Duration::from_secs(10)).await;
     bridge.shutdown();
     bridge.wait().await;
     let reply = result?;
 
-    let Some(msg) = received.first() else {
+    let Some((who, _, data, path)) = received.first() else {
         return Err(CliError::Runtime("the upstream received nothing".into()));
     };
-    if !msg.tls || msg.auth_user != DEMO_MAILBOX {
-        return Err(CliError::Runtime(
-            "the upstream did not receive the message over TLS with XOAUTH2".into(),
-        ));
+    if let Remote::Smtp(up) = &remote {
+        let ok = up
+            .received()
+            .first()
+            .is_some_and(|m| m.tls && m.auth_user == DEMO_MAILBOX);
+        if !ok {
+            return Err(CliError::Runtime(
+                "the upstream did not receive the message over TLS with XOAUTH2".into(),
+            ));
+        }
     }
-    if msg.data != message.as_bytes() {
+    if data != message.as_bytes() {
         return Err(CliError::Runtime(
             "the delivered copy differs from what was sent".into(),
         ));
@@ -138,20 +220,18 @@ token_url = "{token_url}"
         println!();
         println!("demo: the application got: {reply}");
         println!(
-            "demo: upstream saw STARTTLS, then AUTH XOAUTH2 as {} with a token from {}",
-            msg.auth_user,
+            "demo: delivered through {who} with a token from {}",
             tokens.token_url()
         );
-        match &msg.path {
-            Some(p) => println!("demo: delivered copy (byte-identical): {}", p.display()),
+        match path {
+            Some(p) => println!("demo: delivered copy (byte-identical): {p}"),
             None => println!("demo: delivered copy kept in memory"),
         }
         println!("demo: config used: {}", config_path.display());
     } else {
-        let path = msg.path.as_ref().map(|p| p.display().to_string());
         println!(
             "{}",
-            serde_json::json!({"demo": "ok", "reply": reply, "delivered_copy": path, "config": config_path.display().to_string()})
+            serde_json::json!({"demo": "ok", "reply": reply, "delivered_copy": path, "via": who, "config": config_path.display().to_string()})
         );
     }
     Ok(())
@@ -160,7 +240,7 @@ token_url = "{token_url}"
 /// `demo --serve`: the pipeline stays up; each delivered copy is announced as it arrives.
 async fn serve_until_signal(
     bridge: Bridge,
-    upstream: &FakeUpstream,
+    remote: &Remote,
     addr: std::net::SocketAddr,
     config_path: &std::path::Path,
     format: LogFormat,
@@ -188,17 +268,15 @@ async fn serve_until_signal(
     loop {
         tokio::select! {
             _ = &mut signal => break,
-            received = upstream.wait_received(seen + 1, Duration::from_secs(3600)) => {
-                for msg in received.iter().skip(seen) {
-                    let path = msg.path.as_ref().map(|p| p.display().to_string());
+            received = remote.wait(seen + 1, Duration::from_secs(3600)) => {
+                for (who, user, _, path) in received.iter().skip(seen) {
                     if format == LogFormat::Pretty {
                         println!(
-                            "demo: delivered (TLS + XOAUTH2 as {}): {}",
-                            msg.auth_user,
+                            "demo: delivered ({who}): {}",
                             path.as_deref().unwrap_or("kept in memory")
                         );
                     } else {
-                        println!("{}", serde_json::json!({"demo": "delivered", "auth_user": msg.auth_user, "delivered_copy": path}));
+                        println!("{}", serde_json::json!({"demo": "delivered", "via": who, "auth_user": user, "delivered_copy": path}));
                     }
                 }
                 seen = seen.max(received.len());

@@ -28,7 +28,7 @@ const MAX_INDEX: usize = 1000;
 /// Lists of tables, addressed by index: `ACCOUNT__<N>__<KEY>`, `RELAY_NETWORK__<N>__<KEY>`.
 const INDEXED_SECTIONS: &[&str] = &["account", "relay_network"];
 /// Keys whose environment value is a boolean.
-const BOOL_KEYS: &[&str] = &["require_tls_for_auth", "bounce"];
+const BOOL_KEYS: &[&str] = &["require_tls_for_auth", "bounce", "save_to_sent_items"];
 /// Keys whose environment value is an integer (besides every `*_secs`).
 const INT_KEYS: &[&str] = &[
     "port",

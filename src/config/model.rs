@@ -71,6 +71,32 @@ impl UpstreamSecurity {
     }
 }
 
+/// How messages reach the provider (`upstream.transport`, `account.transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// SMTP submission with AUTH XOAUTH2.
+    Smtp,
+    /// Microsoft Graph (`sendMail` / drafts), for tenants with SMTP AUTH turned off.
+    Graph,
+}
+
+impl TransportKind {
+    pub fn parse(s: &str) -> Option<TransportKind> {
+        match s {
+            "smtp" => Some(TransportKind::Smtp),
+            "graph" => Some(TransportKind::Graph),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Smtp => "smtp",
+            TransportKind::Graph => "graph",
+        }
+    }
+}
+
 /// Which OAuth 2.0 grant obtains the account's tokens (`account.oauth.flow`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -217,6 +243,12 @@ pub struct Upstream {
     pub warm_sessions: usize,
     /// Messages per minute per mailbox: held in spool mode, reported in sync mode; 0 = no limit.
     pub messages_per_minute: u32,
+    /// `upstream.transport`: the accounts' transport unless an account sets its own.
+    pub transport: TransportKind,
+    /// `upstream.graph_url`: Microsoft Graph's base URL (no trailing slash), preset per provider.
+    pub graph_url: String,
+    /// `upstream.save_to_sent_items` (Graph): keep a copy in the mailbox's Sent Items.
+    pub save_to_sent_items: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -266,6 +298,8 @@ pub struct Account {
     /// Recipients this account may send to (exact address or `*@domain`); `None`: any.
     pub allowed_rcpt: Option<Vec<String>>,
     pub oauth: OAuth,
+    /// The account's transport: its own `transport` key, else `upstream.transport`.
+    pub transport: TransportKind,
 }
 
 /// `[[relay_network]]`: clients whose address is in `cidr` may send without AUTH, as the

@@ -2,7 +2,7 @@
 //! scopes per flow. They are configuration defaults, filled in at validation; every URL can
 //! be overridden in the account's `[account.oauth]`.
 
-use super::model::{Flow, Provider};
+use super::model::{Flow, Provider, TransportKind};
 
 impl Provider {
     fn login_host(self) -> &'static str {
@@ -21,6 +21,17 @@ impl Provider {
             Provider::MicrosoftUsGov => "smtp.office365.us",
             Provider::MicrosoftChina => "smtp.partner.outlook.cn",
             Provider::Google => "smtp.gmail.com",
+        }
+    }
+
+    /// Microsoft Graph's base URL in the provider's cloud (`upstream.graph_url`'s default);
+    /// `None`: the provider has no Graph (Google).
+    pub(crate) fn graph_url(self) -> Option<&'static str> {
+        match self {
+            Provider::Microsoft => Some("https://graph.microsoft.com"),
+            Provider::MicrosoftUsGov => Some("https://graph.microsoft.us"),
+            Provider::MicrosoftChina => Some("https://microsoftgraph.chinacloudapi.cn"),
+            Provider::Google => None,
         }
     }
 
@@ -45,8 +56,37 @@ impl Provider {
         }
     }
 
-    /// Scopes used when the account does not list its own.
-    pub(crate) fn default_scopes(self, flow: Flow) -> &'static [&'static str] {
+    /// Scopes used when the account does not list its own (Graph: Mail.Send in the
+    /// provider's Graph cloud).
+    pub(crate) fn default_scopes(
+        self,
+        flow: Flow,
+        transport: TransportKind,
+    ) -> &'static [&'static str] {
+        if transport == TransportKind::Graph {
+            return match (self, flow) {
+                (Provider::Google, _) => &["https://mail.google.com/"],
+                (Provider::Microsoft, Flow::ClientCredentials) => {
+                    &["https://graph.microsoft.com/.default"]
+                }
+                (Provider::MicrosoftUsGov, Flow::ClientCredentials) => {
+                    &["https://graph.microsoft.us/.default"]
+                }
+                (Provider::MicrosoftChina, Flow::ClientCredentials) => {
+                    &["https://microsoftgraph.chinacloudapi.cn/.default"]
+                }
+                (Provider::Microsoft, _) => {
+                    &["https://graph.microsoft.com/Mail.Send", "offline_access"]
+                }
+                (Provider::MicrosoftUsGov, _) => {
+                    &["https://graph.microsoft.us/Mail.Send", "offline_access"]
+                }
+                (Provider::MicrosoftChina, _) => &[
+                    "https://microsoftgraph.chinacloudapi.cn/Mail.Send",
+                    "offline_access",
+                ],
+            };
+        }
         match (self, flow) {
             (Provider::Google, _) => &["https://mail.google.com/"],
             (Provider::Microsoft, Flow::ClientCredentials) => {
@@ -81,9 +121,27 @@ mod tests {
             "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/authorize"
         );
         assert_eq!(
-            p.default_scopes(Flow::AuthorizationCode),
+            p.default_scopes(Flow::AuthorizationCode, TransportKind::Smtp),
             ["https://outlook.office.com/SMTP.Send", "offline_access"]
         );
+        assert_eq!(
+            p.default_scopes(Flow::ClientCredentials, TransportKind::Graph),
+            ["https://graph.microsoft.com/.default"]
+        );
+        assert_eq!(
+            p.default_scopes(Flow::DeviceCode, TransportKind::Graph),
+            ["https://graph.microsoft.com/Mail.Send", "offline_access"]
+        );
+        assert_eq!(p.graph_url(), Some("https://graph.microsoft.com"));
+        assert_eq!(
+            Provider::MicrosoftUsGov.graph_url(),
+            Some("https://graph.microsoft.us")
+        );
+        assert_eq!(
+            Provider::MicrosoftChina.graph_url(),
+            Some("https://microsoftgraph.chinacloudapi.cn")
+        );
+        assert_eq!(Provider::Google.graph_url(), None);
         assert_eq!(p.smtp_host(), "smtp.office365.com");
         assert_eq!(
             Provider::parse("google").unwrap().smtp_host(),

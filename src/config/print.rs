@@ -59,7 +59,11 @@ impl From<&Config> for RawConfig {
             state: RawState::from(&c.state),
             queue: c.queue.as_ref().map(RawQueue::from),
             relay_network: c.relay_networks.iter().map(RawRelayNetwork::from).collect(),
-            account: c.accounts.iter().map(RawAccount::from).collect(),
+            account: c
+                .accounts
+                .iter()
+                .map(|a| RawAccount::printed(a, c.upstream.transport))
+                .collect(),
         }
     }
 }
@@ -111,6 +115,9 @@ impl From<&Upstream> for RawUpstream {
             idle_secs: secs(u.idle),
             warm_sessions: count(u.warm_sessions),
             messages_per_minute: Some(u.messages_per_minute),
+            transport: Some(u.transport.as_str().to_string()),
+            graph_url: Some(u.graph_url.clone()),
+            save_to_sent_items: Some(u.save_to_sent_items),
         }
     }
 }
@@ -142,6 +149,17 @@ impl From<&Queue> for RawQueue {
     }
 }
 
+impl RawAccount {
+    /// The account as printed under `[upstream]` whose transport is `default`: its own
+    /// `transport` key only where it differs.
+    fn printed(a: &Account, default: TransportKind) -> RawAccount {
+        RawAccount {
+            transport: (a.transport != default).then(|| a.transport.as_str().to_string()),
+            ..RawAccount::from(a)
+        }
+    }
+}
+
 impl From<&Account> for RawAccount {
     fn from(a: &Account) -> RawAccount {
         let (password_hash, password_env) = match &a.password {
@@ -156,6 +174,7 @@ impl From<&Account> for RawAccount {
             allowed_from: Some(a.allowed_from.clone()),
             allowed_rcpt: a.allowed_rcpt.clone(),
             oauth: Some(RawOAuth::from(&a.oauth)),
+            transport: Some(a.transport.as_str().to_string()),
         }
     }
 }
@@ -283,6 +302,7 @@ redirect_port = 8765
 username = "cert"
 password_env = "PW2"
 mailbox = "cert@contoso.com"
+transport = "graph"
 [account.oauth]
 tenant = "contoso.onmicrosoft.com"
 flow = "client_credentials"
@@ -345,6 +365,9 @@ service_account_key_file = "sa.json"
                 "account = \"scanner\"",
                 "warm_sessions = 2",
                 "allowed_rcpt = [\"*@contoso.com\", \"alerts@fabrikam.com\"]",
+                "transport = \"smtp\"",
+                "transport = \"graph\"",
+                "scopes = [\"https://graph.microsoft.com/.default\"]",
             ] {
                 assert_eq!(
                     first.lines().filter(|l| *l == line).count(),
@@ -452,6 +475,9 @@ max_sessions_per_mailbox = 3
 idle_secs = 30
 warm_sessions = 0
 messages_per_minute = 30
+transport = "smtp"
+graph_url = "https://graph.microsoft.com"
+save_to_sent_items = false
 
 [state]
 dir = "/etc/b/state"

@@ -55,6 +55,10 @@ pub(super) struct RawUpstream {
     pub idle_secs: Option<u64>,
     pub warm_sessions: Option<u64>,
     pub messages_per_minute: Option<u32>,
+    /// "smtp" | "graph".
+    pub transport: Option<String>,
+    pub graph_url: Option<String>,
+    pub save_to_sent_items: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -95,6 +99,8 @@ pub(super) struct RawAccount {
     pub allowed_from: Option<Vec<String>>,
     pub allowed_rcpt: Option<Vec<String>>,
     pub oauth: Option<RawOAuth>,
+    /// Overrides `upstream.transport` for this account.
+    pub transport: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]

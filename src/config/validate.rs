@@ -70,9 +70,16 @@ impl Validator<'_> {
                 "no [[account]] is configured; at least one is needed",
             ));
         }
+        let transport_text = raw.upstream.transport.as_deref().unwrap_or("smtp");
+        let transport = TransportKind::parse(transport_text).ok_or_else(|| {
+            self.err(
+                "upstream.transport",
+                format!("unknown value {transport_text:?}; expected \"smtp\" or \"graph\""),
+            )
+        })?;
         let mut accounts: Vec<Account> = Vec::with_capacity(raw.account.len());
         for (i, a) in raw.account.into_iter().enumerate() {
-            let acc = self.account(i, a)?;
+            let acc = self.account(i, a, transport)?;
             if accounts.iter().any(|o| o.username == acc.username) {
                 return Err(self.err(
                     format!("account[{i}].username"),
@@ -87,7 +94,7 @@ impl Validator<'_> {
             .enumerate()
             .map(|(i, n)| self.relay_network(i, n, &accounts))
             .collect::<Result<Vec<_>, _>>()?;
-        let upstream = self.upstream(raw.upstream, accounts[0].oauth.provider)?;
+        let upstream = self.upstream(raw.upstream, &accounts, transport)?;
         let state = self.state(raw.state)?;
         Ok(Config {
             source: self.file.to_string(),
@@ -406,7 +413,15 @@ impl Validator<'_> {
         })
     }
 
-    fn upstream(&self, u: RawUpstream, provider: Provider) -> Result<Upstream, ConfigError> {
+    fn upstream(
+        &self,
+        u: RawUpstream,
+        accounts: &[Account],
+        transport: TransportKind,
+    ) -> Result<Upstream, ConfigError> {
+        let provider = accounts
+            .first()
+            .map_or(Provider::Microsoft, |a| a.oauth.provider);
         let security_text = u.security.as_deref().unwrap_or("starttls");
         let security = UpstreamSecurity::parse(security_text).ok_or_else(|| {
             self.err(
@@ -452,6 +467,20 @@ impl Validator<'_> {
                 Some(p)
             }
         };
+        // The preset of the first account whose provider has a Graph (Google has none and
+        // is refused with graph at the account).
+        let graph_preset = accounts
+            .iter()
+            .find_map(|a| a.oauth.provider.graph_url())
+            .or(Provider::Microsoft.graph_url())
+            .unwrap_or_default();
+        let graph_url = u
+            .graph_url
+            .unwrap_or_else(|| graph_preset.to_string())
+            .trim_end_matches('/')
+            .to_string();
+        check_endpoint_url(&graph_url)
+            .map_err(|reason| self.err("upstream.graph_url", reason.to_string()))?;
         let secs = |key: &str, v: Option<u64>, d: u64| self.secs(key, v, d);
         let max_sessions_per_mailbox = self.count(
             "upstream.max_sessions_per_mailbox",
@@ -473,6 +502,9 @@ impl Validator<'_> {
                 })?,
         };
         Ok(Upstream {
+            transport,
+            graph_url,
+            save_to_sent_items: u.save_to_sent_items.unwrap_or(false),
             host,
             port,
             security,
@@ -485,7 +517,12 @@ impl Validator<'_> {
         })
     }
 
-    fn account(&self, i: usize, a: RawAccount) -> Result<Account, ConfigError> {
+    fn account(
+        &self,
+        i: usize,
+        a: RawAccount,
+        default_transport: TransportKind,
+    ) -> Result<Account, ConfigError> {
         let k = |key: &str| format!("account[{i}].{key}");
         let username = a
             .username
@@ -553,8 +590,32 @@ impl Validator<'_> {
             }
             self.patterns(&k("allowed_rcpt"), rcpt)?;
         }
-        let oauth = self.oauth(i, a.oauth.unwrap_or_default(), &mailbox)?;
+        let transport = match a.transport.as_deref() {
+            None => default_transport,
+            Some(t) => TransportKind::parse(t).ok_or_else(|| {
+                self.err(
+                    k("transport"),
+                    format!("unknown value {t:?}; expected \"smtp\" or \"graph\""),
+                )
+            })?,
+        };
+        let oauth = self.oauth(i, a.oauth.unwrap_or_default(), &mailbox, transport)?;
+        if transport == TransportKind::Graph && oauth.provider.graph_url().is_none() {
+            let key = if a.transport.is_some() {
+                k("transport")
+            } else {
+                "upstream.transport".to_string()
+            };
+            return Err(self.err(
+                key,
+                format!(
+                    "account {username:?} uses provider {:?}, which has no Microsoft Graph; use transport = \"smtp\" for it",
+                    oauth.provider.as_str()
+                ),
+            ));
+        }
         Ok(Account {
+            transport,
             username,
             password,
             mailbox,
@@ -581,7 +642,13 @@ impl Validator<'_> {
         Ok(())
     }
 
-    fn oauth(&self, i: usize, o: RawOAuth, mailbox: &str) -> Result<OAuth, ConfigError> {
+    fn oauth(
+        &self,
+        i: usize,
+        o: RawOAuth,
+        mailbox: &str,
+        transport: TransportKind,
+    ) -> Result<OAuth, ConfigError> {
         let k = |key: &str| format!("account[{i}].oauth.{key}");
         let provider_name = o.provider.unwrap_or_else(|| "microsoft".into());
         let provider = Provider::parse(&provider_name).ok_or_else(|| {
@@ -751,7 +818,7 @@ impl Validator<'_> {
         }
         let scopes = o.scopes.unwrap_or_else(|| {
             provider
-                .default_scopes(flow)
+                .default_scopes(flow, transport)
                 .iter()
                 .map(|s| s.to_string())
                 .collect()
@@ -877,6 +944,129 @@ mod tests {
         format!(
             "[[account]]\nusername = \"scanner\"\npassword_hash = \"{HASH}\"\nmailbox = \"scanner@contoso.com\"\n{extra}\n[account.oauth]\ntenant = \"contoso.onmicrosoft.com\"\nflow = \"client_credentials\"\nclient_id = \"abc\"\nclient_secret_env = \"SECRET\"\n"
         )
+    }
+
+    #[test]
+    fn graph_transport_keys_presets_and_errors() {
+        let c = load(&account("")).expect("valid");
+        assert_eq!(c.upstream.transport, TransportKind::Smtp);
+        assert_eq!(c.upstream.graph_url, "https://graph.microsoft.com");
+        assert!(!c.upstream.save_to_sent_items);
+        assert_eq!(c.accounts[0].transport, TransportKind::Smtp);
+        // upstream.transport = graph: Graph scopes by default.
+        let c = load(&format!(
+            "[upstream]\ntransport = \"graph\"\nsave_to_sent_items = true\n{}",
+            account("")
+        ))
+        .expect("valid");
+        assert_eq!(c.accounts[0].transport, TransportKind::Graph);
+        assert!(c.upstream.save_to_sent_items);
+        assert_eq!(
+            c.accounts[0].oauth.scopes,
+            ["https://graph.microsoft.com/.default"]
+        );
+        // Per-account override, both ways; the override decides the default scopes.
+        let c = load(&format!(
+            "[upstream]\ntransport = \"graph\"\n{}",
+            account("transport = \"smtp\"")
+        ))
+        .expect("valid");
+        assert_eq!(c.accounts[0].transport, TransportKind::Smtp);
+        assert_eq!(
+            c.accounts[0].oauth.scopes,
+            ["https://outlook.office365.com/.default"]
+        );
+        let delegated = format!(
+            "[[account]]\nusername = \"d\"\npassword_hash = \"{HASH}\"\nmailbox = \"d@contoso.com\"\ntransport = \"graph\"\n[account.oauth]\nflow = \"device_code\"\nclient_id = \"abc\"\n"
+        );
+        let c = load(&delegated).expect("valid");
+        assert_eq!(
+            c.accounts[0].oauth.scopes,
+            ["https://graph.microsoft.com/Mail.Send", "offline_access"]
+        );
+        // Presets per cloud; an override must be https (or loopback http).
+        let gov = delegated.replace(
+            "[account.oauth]\n",
+            "[account.oauth]\nprovider = \"microsoft-us-gov\"\n",
+        );
+        assert_eq!(
+            load(&gov).unwrap().upstream.graph_url,
+            "https://graph.microsoft.us"
+        );
+        let cn = delegated.replace(
+            "[account.oauth]\n",
+            "[account.oauth]\nprovider = \"microsoft-china\"\n",
+        );
+        assert_eq!(
+            load(&cn).unwrap().upstream.graph_url,
+            "https://microsoftgraph.chinacloudapi.cn"
+        );
+        let c = load(&format!(
+            "[upstream]\ngraph_url = \"http://127.0.0.1:8080/\"\n{}",
+            account("")
+        ))
+        .expect("valid");
+        assert_eq!(c.upstream.graph_url, "http://127.0.0.1:8080");
+        for (text, key, words) in [
+            (
+                format!(
+                    "[upstream]\ngraph_url = \"http://graph.example.com\"\n{}",
+                    account("")
+                ),
+                "upstream.graph_url",
+                "must use https",
+            ),
+            (
+                format!("[upstream]\ntransport = \"ews\"\n{}", account("")),
+                "upstream.transport",
+                "expected \"smtp\" or \"graph\"",
+            ),
+            (
+                account("transport = \"http\""),
+                "account[0].transport",
+                "expected \"smtp\" or \"graph\"",
+            ),
+            (
+                delegated.replace(
+                    "[account.oauth]\n",
+                    "[account.oauth]\nprovider = \"google\"\n",
+                ),
+                "account[0].transport",
+                "has no Microsoft Graph",
+            ),
+            (
+                format!(
+                    "[upstream]\ntransport = \"graph\"\n{}",
+                    delegated.replace("transport = \"graph\"\n", "").replace(
+                        "[account.oauth]\n",
+                        "[account.oauth]\nprovider = \"google\"\n"
+                    )
+                ),
+                "upstream.transport",
+                "has no Microsoft Graph",
+            ),
+        ] {
+            let e = load(&text).expect_err(&text);
+            assert_eq!(e.file, "bridge.toml", "{e}");
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.reason.contains(words), "{e}");
+        }
+        // The environment sets them too.
+        let vars: Vec<(String, String)> = [
+            ("SMTP_OAUTH_BRIDGE_UPSTREAM__TRANSPORT", "graph"),
+            ("SMTP_OAUTH_BRIDGE_UPSTREAM__SAVE_TO_SENT_ITEMS", "true"),
+            ("SMTP_OAUTH_BRIDGE_ACCOUNT__0__TRANSPORT", "smtp"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let text = account("");
+        let env = |v: &str| (v == "SECRET").then(|| "client-secret".to_string());
+        let c = Config::from_parts(Some(&text), "bridge.toml", Path::new("/etc/b"), &vars, &env)
+            .expect("valid");
+        assert_eq!(c.upstream.transport, TransportKind::Graph);
+        assert!(c.upstream.save_to_sent_items);
+        assert_eq!(c.accounts[0].transport, TransportKind::Smtp);
     }
 
     #[test]

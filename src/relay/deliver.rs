@@ -500,8 +500,15 @@ impl Queue {
             }
         };
         progress.attempts += 1;
+        let mut retry_after = None;
         let (code, text, transient) = self
-            .try_send(&env, &mut progress, (&from, &params), body)
+            .try_send(
+                &env,
+                &mut progress,
+                (&from, &params),
+                body,
+                &mut retry_after,
+            )
             .await;
         progress.record(unix_now(), code, &text);
         if progress.pending(&env).next().is_none() {
@@ -535,6 +542,8 @@ impl Queue {
         } else {
             self.cfg.retry_min
         };
+        // The upstream said when to come back (Graph's Retry-After): not before.
+        let delay = delay.max(retry_after.unwrap_or_default());
         progress.next_attempt = Some(unix_now().saturating_add(delay.as_secs()));
         if let Err(e) = self.spool.save_progress(&env.id, &progress) {
             tracing::error!(id = %env.id, error = %e, "cannot record delivery progress");
@@ -771,13 +780,14 @@ impl Queue {
     }
 
     /// Sends to the pending recipients. Returns the last upstream code and text, and whether
-    /// what is left failed transiently.
+    /// what is left failed transiently; `retry_after` gets the upstream's wish, if any.
     async fn try_send(
         &self,
         env: &Envelope,
         progress: &mut Progress,
         (from, params): (&ReversePath, &MailParams),
         (mut body, len): (BufReader<File>, u64),
+        retry_after: &mut Option<Duration>,
     ) -> (u16, String, bool) {
         let size = usize::try_from(len).unwrap_or(usize::MAX);
         let begun = self
@@ -828,6 +838,7 @@ impl Queue {
             Ok(_) => stream_body(&mut txn, &mut body, &env.id).await,
             Err(e) => Err(e),
         };
+        *retry_after = txn.retry_after();
         txn.finish().await;
         match r {
             Ok(up) => {

@@ -4,6 +4,7 @@
 pub(crate) mod deliver;
 pub mod dsn;
 pub mod envelope;
+pub mod graph;
 pub(crate) mod outcome;
 pub mod pool;
 mod smtp;

@@ -3,10 +3,13 @@
 //! (whole, or streamed piece by piece as it arrives), and finish or abort (or abandon it
 //! mid-content: the upstream never sees the final dot). The session and the spool
 //! deliverer speak only this interface; how a transport reaches Microsoft 365 is its own
-//! business (`relay::smtp::transaction`: SMTP sessions from the pool), so another transport
-//! is a new variant here, not an edit of the session.
+//! business (`relay::smtp::transaction`: SMTP sessions from the pool; `relay::graph`:
+//! Microsoft Graph), so another transport is a new variant here, not an edit of the session.
+//! Which one an account uses is its `transport` (SPEC "Microsoft Graph transport").
 
+use crate::config::Config;
 use crate::relay::envelope::{Address, MailParams, ReversePath};
+use crate::relay::graph::{GraphTransaction, GraphTransport};
 use crate::relay::pool::{BeginError, Pool};
 use crate::relay::smtp::transaction::SmtpTransaction;
 use crate::relay::upstream::{UpReply, UpstreamError};
@@ -15,11 +18,28 @@ use crate::relay::upstream::{UpReply, UpstreamError};
 #[derive(Debug, Clone)]
 pub struct Transport {
     pool: Pool,
+    /// The accounts with `transport = "graph"`.
+    graph: Option<GraphTransport>,
 }
 
 impl Transport {
     pub(crate) fn smtp(pool: Pool) -> Transport {
-        Transport { pool }
+        Transport { pool, graph: None }
+    }
+
+    /// The same, with Graph for the accounts configured for it.
+    pub(crate) fn with_graph(self, graph: GraphTransport) -> Transport {
+        Transport {
+            graph: Some(graph),
+            ..self
+        }
+    }
+
+    /// Follows a reloaded configuration (which accounts use Graph); the pool has its own.
+    pub(crate) fn reconfigure(&self, config: &Config) {
+        if let Some(g) = &self.graph {
+            g.reconfigure(config);
+        }
     }
 
     /// Opens a transaction for `account` with this sender (SMTP: a pooled session, MAIL).
@@ -31,6 +51,10 @@ impl Transport {
         params: &MailParams,
         size: Option<usize>,
     ) -> Result<(Transaction, UpReply), BeginError> {
+        if let Some(g) = self.graph.as_ref().filter(|g| g.serves(account)) {
+            let (t, reply) = g.begin(account, from, params, size).await?;
+            return Ok((Transaction::Graph(t), reply));
+        }
         let (t, reply) = SmtpTransaction::begin(&self.pool, account, from, params, size).await?;
         Ok((Transaction::Smtp(t), reply))
     }
@@ -40,6 +64,7 @@ impl Transport {
 #[derive(Debug)]
 pub(crate) enum Transaction {
     Smtp(SmtpTransaction),
+    Graph(GraphTransaction),
 }
 
 impl Transaction {
@@ -47,6 +72,7 @@ impl Transaction {
     pub(crate) async fn rcpt(&mut self, to: &Address) -> Result<UpReply, UpstreamError> {
         match self {
             Transaction::Smtp(t) => t.rcpt(to).await,
+            Transaction::Graph(t) => t.rcpt(to).await,
         }
     }
 
@@ -54,6 +80,7 @@ impl Transaction {
     pub(crate) fn is_broken(&mut self) -> bool {
         match self {
             Transaction::Smtp(t) => t.is_broken(),
+            Transaction::Graph(t) => t.is_broken(),
         }
     }
 
@@ -62,6 +89,7 @@ impl Transaction {
     pub(crate) async fn start_data(&mut self) -> Result<UpReply, UpstreamError> {
         match self {
             Transaction::Smtp(t) => t.start_data().await,
+            Transaction::Graph(t) => t.start_data().await,
         }
     }
 
@@ -71,6 +99,7 @@ impl Transaction {
     pub(crate) async fn send_chunk(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
         match self {
             Transaction::Smtp(t) => t.send_chunk(chunk).await,
+            Transaction::Graph(t) => t.send_chunk(chunk).await,
         }
     }
 
@@ -78,6 +107,7 @@ impl Transaction {
     pub(crate) async fn finish_content(&mut self) -> Result<UpReply, UpstreamError> {
         match self {
             Transaction::Smtp(t) => t.finish_content().await,
+            Transaction::Graph(t) => t.finish_content().await,
         }
     }
 
@@ -85,6 +115,7 @@ impl Transaction {
     pub(crate) fn break_off(&mut self) {
         match self {
             Transaction::Smtp(t) => t.break_off(),
+            Transaction::Graph(t) => t.break_off(),
         }
     }
 
@@ -92,6 +123,7 @@ impl Transaction {
     pub(crate) fn abandon(self) {
         match self {
             Transaction::Smtp(t) => t.abandon(),
+            Transaction::Graph(t) => t.abandon(),
         }
     }
 
@@ -99,6 +131,15 @@ impl Transaction {
     pub(crate) async fn finish(self) {
         match self {
             Transaction::Smtp(t) => t.finish().await,
+            Transaction::Graph(t) => t.finish().await,
+        }
+    }
+
+    /// How long the upstream asked to wait before trying again (Graph's Retry-After).
+    pub(crate) fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Transaction::Smtp(_) => None,
+            Transaction::Graph(t) => t.retry_after(),
         }
     }
 
@@ -106,6 +147,7 @@ impl Transaction {
     pub(crate) async fn abort(self) {
         match self {
             Transaction::Smtp(t) => t.abort().await,
+            Transaction::Graph(t) => t.abort().await,
         }
     }
 }

@@ -9,6 +9,7 @@ mod credentials;
 mod deploy;
 mod failures;
 mod features;
+mod graph;
 mod hardening;
 mod harness;
 mod hostile;

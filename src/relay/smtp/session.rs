@@ -476,6 +476,9 @@ mod tests {
             idle: Duration::from_secs(60),
             warm_sessions: 0,
             messages_per_minute: 0,
+            transport: crate::config::TransportKind::Smtp,
+            graph_url: String::new(),
+            save_to_sent_items: false,
         };
         (UpstreamTarget::new(&cfg).expect("target"), server)
     }
@@ -626,6 +629,9 @@ mod tests {
             idle: Duration::from_secs(60),
             warm_sessions: 0,
             messages_per_minute: 0,
+            transport: crate::config::TransportKind::Smtp,
+            graph_url: String::new(),
+            save_to_sent_items: false,
         };
         let t = UpstreamTarget::new(&cfg).expect("target");
         let mut s = UpstreamSession::connect(&t).await.expect("connect");
