@@ -25,9 +25,12 @@
 //! utime + stime (/proc/<pid>/stat, before and after, 10 ms ticks) and the direct client's
 //! (this process while only the direct clients run).
 //!
-//! Both kinds of client set TCP_NODELAY (lettre leaves Nagle on): otherwise, on a reused
-//! connection, the final `.` waits for the server's delayed ACK (40 ms on Linux) after the
-//! content, on both paths alike, and that wait would be all either path measured.
+//! With --reuse both kinds of client set TCP_NODELAY (lettre leaves Nagle on): otherwise, on
+//! a reused connection, the final `.` (a write of its own after the content) waits for the
+//! server's delayed ACK (40 ms on Linux) on both paths alike, and that wait would be all
+//! either path measured. New connections keep lettre's default: with TCP_NODELAY there, the
+//! direct client's fresh connections to testkit's upstream stall 40 ms instead (the fake
+//! upstream leaves Nagle on), which Microsoft 365 would not make it wait.
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
@@ -449,7 +452,7 @@ struct Clients {
 impl Clients {
     /// A new authenticated connection: to the upstream with STARTTLS + XOAUTH2, or to the
     /// bridge with AUTH PLAIN.
-    async fn connect(&self, path: Route) -> Result<AsyncSmtpConnection, String> {
+    async fn connect(&self, path: Route, nodelay: bool) -> Result<AsyncSmtpConnection, String> {
         let e = |e: lettre::transport::smtp::Error| e.to_string();
         let addr = match path {
             Route::Direct => self.upstream,
@@ -459,7 +462,7 @@ impl Clients {
             .await
             .map_err(|_| format!("connecting to {addr} timed out"))?
             .map_err(|e| format!("connecting to {addr}: {e}"))?;
-        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        tcp.set_nodelay(nodelay).map_err(|e| e.to_string())?;
         let mut c = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
             .await
             .map_err(e)?;
@@ -495,7 +498,7 @@ impl Clients {
 
     /// One message on a new connection, QUIT after.
     async fn send_fresh(&self, path: Route, n: usize) -> Result<(), String> {
-        let mut c = self.connect(path).await?;
+        let mut c = self.connect(path, false).await?;
         self.send(&mut c, n).await?;
         let _ = c.quit().await;
         Ok(())
@@ -521,7 +524,7 @@ async fn run(
         tasks.push(tokio::spawn(async move {
             let mut conn = None;
             if reuse {
-                match c.connect(path).await {
+                match c.connect(path, true).await {
                     Ok(k) => conn = Some(k),
                     Err(e) => eprintln!("bench: connecting failed: {e}"),
                 }
@@ -537,7 +540,7 @@ async fn run(
                 let r = if reuse {
                     let k = match conn.take() {
                         Some(k) => Ok(k),
-                        None => c.connect(path).await,
+                        None => c.connect(path, true).await,
                     };
                     match k {
                         Ok(mut k) => {
