@@ -21,7 +21,7 @@ use crate::relay::envelope::{Address, MailParams, ReversePath};
 use crate::relay::outcome;
 use crate::relay::pool::BeginError;
 use crate::relay::spool::{
-    Envelope, Locked, Progress, Spool, SpoolError, SpoolWriter, SPOOL_VERSION,
+    Envelope, Locked, Progress, Spool, SpoolError, SpoolSink, SPOOL_VERSION,
 };
 use crate::relay::transport::{Transaction, Transport};
 use crate::relay::upstream::{UpReply, UpstreamError};
@@ -256,22 +256,26 @@ impl Queue {
     }
 
     /// Starts storing a message for `env.account`; the content streams in through the
-    /// writer, then [`Queue::commit`].
-    pub(crate) fn create(&self, env: &Envelope) -> Result<SpoolWriter, SpoolError> {
+    /// sink, then [`Queue::commit`]. The disk work runs off the async worker threads.
+    pub(crate) fn create(&self, env: &Envelope) -> Result<SpoolSink, SpoolError> {
         if !self.accounts.contains_key(&env.account) {
             return Err(SpoolError::UnknownAccount(env.account.clone()));
         }
-        self.spool.create(env)
+        Ok(self.spool.sink(env))
     }
 
     /// Stores the written message durably and queues it; its size. Only Ok means the
     /// client may hear 250.
-    pub(crate) fn commit(&self, w: SpoolWriter, mut env: Envelope) -> Result<usize, SpoolError> {
+    pub(crate) async fn commit(
+        &self,
+        w: SpoolSink,
+        mut env: Envelope,
+    ) -> Result<usize, SpoolError> {
         let Some(aq) = self.accounts.get(&env.account) else {
             return Err(SpoolError::UnknownAccount(env.account.clone()));
         };
         let aq = &*aq;
-        env.bytes = usize::try_from(w.commit()?).unwrap_or(usize::MAX);
+        env.bytes = usize::try_from(w.commit().await?).unwrap_or(usize::MAX);
         let bytes = env.bytes;
         self.enqueue(aq, env, Progress::default(), false);
         Ok(bytes)
@@ -279,11 +283,17 @@ impl Queue {
 
     /// Stores a whole message durably and queues it. Only Ok means the client may hear 250.
     #[cfg(test)]
-    pub(crate) fn accept(&self, env: Envelope, body: &[u8]) -> Result<(), SpoolError> {
+    pub(crate) async fn accept(&self, env: Envelope, body: &[u8]) -> Result<(), SpoolError> {
         let mut w = self.create(&env)?;
-        w.write(body)?;
-        self.commit(w, env)?;
+        w.write(body).await?;
+        self.commit(w, env).await?;
         Ok(())
+    }
+
+    /// The spool (tests: its fsync hook).
+    #[cfg(test)]
+    pub(crate) fn spool(&self) -> &Spool {
+        &self.spool
     }
 
     /// Queues a message whose file is in the spool, due now. `adopted`: its bytes were not
@@ -395,9 +405,9 @@ impl Queue {
 
     /// A message already reported (delivered, or dead) whose removal from the spool failed
     /// before: remove it (or move it to dead/) now, without sending or logging it again.
-    fn clean_up(&self, aq: &AccountQueue, env: &Envelope, progress: &Progress) {
+    async fn clean_up(&self, aq: &AccountQueue, env: &Envelope, progress: &Progress) {
         let done = if progress.failed.is_empty() {
-            self.spool.remove(&env.id)
+            self.spool.remove_async(&env.id).await
         } else {
             let reason = progress
                 .failed
@@ -405,7 +415,7 @@ impl Queue {
                 .map(|(r, why)| format!("{r}: {why}"))
                 .collect::<Vec<_>>()
                 .join("\n");
-            self.spool.bury(&env.id, &reason)
+            self.spool.bury_async(&env.id, &reason).await
         };
         match done {
             Ok(()) => self.forget(aq, env),
@@ -464,7 +474,7 @@ impl Queue {
         };
         if progress.pending(&env).next().is_none() {
             // Reported in an earlier attempt whose clean-up failed: only the clean-up is left.
-            return self.clean_up(aq, &env, &progress);
+            return self.clean_up(aq, &env, &progress).await;
         }
         let age = Duration::from_secs(unix_now().saturating_sub(progress.age_from(&env)));
         if age >= self.cfg.max_age {
@@ -473,20 +483,24 @@ impl Queue {
                 self.cfg.max_age.as_secs(),
                 progress.last_error.as_deref().unwrap_or("none")
             );
-            return self.finish_dead(aq, &env, &progress, started, 0, &reason);
+            return self
+                .finish_dead(aq, &env, &progress, started, 0, &reason)
+                .await;
         }
         let body = match self.spool.open_body(&env.id) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(id = %env.id, error = %e, "cannot read spooled message");
-                return self.finish_dead(
-                    aq,
-                    &env,
-                    &progress,
-                    started,
-                    0,
-                    &format!("spool file unreadable: {e}"),
-                );
+                return self
+                    .finish_dead(
+                        aq,
+                        &env,
+                        &progress,
+                        started,
+                        0,
+                        &format!("spool file unreadable: {e}"),
+                    )
+                    .await;
             }
         };
         let (from, params) = match (
@@ -496,7 +510,9 @@ impl Queue {
             (Ok(f), Ok(p)) => (f, p),
             (Err(e), _) | (_, Err(e)) => {
                 let reason = format!("invalid envelope in the spool: {e}");
-                return self.finish_dead(aq, &env, &progress, started, 0, &reason);
+                return self
+                    .finish_dead(aq, &env, &progress, started, 0, &reason)
+                    .await;
             }
         };
         progress.attempts += 1;
@@ -514,7 +530,7 @@ impl Queue {
         if progress.pending(&env).next().is_none() {
             if progress.failed.is_empty() {
                 self.log(&env, started, Outcome::Delivered, code, &text);
-                match self.spool.remove(&env.id) {
+                match self.spool.remove_async(&env.id).await {
                     Ok(()) => self.forget(aq, &env),
                     Err(e) => {
                         // Kept (and known) so that it is neither re-adopted nor re-sent: its
@@ -531,7 +547,8 @@ impl Queue {
                     .map(|(r, why)| format!("{r}: {why}"))
                     .collect::<Vec<_>>()
                     .join("\n");
-                self.finish_dead(aq, &env, &progress, started, code, &reason);
+                self.finish_dead(aq, &env, &progress, started, code, &reason)
+                    .await;
             }
             return;
         }
@@ -545,7 +562,7 @@ impl Queue {
         // The upstream said when to come back (Graph's Retry-After): not before.
         let delay = delay.max(retry_after.unwrap_or_default());
         progress.next_attempt = Some(unix_now().saturating_add(delay.as_secs()));
-        if let Err(e) = self.spool.save_progress(&env.id, &progress) {
+        if let Err(e) = self.spool.save_progress_async(&env.id, &progress).await {
             tracing::error!(id = %env.id, error = %e, "cannot record delivery progress");
         }
         tracing::info!(id = %env.id, attempts = progress.attempts, retry_in_secs = delay.as_secs_f32(), "delivery deferred");
@@ -556,7 +573,7 @@ impl Queue {
     /// The message will not be delivered: to `dead/` with its progress (a delivery status
     /// notification of ours is dropped instead), and with `queue.bounce` a report to its
     /// sender.
-    fn finish_dead(
+    async fn finish_dead(
         &self,
         aq: &AccountQueue,
         env: &Envelope,
@@ -575,14 +592,14 @@ impl Queue {
         };
         if progress.dsn {
             tracing::warn!(id = %env.id, %reason, "delivery status notification not delivered; dropped");
-            if let Err(e) = self.spool.remove(&env.id) {
+            if let Err(e) = self.spool.remove_async(&env.id).await {
                 tracing::error!(id = %env.id, error = %e, "cannot remove the spool file");
             }
         } else {
-            if let Err(e) = self.spool.save_progress(&env.id, &progress) {
+            if let Err(e) = self.spool.save_progress_async(&env.id, &progress).await {
                 tracing::error!(id = %env.id, error = %e, "cannot record delivery progress");
             }
-            if let Err(e) = self.spool.bury(&env.id, reason) {
+            if let Err(e) = self.spool.bury_async(&env.id, reason).await {
                 tracing::error!(id = %env.id, error = %e, "cannot move the message to dead; trying again later");
                 let next = Instant::now() + self.cfg.retry_max;
                 self.release(aq, env, progress.clone(), next);
@@ -605,7 +622,7 @@ impl Queue {
                 recipient: r.clone(),
                 reason: reason.to_string(),
             }));
-            self.bounce(aq, env, &failures, &headers);
+            self.bounce(aq, env, &failures, &headers).await;
         }
     }
 
@@ -613,20 +630,28 @@ impl Queue {
     /// `<>`, through the same account; delivered like any spooled message (a relay log line
     /// of its own, under a new id). Its progress is written before its message file, so the
     /// control scan never takes it for an ordinary message.
-    fn bounce(&self, aq: &AccountQueue, env: &Envelope, failures: &[dsn::Failure], headers: &[u8]) {
+    async fn bounce(
+        &self,
+        aq: &AccountQueue,
+        env: &Envelope,
+        failures: &[dsn::Failure],
+        headers: &[u8],
+    ) {
         let started = Instant::now();
         let Ok(to) = Address::parse(&env.from, true) else {
             tracing::warn!(id = %env.id, "no delivery status notification: the sender is not an address");
             return;
         };
-        let mailboxes = lock(&self.mailboxes);
-        let mailbox = mailboxes.get(&env.account).map_or("", String::as_str);
+        let mailbox = lock(&self.mailboxes)
+            .get(&env.account)
+            .cloned()
+            .unwrap_or_default();
         let mut original = headers.to_vec();
         original.extend_from_slice(b"\r\n");
         let now = unix_now();
         let content = dsn::build(&dsn::Report {
             reporting_mta: &self.hostname,
-            from_mailbox: mailbox,
+            from_mailbox: &mailbox,
             to: &to,
             id: &env.id,
             arrival: env.received_at,
@@ -655,14 +680,23 @@ impl Queue {
             dsn: true,
             ..Progress::default()
         };
-        let stored = self
-            .spool
-            .save_progress(&report.id, &progress)
-            .map_err(SpoolError::from)
-            .and_then(|()| self.spool.store(&report, &content));
+        let stored = {
+            let (report, progress) = (report.clone(), progress.clone());
+            self.spool
+                .off_thread(move |s| {
+                    let stored = s
+                        .save_progress(&report.id, &progress)
+                        .map_err(SpoolError::from)
+                        .and_then(|()| s.store(&report, &content));
+                    if stored.is_err() {
+                        let _ = s.remove_progress(&report.id);
+                    }
+                    stored
+                })
+                .await
+        };
         if let Err(e) = stored {
             tracing::error!(id = %env.id, report = %report.id, error = %e, "cannot spool the delivery status notification; not sent");
-            let _ = self.spool.remove_progress(&report.id);
             return;
         }
         tracing::info!(id = %env.id, report = %report.id, to = %env.from, "delivery status notification spooled");
@@ -679,7 +713,9 @@ impl Queue {
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => return,
             }
-            if let Err(e) = self.control_scan() {
+            // Listing the directory, and moving an unreadable message to dead/, touch the disk.
+            let q = self.clone();
+            if let Err(e) = self.spool.off_thread(move |_| q.control_scan()).await {
                 tracing::warn!(error = %e, "cannot read the spool directory for queue commands");
             }
         }
@@ -843,7 +879,7 @@ impl Queue {
         match r {
             Ok(up) => {
                 progress.delivered.extend(accepted);
-                if let Err(e) = self.spool.save_progress(&env.id, progress) {
+                if let Err(e) = self.spool.save_progress_async(&env.id, progress).await {
                     tracing::error!(id = %env.id, error = %e, "cannot record delivery progress");
                 }
                 (up.code, up.text, true)
@@ -1192,7 +1228,7 @@ mod tests {
             bytes: 18,
         };
         let first = Instant::now();
-        q.accept(env, b"Subject: t\r\n\r\nhi\r\n").unwrap();
+        q.accept(env, b"Subject: t\r\n\r\nhi\r\n").await.unwrap();
 
         // Attempt 1 at once: 451, so attempt 2 is due retry_min (+ up to 25 %) later.
         let due2 = attempt_over(&q, 1).await;

@@ -10,6 +10,19 @@
 //! `dead/` rather than being sent again to recipients who may already have it. The file
 //! primitives (0700 directories, 0600 files, atomic write + fsync) are `fsutil`'s; when and
 //! how messages are delivered is `deliver`'s business.
+//!
+//! Off the async worker threads: a file or directory fsync can take tens of milliseconds on a
+//! busy or networked disk, and on a runtime worker thread it would stall every session that
+//! thread serves. So the async callers (a session's [`SpoolSink`], the deliverer's progress,
+//! removal and dead-letter writes) run the blocking part in tokio's blocking pool through
+//! [`Spool::off_thread`], at most [`MAX_DISK_OPS`] at once (a semaphore; tokio's pool would
+//! otherwise grow to 512 threads). We chose `spawn_blocking` per operation over one writer
+//! thread with group commit: each message needs its own file fsync anyway, and a single
+//! thread would queue those one behind another (one slow message delays all the others),
+//! while concurrent fsyncs on one file system are already merged by its journal (ext4, XFS
+//! commit them together). A message costs one hop per [`WRITE_BATCH`] of content (a 10 KiB
+//! message: one hop in all, for create + write + fsync + rename + directory fsync), a few
+//! microseconds against the fsync itself, so per-message latency stays what the disk makes it.
 
 use crate::fsutil::{
     create_private_dir, create_private_file, fsync_dir, write_atomic, write_private,
@@ -21,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
 /// The spool file format version this build writes and reads.
 pub(crate) const SPOOL_VERSION: u32 = 1;
@@ -30,6 +44,12 @@ const MAX_ENVELOPE_LINE: u64 = 1024 * 1024;
 const MAX_HEADER_LINE: u64 = 64 * 1024;
 /// Most header bytes `queue show` prints.
 const MAX_HEADERS: usize = 64 * 1024;
+/// Spool operations (fsync, create, rename) running in the blocking pool at once: more would
+/// not make one disk faster, and tokio's blocking pool (512 threads) is shared.
+pub(crate) const MAX_DISK_OPS: usize = 16;
+/// Content a [`SpoolSink`] collects before it hands it to the blocking pool: one hop per
+/// 256 KiB (a small message makes a single hop, at commit), and a bounded buffer per session.
+pub(crate) const WRITE_BATCH: usize = 256 * 1024;
 
 /// Who the message is from and for, as the client gave it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -138,6 +158,40 @@ pub struct Spool {
     /// Bytes of the message files in `spool/` plus those being written.
     used: Arc<AtomicU64>,
     max_bytes: u64,
+    /// Bounds the spool operations in the blocking pool ([`MAX_DISK_OPS`]).
+    disk: Arc<Semaphore>,
+    /// Runs before a message file's fsync (tests: a slow disk).
+    #[cfg(test)]
+    sync_hook: SyncHook,
+}
+
+/// A function run before each message file's fsync, shared by the clones of a spool.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct SyncHook(Arc<std::sync::Mutex<Option<HookFn>>>);
+
+#[cfg(test)]
+type HookFn = Arc<dyn Fn() + Send + Sync>;
+
+#[cfg(test)]
+impl std::fmt::Debug for SyncHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncHook")
+    }
+}
+
+#[cfg(test)]
+impl SyncHook {
+    pub(crate) fn set(&self, f: impl Fn() + Send + Sync + 'static) {
+        *crate::sync::lock(&self.0) = Some(Arc::new(f));
+    }
+
+    fn run(&self) {
+        let f = crate::sync::lock(&self.0).clone();
+        if let Some(f) = f {
+            f();
+        }
+    }
 }
 
 impl Spool {
@@ -151,6 +205,9 @@ impl Spool {
             dir,
             used: Arc::new(AtomicU64::new(0)),
             max_bytes,
+            disk: Arc::new(Semaphore::new(MAX_DISK_OPS)),
+            #[cfg(test)]
+            sync_hook: SyncHook::default(),
         };
         for d in [&spool.dir, &spool.tmp, &spool.dead] {
             create_private_dir(d)?;
@@ -169,6 +226,67 @@ impl Spool {
         }
         spool.used.store(used, Ordering::SeqCst);
         Ok(spool)
+    }
+
+    /// Runs `f` (file operations that may wait on the disk) in tokio's blocking pool, at most
+    /// [`MAX_DISK_OPS`] at once, so that an async caller's worker thread serves its other
+    /// tasks meanwhile. Cancelling the caller does not cancel `f`: it runs to its end (and
+    /// drops what it returns), holding its permit.
+    pub(crate) async fn off_thread<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Spool) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<io::Error> + Send + 'static,
+    {
+        let permit = self
+            .disk
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| io::Error::other("spool closed"))?;
+        let spool = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&spool)
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("spool operation did not finish: {e}")))?
+    }
+
+    /// [`Spool::save_progress`] off the async worker threads.
+    pub(crate) async fn save_progress_async(&self, id: &str, p: &Progress) -> io::Result<()> {
+        let (id, p) = (id.to_string(), p.clone());
+        self.off_thread(move |s| s.save_progress(&id, &p)).await
+    }
+
+    /// [`Spool::remove`] off the async worker threads.
+    pub(crate) async fn remove_async(&self, id: &str) -> io::Result<()> {
+        let id = id.to_string();
+        self.off_thread(move |s| s.remove(&id)).await
+    }
+
+    /// [`Spool::bury`] off the async worker threads.
+    pub(crate) async fn bury_async(&self, id: &str, reason: &str) -> io::Result<()> {
+        let (id, reason) = (id.to_string(), reason.to_string());
+        self.off_thread(move |s| s.bury(&id, &reason)).await
+    }
+
+    /// Starts storing a message from async code: nothing touches the disk until the content
+    /// reaches [`WRITE_BATCH`] or the commit.
+    pub(crate) fn sink(&self, env: &Envelope) -> SpoolSink {
+        SpoolSink {
+            spool: self.clone(),
+            env: env.clone(),
+            writer: None,
+            buf: Vec::new(),
+            failed: false,
+        }
+    }
+
+    /// The hook run before each message file's fsync.
+    #[cfg(test)]
+    pub(crate) fn sync_hook(&self) -> &SyncHook {
+        &self.sync_hook
     }
 
     /// Bytes the spool holds (message files, and those being written).
@@ -524,6 +642,9 @@ impl Spool {
             dir,
             used: Arc::new(AtomicU64::new(0)),
             max_bytes: u64::MAX,
+            disk: Arc::new(Semaphore::new(MAX_DISK_OPS)),
+            #[cfg(test)]
+            sync_hook: SyncHook::default(),
         }
     }
 
@@ -784,6 +905,8 @@ impl SpoolWriter {
         };
         file.seek(SeekFrom::Start(self.bytes_at))?;
         file.write_all(self.body.to_string().as_bytes())?;
+        #[cfg(test)]
+        self.spool.sync_hook.run();
         file.sync_all()?;
         drop(file);
         fs::rename(&self.tmp, &self.dest)?;
@@ -801,6 +924,111 @@ impl Drop for SpoolWriter {
             self.file = None;
             let _ = fs::remove_file(&self.tmp);
             self.spool.release(self.reserved);
+        }
+    }
+}
+
+/// A message on its way into the spool from async code (a session in spool mode): content
+/// collects in memory up to [`WRITE_BATCH`], then the blocking pool creates the temporary
+/// file and writes it ([`Spool::off_thread`]); [`SpoolSink::commit`] writes the rest, fsyncs,
+/// renames and fsyncs the directory there too. The `queue.max_bytes` reservation happens as
+/// the content reaches the file, so a full spool is found at the first batch or the commit.
+/// Dropped without a commit, the temporary file is removed (off the worker thread too).
+#[derive(Debug)]
+pub(crate) struct SpoolSink {
+    spool: Spool,
+    env: Envelope,
+    /// The file, once the first batch was written.
+    writer: Option<SpoolWriter>,
+    buf: Vec<u8>,
+    /// A batch failed: nothing more is accepted.
+    failed: bool,
+}
+
+impl SpoolSink {
+    /// Appends content, writing a full batch in the blocking pool. After an error (a full
+    /// spool, a failed write) nothing more is accepted.
+    pub(crate) async fn write(&mut self, chunk: &[u8]) -> Result<(), SpoolError> {
+        if self.failed {
+            return Err(io::Error::other("spool file already failed").into());
+        }
+        self.buf.extend_from_slice(chunk);
+        if self.buf.len() < WRITE_BATCH {
+            return Ok(());
+        }
+        let (writer, buf, env) = (
+            self.writer.take(),
+            std::mem::take(&mut self.buf),
+            self.env.clone(),
+        );
+        let written = self
+            .spool
+            .off_thread(move |s| {
+                let mut w = match writer {
+                    Some(w) => w,
+                    None => s.create(&env)?,
+                };
+                w.write(&buf)?;
+                Ok::<_, SpoolError>((w, buf))
+            })
+            .await;
+        match written {
+            Ok((w, mut buf)) => {
+                buf.clear();
+                self.writer = Some(w);
+                self.buf = buf;
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Completes the message in the blocking pool ([`SpoolWriter::commit`]). Only after this
+    /// returns Ok may the client hear 250. Returns the content's length.
+    pub(crate) async fn commit(mut self) -> Result<u64, SpoolError> {
+        if self.failed {
+            return Err(io::Error::other("spool file already failed").into());
+        }
+        let (writer, buf, env) = (
+            self.writer.take(),
+            std::mem::take(&mut self.buf),
+            self.env.clone(),
+        );
+        self.spool
+            .off_thread(move |s| {
+                let mut w = match writer {
+                    Some(w) => w,
+                    None => s.create(&env)?,
+                };
+                if !buf.is_empty() {
+                    w.write(&buf)?;
+                }
+                w.commit()
+            })
+            .await
+    }
+}
+
+impl Drop for SpoolSink {
+    fn drop(&mut self) {
+        let Some(w) = self.writer.take() else { return };
+        // Removing the temporary file is a disk operation too.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let spool = self.spool.clone();
+                rt.spawn(async move {
+                    let _ = spool
+                        .off_thread(move |_| {
+                            drop(w);
+                            Ok::<_, io::Error>(())
+                        })
+                        .await;
+                });
+            }
+            Err(_) => drop(w),
         }
     }
 }
@@ -971,6 +1199,133 @@ mod tests {
         s.bury("A", "x").unwrap();
         assert_eq!(s.used(), 0);
         assert!(s.has_room(2 * head_us + 200));
+    }
+
+    #[tokio::test]
+    async fn a_sink_writes_in_batches_off_thread_and_commits_the_exact_content() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Spool::open(tmp.path(), u64::MAX).unwrap();
+        let piece: Vec<u8> = (0..100 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut k = s.sink(&env("A", 1));
+        k.write(&piece).await.unwrap();
+        k.write(&piece).await.unwrap();
+        // Under a batch: nothing on disk yet.
+        assert!(names(&tmp.path().join("spool/tmp")).is_empty());
+        k.write(&piece).await.unwrap();
+        // A batch is written: the temporary file exists, the spool does not list it.
+        assert_eq!(names(&tmp.path().join("spool/tmp")), ["A.msg"]);
+        assert!(s.scan().unwrap().is_empty());
+        k.write(b"tail\r\n").await.unwrap();
+        assert_eq!(k.commit().await.unwrap(), 3 * 100 * 1024 + 6);
+        let mut want = [&piece[..], &piece, &piece].concat();
+        want.extend_from_slice(b"tail\r\n");
+        assert_eq!(s.body("A").unwrap(), want);
+        assert!(names(&tmp.path().join("spool/tmp")).is_empty());
+        assert_eq!(s.used(), s.file_len("A"));
+        // A small message: one commit makes the whole file.
+        let mut k = s.sink(&env("B", 2));
+        k.write(b"small\r\n").await.unwrap();
+        assert_eq!(k.commit().await.unwrap(), 7);
+        assert_eq!(s.body("B").unwrap(), b"small\r\n");
+        // Dropped after a batch: the temporary file is removed (in the blocking pool, under
+        // the gate: once every permit is free again, the removal is done).
+        let used = s.used();
+        let mut k = s.sink(&env("C", 3));
+        k.write(&[&piece[..], &piece, &piece].concat())
+            .await
+            .unwrap();
+        assert_eq!(names(&tmp.path().join("spool/tmp")), ["C.msg"]);
+        drop(k);
+        tokio::task::yield_now().await;
+        drop(s.disk.acquire_many(MAX_DISK_OPS as u32).await.unwrap());
+        assert!(names(&tmp.path().join("spool/tmp")).is_empty());
+        assert_eq!(s.used(), used);
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_refuses_a_sink_at_its_first_batch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Spool::open(tmp.path(), 1000).unwrap();
+        let mut k = s.sink(&env("A", 1));
+        assert!(matches!(
+            k.write(&vec![b'x'; WRITE_BATCH]).await,
+            Err(SpoolError::Full { max: 1000, .. })
+        ));
+        assert!(
+            k.write(b"more").await.is_err(),
+            "nothing more after a refusal"
+        );
+        assert!(k.commit().await.is_err());
+        assert!(names(&tmp.path().join("spool/tmp")).is_empty());
+        assert_eq!(s.used(), 0);
+        // Too big only at the commit: refused there, nothing kept.
+        let mut k = s.sink(&env("B", 2));
+        k.write(&[b'y'; 999]).await.unwrap();
+        assert!(matches!(k.commit().await, Err(SpoolError::Full { .. })));
+        assert_eq!(names(&tmp.path().join("spool")), ["tmp"]);
+        assert!(names(&tmp.path().join("spool/tmp")).is_empty());
+        assert_eq!(s.used(), 0);
+    }
+
+    /// More commits than [`MAX_DISK_OPS`] at once: at most that many are in the blocking
+    /// pool together (their fsync held until the test lets one go), and all complete.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spool_operations_in_the_blocking_pool_are_bounded() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::{Condvar, Mutex};
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Spool::open(tmp.path(), u64::MAX).unwrap();
+        let n = MAX_DISK_OPS + 4;
+        let inside = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+        {
+            let (inside, most, gate) = (inside.clone(), most.clone(), gate.clone());
+            s.sync_hook().set(move || {
+                let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                let _ = entered_tx.send(());
+                let (lock, cv) = &*gate;
+                let mut go = cv
+                    .wait_while(crate::sync::lock(lock), |go| *go == 0)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                *go -= 1;
+                inside.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = format!("M{i}");
+                let mut k = s.sink(&env(&id, i as u64));
+                k.write(id.as_bytes()).await?;
+                k.commit().await
+            }));
+        }
+        for _ in 0..MAX_DISK_OPS {
+            entered.recv().await.unwrap();
+        }
+        // One let go at a time: each lets exactly one more in.
+        for _ in MAX_DISK_OPS..n {
+            {
+                let (lock, cv) = &*gate;
+                *crate::sync::lock(lock) += 1;
+                cv.notify_all();
+            }
+            entered.recv().await.unwrap();
+        }
+        {
+            let (lock, cv) = &*gate;
+            *crate::sync::lock(lock) += MAX_DISK_OPS;
+            cv.notify_all();
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), MAX_DISK_OPS);
+        assert_eq!(s.scan().unwrap().len(), n);
     }
 
     #[test]

@@ -789,7 +789,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     /// Spool mode: the content goes to the spool file as it arrives; fsync'd and renamed
-    /// before 250. A full spool (`queue.max_bytes`) or a storage failure is 452 4.3.1 and
+    /// before 250, the disk work off the runtime's worker threads (`spool::SpoolSink`). A full spool (`queue.max_bytes`) or a storage failure is 452 4.3.1 and
     /// nothing is kept.
     async fn data_spool(&mut self, mut rx: DataIn) -> Result<(), Stop> {
         let Some(txn) = self.txn.as_ref() else {
@@ -822,7 +822,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 return self.too_big(&mut rx).await;
             }
             if let Ok(w) = writer.as_mut() {
-                if let Err(e) = w.write(&out) {
+                if let Err(e) = w.write(&out).await {
                     writer = Err(e);
                 }
             }
@@ -837,7 +837,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             return Ok(());
         };
         let stored = match (writer, &self.ctx.queue) {
-            (Ok(w), Some(queue)) => queue.commit(w, env),
+            (Ok(w), Some(queue)) => queue.commit(w, env).await,
             (Ok(_), None) => Err(SpoolError::NotSpooling),
             (Err(e), _) => Err(e),
         };
@@ -1028,6 +1028,153 @@ fn test_context(
         messages_per_minute: 0,
         metrics: Arc::new(Metrics::default()),
         relay_networks: RelayNetworks::default(),
+    }
+}
+
+#[cfg(test)]
+mod spool_tests {
+    //! Spool mode over in-memory streams: a message file's fsync runs off the runtime's
+    //! worker thread, so one slow disk write holds up only its own message.
+    use super::*;
+    use crate::relay::deliver::Queue;
+    use base64::Engine as _;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    type Client = (
+        BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>,
+        tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    );
+
+    /// A session of `ctx` on an in-memory stream, its greeting read.
+    async fn connect(ctx: &SessionContext) -> Client {
+        let ctx = ctx.clone();
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let peer = "127.0.0.1:1".parse().expect("peer");
+        tokio::spawn(async move { Session::new(&ctx, server, peer, false).run(true).await });
+        let (r, w) = tokio::io::split(client);
+        let mut c = (BufReader::new(r), w);
+        assert!(reply(&mut c).await.starts_with("220 "));
+        c
+    }
+
+    /// The last line of the next reply.
+    async fn reply(c: &mut Client) -> String {
+        loop {
+            let mut l = String::new();
+            c.0.read_line(&mut l).await.expect("read");
+            assert!(l.len() >= 4, "connection closed: {l:?}");
+            if l.as_bytes()[3] != b'-' {
+                return l;
+            }
+        }
+    }
+
+    async fn say(c: &mut Client, line: &str) -> String {
+        c.1.write_all(line.as_bytes()).await.expect("write");
+        reply(c).await
+    }
+
+    /// EHLO and AUTH as `u`.
+    async fn hello(c: &mut Client) {
+        assert!(say(c, "EHLO c\r\n").await.starts_with("250 "));
+        let auth = base64::engine::general_purpose::STANDARD.encode("\0u\0pw");
+        assert!(say(c, &format!("AUTH PLAIN {auth}\r\n"))
+            .await
+            .starts_with("235 "));
+    }
+
+    /// A session context in spool mode (state in `dir`); the deliverer's upstream and token
+    /// endpoint are unreachable loopback ports, so nothing leaves the spool.
+    fn spool_context(dir: &std::path::Path) -> SessionContext {
+        use crate::config::Config;
+        let mut ctx = test_context(9, "pw", Duration::from_secs(300), 2);
+        let toml = format!("[upstream]\nhost = \"127.0.0.1\"\nport = 9\ntimeout_secs = 1\n[queue]\nmode = \"spool\"\n[state]\ndir = \"{}\"\n[[account]]\nusername = \"u\"\npassword_env = \"PW\"\nmailbox = \"u@example.com\"\n[account.oauth]\nflow = \"client_credentials\"\ntenant = \"t\"\nclient_id = \"c\"\nclient_secret_env = \"PW\"\ntoken_url = \"http://127.0.0.1:9/token\"\n", dir.display());
+        let config = Config::from_toml(&toml, "t.toml", dir, &|_| Some("pw".to_string()))
+            .expect("spool config");
+        let q = config.queue.clone().expect("[queue]");
+        let queue = Queue::start(
+            &config,
+            &q,
+            ctx.transport.clone(),
+            ctx.pacers.clone(),
+            ctx.metrics.clone(),
+            ctx.shutdown.clone(),
+        )
+        .expect("queue");
+        ctx.queue = Some(queue);
+        ctx
+    }
+
+    /// Session A's message file fsync blocks (until the test lets it go); meanwhile session B,
+    /// on the same single-threaded runtime, is served. Had the fsync run on the runtime's
+    /// thread, B would get no reply until the hook gave up, and the test fails on that.
+    /// A hears 250 only after its fsync, and the spool holds its exact content.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_fsync_does_not_hold_up_another_session() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctx = spool_context(dir.path());
+        let queue = ctx.queue.clone().expect("queue");
+        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = std::sync::Mutex::new(released);
+        let gave_up = Arc::new(AtomicBool::new(false));
+        let first = AtomicBool::new(true);
+        {
+            let gave_up = gave_up.clone();
+            queue.spool().sync_hook().set(move || {
+                if !first.swap(false, Ordering::SeqCst) {
+                    return;
+                }
+                let _ = entered_tx.send(());
+                let waited = crate::sync::lock(&released).recv_timeout(Duration::from_secs(30));
+                if waited.is_err() {
+                    gave_up.store(true, Ordering::SeqCst);
+                }
+            });
+        }
+
+        let mut a = connect(&ctx).await;
+        hello(&mut a).await;
+        assert!(say(&mut a, "MAIL FROM:<u@example.com>\r\n")
+            .await
+            .starts_with("250 "));
+        assert!(say(&mut a, "RCPT TO:<x@example.net>\r\n")
+            .await
+            .starts_with("250 "));
+        assert!(say(&mut a, "DATA\r\n").await.starts_with("354 "));
+        a.1.write_all(b"Subject: slow\r\n\r\n..dot\r\nbody\r\n.\r\n")
+            .await
+            .expect("content");
+        entered.recv().await.expect("A's fsync started");
+
+        // A's fsync is still blocked: B gets every reply.
+        let mut b = connect(&ctx).await;
+        hello(&mut b).await;
+        assert!(say(&mut b, "MAIL FROM:<u@example.com>\r\n")
+            .await
+            .starts_with("250 "));
+        assert!(say(&mut b, "RCPT TO:<y@example.net>\r\n")
+            .await
+            .starts_with("250 "));
+        assert!(say(&mut b, "RSET\r\n").await.starts_with("250 "));
+        assert!(say(&mut b, "QUIT\r\n").await.starts_with("221 "));
+
+        release.send(()).expect("release");
+        let done = reply(&mut a).await;
+        assert!(
+            !gave_up.load(Ordering::SeqCst),
+            "session B was served only after A's fsync gave up: the fsync blocked the runtime"
+        );
+        let id = done
+            .strip_prefix("250 2.0.0 ")
+            .and_then(|r| r.strip_suffix(" queued for delivery\r\n"))
+            .unwrap_or_else(|| panic!("{done:?}"));
+        assert_eq!(
+            queue.spool().body(id).expect("spooled"),
+            b"Subject: slow\r\n\r\n.dot\r\nbody\r\n"
+        );
+        ctx.shutdown.cancel();
     }
 }
 
