@@ -18,6 +18,7 @@ mod login;
 mod memory;
 mod office;
 mod operate;
+mod pipelining;
 mod queue;
 mod relay;
 mod reload;

@@ -97,6 +97,9 @@ pub(super) struct Conn {
     buf: Vec<u8>,
     /// Bytes of `buf` already consumed.
     pos: usize,
+    /// Reads from the stream so far (a command that needed none arrived with the previous
+    /// input: it was pipelined).
+    reads: u64,
 }
 
 impl Conn {
@@ -105,7 +108,13 @@ impl Conn {
             stream,
             buf: Vec::with_capacity(READ_CHUNK),
             pos: 0,
+            reads: 0,
         }
+    }
+
+    /// How many reads from the stream filled the buffer so far.
+    pub(super) fn reads(&self) -> u64 {
+        self.reads
     }
 
     pub(super) fn is_tls(&self) -> bool {
@@ -143,7 +152,9 @@ impl Conn {
             self.pos = 0;
         }
         self.buf.reserve(READ_CHUNK);
-        Ok(self.stream.read_buf(&mut self.buf).await? > 0)
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        self.reads += 1;
+        Ok(n > 0)
     }
 
     /// Next command line (terminated by LF; a CR before it is dropped). While waiting for
