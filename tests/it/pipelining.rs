@@ -230,15 +230,23 @@ async fn without_pipelining_one_command_per_round_trip_and_it_works() {
         assert_eq!(got.len(), 1, "spool {spool}");
         assert_eq!(got[0].rcpts, ["a@fabrikam.com", "b@fabrikam.com"]);
         assert_eq!(got[0].data, MSG);
+        // CHUNKING is still offered: BDAT, each chunk waiting for the previous one's reply.
+        let large = contents().pop().unwrap();
+        let (_, (code, t)) = submit(&mut c, &["a@fabrikam.com"], &large).await;
+        assert_eq!(code, 250, "spool {spool}: {t}");
+        let got = up.wait_received(2, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 2, "spool {spool}");
+        assert!(got[1].data == large);
         assert_eq!(up.pipelining_violations(), 0, "spool {spool}");
         let f = flights(up);
         assert!(f.iter().all(|f| f.len() == 1), "spool {spool}: {f:?}");
-        // CHUNKING is still offered: BDAT without pipelining (one chunk here).
         let lines = upstream_lines(up);
         assert!(
             lines.contains(&format!("BDAT {} LAST", MSG.len())),
             "{lines:?}"
         );
+        let chunks = lines.iter().filter(|l| l.starts_with("BDAT")).count();
+        assert!(chunks >= 3, "{lines:?}");
     }
 }
 

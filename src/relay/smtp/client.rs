@@ -534,4 +534,100 @@ mod wire_tests {
         assert_eq!(c.read_reply().await.expect("reply").code, 250);
         assert_eq!(rx.await.expect("server"), b"..hidden\r\nbody\r\n.\r\n");
     }
+
+    /// A server that reads until it has `want` bytes, records them, then writes `answer`.
+    async fn answering(
+        want: usize,
+        answer: &'static [u8],
+    ) -> (Connection, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let c = pair(move |mut s| async move {
+            s.write_all(b"220 hi\r\n").await.expect("write");
+            let mut got = vec![0u8; want];
+            s.read_exact(&mut got).await.expect("read");
+            s.write_all(answer).await.expect("write");
+            let _ = tx.send(got);
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        })
+        .await;
+        (c, rx)
+    }
+
+    #[tokio::test]
+    async fn pipelined_commands_go_in_one_write_and_each_reply_is_read_in_order() {
+        let (mut c, rx) = answering(
+            32,
+            b"250 2.1.0 ok\r\n550 5.1.1 no\r\n250 2.1.5 ok\r\n421 4.4.2 extra\r\n",
+        )
+        .await;
+        assert_eq!(c.read_reply().await.expect("greeting").code, 220);
+        c.send_lines(&[b"MAIL FROM:<a@b>", b"RCPT TO:<x@y>"])
+            .await
+            .expect("send");
+        c.send_line(b"RCPT TO:<z@y>").await.expect("send");
+        assert_eq!(c.owed(), 3);
+        let codes = [
+            c.read_reply().await.expect("1").code,
+            c.read_reply().await.expect("2").code,
+        ];
+        assert_eq!(codes, [250, 550]);
+        // The third owed reply arrives with a fourth nobody asked for.
+        match c.read_reply().await {
+            Err(ClientError::Unsolicited(s)) => assert_eq!(s, "421 4.4.2 extra\\r\\n"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            rx.await.expect("server"),
+            b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\n".to_vec()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bdat_chunk_is_its_command_and_bytes_in_one_write() {
+        let (mut c, rx) = answering(20, b"250 2.0.0 queued\r\n").await;
+        assert_eq!(c.read_reply().await.expect("greeting").code, 220);
+        assert!(c.try_read_reply().expect("nothing owed").is_none());
+        let mut chunk = ChunkBuf::new();
+        chunk.push(b".a\r\n");
+        chunk.push(b"b");
+        c.send_bdat(chunk.framed(true), true).await.expect("send");
+        // Until the reply is here, trying does not wait.
+        let mut reply = None;
+        for _ in 0..200 {
+            reply = c.try_read_reply().expect("try");
+            if reply.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(reply.expect("reply").code, 250);
+        assert_eq!(c.owed(), 0);
+        // Unstuffed, and CRLF added to content that did not end with one.
+        assert_eq!(
+            rx.await.expect("server"),
+            b"BDAT 7 LAST\r\n.a\r\nb\r\n".to_vec()
+        );
+    }
+
+    #[test]
+    fn the_last_chunk_ends_with_crlf_as_data_would() {
+        for (content, want) in [
+            (&b""[..], &b"\r\n"[..]),
+            (b"x\r\n", b"x\r\n"),
+            (b"x\r", b"x\r\r\n"),
+            (b"\n", b"\n\r\n"),
+        ] {
+            let mut c = ChunkBuf::new();
+            c.push(content);
+            assert_eq!(c.len(), content.len());
+            assert_eq!(&c.framed(true)[BDAT_HEADROOM..], want);
+            c.clear();
+            assert_eq!(c.len(), 0);
+        }
+        // Not the last chunk: nothing added.
+        let mut c = ChunkBuf::new();
+        c.push(b"x");
+        assert_eq!(&c.framed(false)[BDAT_HEADROOM..], b"x");
+    }
 }

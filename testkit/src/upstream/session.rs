@@ -165,7 +165,11 @@ pub(super) async fn run(
         match next {
             Next::Continue => {}
             Next::Close => return conn.shutdown().await,
-            Next::Drop => return Ok(()),
+            Next::Drop => {
+                // The replies already given go out; then the connection drops.
+                conn.flush_replies().await?;
+                return Ok(());
+            }
             Next::Stall => return conn.discard_until_closed().await,
             Next::StartTls if inner.tls_failure.load(Ordering::SeqCst) => {
                 inner.fault();
