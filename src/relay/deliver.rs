@@ -826,19 +826,35 @@ impl Queue {
         retry_after: &mut Option<Duration>,
     ) -> (u16, String, bool) {
         let size = usize::try_from(len).unwrap_or(usize::MAX);
+        let mut rcpts = Vec::new();
+        let mut addrs = Vec::new();
+        for rcpt in progress.pending(env).cloned().collect::<Vec<String>>() {
+            match Address::parse(&rcpt, true) {
+                Ok(to) => {
+                    rcpts.push(rcpt);
+                    addrs.push(to);
+                }
+                Err(_) => progress
+                    .failed
+                    .push((rcpt, "invalid recipient address in the spool".into())),
+            }
+        }
+        if addrs.is_empty() {
+            return (0, String::new(), true);
+        }
+        // MAIL and every RCPT in one flight where the upstream pipelines.
         let begun = self
             .transport
-            .begin(&env.account, from, params, Some(size))
+            .begin(&env.account, from, params, Some(size), &addrs)
             .await;
-        let mut txn = match begun {
-            Ok((txn, _)) => txn,
+        let (mut txn, verdicts) = match begun {
+            Ok((txn, _, verdicts)) => (txn, verdicts),
             Err(BeginError::Upstream(UpstreamError::Reply(r))) if r.code >= 500 => {
                 // The sender itself is refused: every pending recipient fails.
                 let why = r.to_string();
-                let pending: Vec<String> = progress.pending(env).cloned().collect();
                 progress
                     .failed
-                    .extend(pending.into_iter().map(|p| (p, why.clone())));
+                    .extend(rcpts.into_iter().map(|p| (p, why.clone())));
                 return (r.code, r.text, false);
             }
             Err(e) => {
@@ -846,17 +862,10 @@ impl Queue {
                 return (0, reply.to_string(), true);
             }
         };
-        let pending: Vec<String> = progress.pending(env).cloned().collect();
         let mut accepted = Vec::new();
         let mut last = (0u16, String::new());
-        for rcpt in pending {
-            let Ok(to) = Address::parse(&rcpt, true) else {
-                progress
-                    .failed
-                    .push((rcpt, "invalid recipient address in the spool".into()));
-                continue;
-            };
-            match txn.rcpt(&to).await {
+        for (rcpt, verdict) in rcpts.into_iter().zip(verdicts) {
+            match verdict {
                 Ok(_) => accepted.push(rcpt),
                 Err(UpstreamError::Reply(r)) if r.code >= 500 => {
                     progress.failed.push((rcpt, r.to_string()));

@@ -385,13 +385,27 @@ impl Pool {
         *map = next;
     }
 
-    /// Takes a session for `account` and sends `MAIL FROM` on it. A reused session that
-    /// fails before answering MAIL (closed by the server while idle) is replaced by a new one.
+    /// [`Pool::begin_envelope`] without recipients.
+    #[cfg(test)]
     pub(crate) async fn begin(
         &self,
         account: &str,
         mail_command: &str,
     ) -> Result<(Lease, UpReply), BeginError> {
+        let (lease, reply, _) = self.begin_envelope(account, mail_command, &[]).await?;
+        Ok((lease, reply))
+    }
+
+    /// Takes a session for `account` and sends `MAIL FROM` on it, and the `RCPT TO` lines
+    /// `rcpt_commands` (in the same flight where the upstream pipelines). The MAIL reply and
+    /// each RCPT's verdict. A reused session that fails before answering MAIL (closed by
+    /// the server while idle) is replaced by a new one.
+    pub(crate) async fn begin_envelope(
+        &self,
+        account: &str,
+        mail_command: &str,
+        rcpt_commands: &[String],
+    ) -> Result<(Lease, UpReply, Vec<Result<UpReply, UpstreamError>>), BeginError> {
         let mb = self
             .inner
             .mailbox(account)
@@ -420,8 +434,8 @@ impl Pool {
                     .take()
                     .expect("permit is put back before every retry"),
             };
-            match lease.session().command(mail_command).await {
-                Ok(r) => return Ok((lease, r)),
+            match lease.session().envelope(mail_command, rcpt_commands).await {
+                Ok((r, verdicts)) => return Ok((lease, r, verdicts)),
                 Err(UpstreamError::Lost(_))
                 | Err(UpstreamError::Reply(UpReply { code: 421, .. }))
                     if reused =>

@@ -1,5 +1,6 @@
-//! What a local session or the spool asks of an upstream: open a transaction for an account
-//! and a sender, add recipients one by one (each with its own verdict), send the content
+//! What a local session or the spool asks of an upstream: open a transaction for an account,
+//! a sender and the recipients known so far (each with its own verdict; SMTP sends them in
+//! one flight where the upstream pipelines), add later recipients one by one, send the content
 //! (whole, or streamed piece by piece as it arrives), and finish or abort (or abandon it
 //! mid-content: the upstream never sees the final dot). The session and the spool
 //! deliverer speak only this interface; how a transport reaches Microsoft 365 is its own
@@ -11,7 +12,7 @@ use crate::config::Config;
 use crate::relay::envelope::{Address, MailParams, ReversePath};
 use crate::relay::graph::{GraphTransaction, GraphTransport};
 use crate::relay::pool::{BeginError, Pool};
-use crate::relay::smtp::transaction::SmtpTransaction;
+use crate::relay::smtp::transaction::{RcptVerdicts, SmtpTransaction};
 use crate::relay::upstream::{UpReply, UpstreamError};
 
 /// The upstream transport of all accounts.
@@ -42,21 +43,29 @@ impl Transport {
         }
     }
 
-    /// Opens a transaction for `account` with this sender (SMTP: a pooled session, MAIL).
-    /// `size` is the real message size when known (spool), else the client's SIZE=.
+    /// Opens a transaction for `account` with this sender and the recipients `rcpts` (SMTP:
+    /// a pooled session, MAIL and a RCPT each). `size` is the real message size when known
+    /// (spool), else the client's SIZE=. The sender's reply and each recipient's verdict, in
+    /// order; a refused sender is an error.
     pub(crate) async fn begin(
         &self,
         account: &str,
         from: &ReversePath,
         params: &MailParams,
         size: Option<usize>,
-    ) -> Result<(Transaction, UpReply), BeginError> {
+        rcpts: &[Address],
+    ) -> Result<(Transaction, UpReply, RcptVerdicts), BeginError> {
         if let Some(g) = self.graph.as_ref().filter(|g| g.serves(account)) {
-            let (t, reply) = g.begin(account, from, params, size).await?;
-            return Ok((Transaction::Graph(t), reply));
+            let (mut t, reply) = g.begin(account, from, params, size).await?;
+            let mut verdicts = Vec::with_capacity(rcpts.len());
+            for to in rcpts {
+                verdicts.push(t.rcpt(to).await);
+            }
+            return Ok((Transaction::Graph(t), reply, verdicts));
         }
-        let (t, reply) = SmtpTransaction::begin(&self.pool, account, from, params, size).await?;
-        Ok((Transaction::Smtp(t), reply))
+        let (t, reply, verdicts) =
+            SmtpTransaction::begin(&self.pool, account, (from, params, size), rcpts).await?;
+        Ok((Transaction::Smtp(t), reply, verdicts))
     }
 }
 
@@ -84,8 +93,8 @@ impl Transaction {
         }
     }
 
-    /// Announces the content (SMTP: `DATA`, answered 354); any other positive reply is a
-    /// protocol error and nothing is sent.
+    /// Announces the content (SMTP: `DATA`, answered 354, or nothing where the content goes
+    /// as BDAT); any other positive reply is a protocol error and nothing is sent.
     pub(crate) async fn start_data(&mut self) -> Result<UpReply, UpstreamError> {
         match self {
             Transaction::Smtp(t) => t.start_data().await,

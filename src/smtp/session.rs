@@ -640,18 +640,29 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             Upstream::Failed(r) => (r.clone(), Upstream::Failed(r)),
             Upstream::Ready(t) => forward_rcpt(t, to, &mut txn.rcpts).await,
             Upstream::Waiting => {
+                // MAIL and this first RCPT go together (one flight where the upstream
+                // pipelines); a refused MAIL is this RCPT's reply.
                 let m = &txn.mail;
                 let result = self
                     .ctx
                     .transport
-                    .begin(&account, &m.from, &m.params, Some(m.params.size))
+                    .begin(
+                        &account,
+                        &m.from,
+                        &m.params,
+                        Some(m.params.size),
+                        std::slice::from_ref(&to),
+                    )
                     .await;
-                let r = outcome::mail_reply(result.as_ref().map(|(_, r)| r));
+                let r = outcome::mail_reply(result.as_ref().map(|(_, r, _)| r));
                 match result {
-                    Ok((t, _)) if r.is_positive() => {
-                        forward_rcpt(Box::new(t), to, &mut txn.rcpts).await
+                    Ok((t, _, mut verdicts)) if r.is_positive() => {
+                        let verdict = verdicts.pop().unwrap_or_else(|| {
+                            Err(UpstreamError::Lost("no verdict on the recipient".into()))
+                        });
+                        rcpt_verdict(Box::new(t), to, verdict, &mut txn.rcpts)
                     }
-                    Ok((t, _)) => {
+                    Ok((t, _, _)) => {
                         t.finish().await;
                         (r.clone(), Upstream::Failed(r))
                     }
@@ -945,6 +956,17 @@ async fn forward_rcpt(
     rcpts: &mut Vec<Address>,
 ) -> (Reply, Upstream) {
     let r = t.rcpt(&to).await;
+    rcpt_verdict(t, to, r, rcpts)
+}
+
+/// The upstream's verdict `r` on recipient `to` of an open transaction: the local reply, and
+/// where the transaction stands after it. An accepted recipient joins `rcpts`.
+fn rcpt_verdict(
+    mut t: Box<Transaction>,
+    to: Address,
+    r: Result<crate::relay::upstream::UpReply, UpstreamError>,
+    rcpts: &mut Vec<Address>,
+) -> (Reply, Upstream) {
     let reply = outcome::rcpt_reply(&r);
     if reply.is_positive() {
         rcpts.push(to);

@@ -19,6 +19,7 @@ mod login;
 mod memory;
 mod office;
 mod operate;
+mod pipelining;
 mod queue;
 mod relay;
 mod reload;

@@ -1,13 +1,16 @@
 //! The upstream connection under the session: our own TCP socket (TCP_NODELAY), the TLS
 //! upgrade (STARTTLS or implicit), buffered reply reading through the bounded parser, and
-//! writing commands and dot-stuffed content (streamed: piece by piece as it arrives).
+//! writing commands (one, or a pipelined group in one write), dot-stuffed content
+//! (streamed: piece by piece as it arrives) and BDAT chunks (a command and its bytes in one
+//! write).
 //!
-//! Two rules keep replies matched to commands: a reply is only read when we sent a command
-//! that waits for one, and bytes the server sends that no command asked for (after a
-//! complete reply, or before a command is sent) are a protocol error, never a later
-//! command's reply. STARTTLS is the sharpest case: whatever follows the `220` in plaintext
-//! would otherwise be read as a reply inside TLS (response injection), so
-//! [`Connection::starttls`] refuses to upgrade while any byte is buffered or waiting.
+//! Two rules keep replies matched to commands: the connection counts the replies its
+//! commands still wait for, and a reply is only read while one is owed; bytes the server
+//! sends that no command asked for (after the last owed reply, or while none is owed) are a
+//! protocol error, never a later command's reply. STARTTLS is the sharpest case: whatever
+//! follows the `220` in plaintext would otherwise be read as a reply inside TLS (response
+//! injection), so [`Connection::starttls`] refuses to upgrade while any byte is buffered or
+//! waiting.
 //!
 //! Knows the wire, not the SMTP dialogue; `session.rs` decides what to send when.
 
@@ -27,6 +30,9 @@ use zeroize::Zeroize;
 const WRITE_CHUNK: usize = 64 * 1024;
 /// How much is read at most at once while waiting for a reply.
 const READ_CHUNK: usize = 8 * 1024;
+/// Room kept in front of a BDAT chunk's bytes for its command line
+/// (`BDAT <20 digits> LAST\r\n` is 31 bytes).
+const BDAT_HEADROOM: usize = 32;
 
 /// What went wrong on the wire.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +62,10 @@ pub(crate) struct Connection {
     line: Vec<u8>,
     /// Stuffed content being written (at most twice [`WRITE_CHUNK`]).
     out: Vec<u8>,
+    /// Replies owed to commands sent (a greeting counts as owed when nothing was sent).
+    owed: usize,
+    /// The reply being parsed (a pipelined reply may arrive in pieces across reads).
+    parser: ReplyParser,
 }
 
 impl Connection {
@@ -73,7 +83,14 @@ impl Connection {
             buf: Vec::with_capacity(READ_CHUNK),
             line: Vec::new(),
             out: Vec::new(),
+            owed: 0,
+            parser: ReplyParser::default(),
         }
+    }
+
+    /// Replies still owed to commands sent.
+    pub(crate) fn owed(&self) -> usize {
+        self.owed
     }
 
     /// Implicit TLS (port 465 style): the handshake before anything else.
@@ -103,7 +120,11 @@ impl Connection {
     /// Fails if the server sent anything since its last reply (already buffered, or ready
     /// on the socket right now): a reply no command asked for. Also reports a connection
     /// the server closed meanwhile.
+    /// While replies are owed, bytes from the server are those replies: nothing to check.
     pub(crate) fn ensure_quiet(&mut self) -> Result<(), ClientError> {
+        if self.owed > 0 {
+            return Ok(());
+        }
         if !self.buf.is_empty() {
             return Err(ClientError::Unsolicited(excerpt(&self.buf)));
         }
@@ -120,25 +141,88 @@ impl Connection {
 
     /// Sends one command line (CRLF is added) in one write.
     pub(crate) async fn send_line(&mut self, line: &[u8]) -> Result<(), ClientError> {
-        self.ensure_quiet()?;
-        self.line.clear();
-        self.line.extend_from_slice(line);
-        self.line.extend_from_slice(b"\r\n");
-        let r = write_flush(&mut self.stream, &self.line).await;
-        self.line.zeroize();
-        r.map_err(ClientError::from)
+        self.send_lines(&[line]).await
     }
 
-    /// Reads one reply. Bytes after it (a second reply we did not ask for) are an error.
+    /// Sends command lines (CRLF is added to each) in one write: a pipelined group (RFC
+    /// 2920), one reply owed per line.
+    pub(crate) async fn send_lines(&mut self, lines: &[&[u8]]) -> Result<(), ClientError> {
+        self.ensure_quiet()?;
+        self.line.clear();
+        for line in lines {
+            self.line.extend_from_slice(line);
+            self.line.extend_from_slice(b"\r\n");
+        }
+        let r = write_flush(&mut self.stream, &self.line).await;
+        self.line.zeroize();
+        r?;
+        self.owed += lines.len();
+        Ok(())
+    }
+
+    /// Sends a BDAT chunk (RFC 3030): the command and the chunk's bytes in one write; one
+    /// reply owed. The chunk's bytes follow [`BDAT_HEADROOM`] bytes of room at the start
+    /// of `framed`, where the command line is put.
+    pub(crate) async fn send_bdat(
+        &mut self,
+        framed: &mut [u8],
+        last: bool,
+    ) -> Result<(), ClientError> {
+        self.ensure_quiet()?;
+        let len = framed.len().saturating_sub(BDAT_HEADROOM);
+        let command = format!("BDAT {len}{}\r\n", if last { " LAST" } else { "" });
+        let start = BDAT_HEADROOM
+            .checked_sub(command.len())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "BDAT chunk too large"))?;
+        framed[start..BDAT_HEADROOM].copy_from_slice(command.as_bytes());
+        write_flush(&mut self.stream, &framed[start..]).await?;
+        self.owed += 1;
+        Ok(())
+    }
+
+    /// A reply that is already here (buffered, or readable without waiting), if complete;
+    /// `None` if none is owed or it has not arrived yet. Lets a sender that does not wait
+    /// for replies (BDAT chunks) notice a refusal early and keep the server's replies from
+    /// piling up.
+    pub(crate) fn try_read_reply(&mut self) -> Result<Option<Reply>, ClientError> {
+        if self.owed == 0 {
+            return Ok(None);
+        }
+        if let Some(reply) = self.parse_buffered()? {
+            return Ok(Some(reply));
+        }
+        let mut scratch = [0u8; READ_CHUNK];
+        let mut rb = ReadBuf::new(&mut scratch);
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(&mut self.stream).poll_read(&mut cx, &mut rb) {
+            Poll::Pending => return Ok(None),
+            Poll::Ready(Err(e)) => return Err(e.into()),
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => return Err(ClientError::Closed),
+            Poll::Ready(Ok(())) => self.buf.extend_from_slice(rb.filled()),
+        }
+        self.parse_buffered()
+    }
+
+    /// A complete reply from the buffered bytes, if there is one; checks that bytes after
+    /// the last owed reply are not there.
+    fn parse_buffered(&mut self) -> Result<Option<Reply>, ClientError> {
+        let (used, reply) = self.parser.feed(&self.buf)?;
+        self.buf.drain(..used);
+        let Some(reply) = reply else {
+            return Ok(None);
+        };
+        self.owed = self.owed.saturating_sub(1);
+        if self.owed == 0 && !self.buf.is_empty() {
+            return Err(ClientError::Unsolicited(excerpt(&self.buf)));
+        }
+        Ok(Some(reply))
+    }
+
+    /// Reads one reply. Bytes after the last owed reply (a reply we did not ask for) are an
+    /// error.
     pub(crate) async fn read_reply(&mut self) -> Result<Reply, ClientError> {
-        let mut parser = ReplyParser::default();
         loop {
-            let (used, reply) = parser.feed(&self.buf)?;
-            self.buf.drain(..used);
-            if let Some(reply) = reply {
-                if !self.buf.is_empty() {
-                    return Err(ClientError::Unsolicited(excerpt(&self.buf)));
-                }
+            if let Some(reply) = self.parse_buffered()? {
                 return Ok(reply);
             }
             // The parser refuses a partial line of MAX_LINE bytes, so this stays bounded.
@@ -190,6 +274,7 @@ impl Connection {
         self.out.clear();
         stuffer.finish(&mut self.out);
         write_flush(&mut self.stream, &self.out).await?;
+        self.owed += 1;
         Ok(())
     }
 
@@ -202,6 +287,59 @@ impl Connection {
 async fn write_flush(stream: &mut Stream, bytes: &[u8]) -> io::Result<()> {
     stream.write_all(bytes).await?;
     stream.flush().await
+}
+
+/// Message content gathered for the next BDAT chunk, behind room for the command line
+/// ([`Connection::send_bdat`] puts it there, so command and bytes go in one write without a
+/// copy). Also remembers the content's last two bytes: content that does not end with CRLF
+/// gets one with the last chunk, as the DATA terminator adds one.
+#[derive(Debug, Clone)]
+pub(crate) struct ChunkBuf {
+    framed: Vec<u8>,
+    tail: [u8; 2],
+}
+
+impl Default for ChunkBuf {
+    fn default() -> Self {
+        ChunkBuf::new()
+    }
+}
+
+impl ChunkBuf {
+    pub(crate) fn new() -> ChunkBuf {
+        ChunkBuf {
+            framed: vec![0; BDAT_HEADROOM],
+            tail: [0, 0],
+        }
+    }
+
+    /// Content bytes gathered.
+    pub(crate) fn len(&self) -> usize {
+        self.framed.len() - BDAT_HEADROOM
+    }
+
+    pub(crate) fn push(&mut self, piece: &[u8]) {
+        self.framed.extend_from_slice(piece);
+        match piece {
+            [] => {}
+            [b] => self.tail = [self.tail[1], *b],
+            [.., a, b] => self.tail = [*a, *b],
+        }
+    }
+
+    /// The gathered bytes with room for the command in front; for the last chunk, CRLF is
+    /// added if the content did not end with one.
+    pub(crate) fn framed(&mut self, last: bool) -> &mut [u8] {
+        if last && self.tail != *b"\r\n" {
+            self.push(b"\r\n");
+        }
+        &mut self.framed
+    }
+
+    /// Empties it for the next chunk (the capacity stays: the chunk size bounds it).
+    pub(crate) fn clear(&mut self) {
+        self.framed.truncate(BDAT_HEADROOM);
+    }
 }
 
 /// Dot-stuffs message content piece by piece (RFC 5321 section 4.5.2): a `.` at the start
@@ -395,5 +533,101 @@ mod wire_tests {
         c.send_content(b".hidden\r\nbody").await.expect("content");
         assert_eq!(c.read_reply().await.expect("reply").code, 250);
         assert_eq!(rx.await.expect("server"), b"..hidden\r\nbody\r\n.\r\n");
+    }
+
+    /// A server that reads until it has `want` bytes, records them, then writes `answer`.
+    async fn answering(
+        want: usize,
+        answer: &'static [u8],
+    ) -> (Connection, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let c = pair(move |mut s| async move {
+            s.write_all(b"220 hi\r\n").await.expect("write");
+            let mut got = vec![0u8; want];
+            s.read_exact(&mut got).await.expect("read");
+            s.write_all(answer).await.expect("write");
+            let _ = tx.send(got);
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        })
+        .await;
+        (c, rx)
+    }
+
+    #[tokio::test]
+    async fn pipelined_commands_go_in_one_write_and_each_reply_is_read_in_order() {
+        let (mut c, rx) = answering(
+            32,
+            b"250 2.1.0 ok\r\n550 5.1.1 no\r\n250 2.1.5 ok\r\n421 4.4.2 extra\r\n",
+        )
+        .await;
+        assert_eq!(c.read_reply().await.expect("greeting").code, 220);
+        c.send_lines(&[b"MAIL FROM:<a@b>", b"RCPT TO:<x@y>"])
+            .await
+            .expect("send");
+        c.send_line(b"RCPT TO:<z@y>").await.expect("send");
+        assert_eq!(c.owed(), 3);
+        let codes = [
+            c.read_reply().await.expect("1").code,
+            c.read_reply().await.expect("2").code,
+        ];
+        assert_eq!(codes, [250, 550]);
+        // The third owed reply arrives with a fourth nobody asked for.
+        match c.read_reply().await {
+            Err(ClientError::Unsolicited(s)) => assert_eq!(s, "421 4.4.2 extra\\r\\n"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            rx.await.expect("server"),
+            b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\n".to_vec()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bdat_chunk_is_its_command_and_bytes_in_one_write() {
+        let (mut c, rx) = answering(20, b"250 2.0.0 queued\r\n").await;
+        assert_eq!(c.read_reply().await.expect("greeting").code, 220);
+        assert!(c.try_read_reply().expect("nothing owed").is_none());
+        let mut chunk = ChunkBuf::new();
+        chunk.push(b".a\r\n");
+        chunk.push(b"b");
+        c.send_bdat(chunk.framed(true), true).await.expect("send");
+        // Until the reply is here, trying does not wait.
+        let mut reply = None;
+        for _ in 0..200 {
+            reply = c.try_read_reply().expect("try");
+            if reply.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(reply.expect("reply").code, 250);
+        assert_eq!(c.owed(), 0);
+        // Unstuffed, and CRLF added to content that did not end with one.
+        assert_eq!(
+            rx.await.expect("server"),
+            b"BDAT 7 LAST\r\n.a\r\nb\r\n".to_vec()
+        );
+    }
+
+    #[test]
+    fn the_last_chunk_ends_with_crlf_as_data_would() {
+        for (content, want) in [
+            (&b""[..], &b"\r\n"[..]),
+            (b"x\r\n", b"x\r\n"),
+            (b"x\r", b"x\r\r\n"),
+            (b"\n", b"\n\r\n"),
+        ] {
+            let mut c = ChunkBuf::new();
+            c.push(content);
+            assert_eq!(c.len(), content.len());
+            assert_eq!(&c.framed(true)[BDAT_HEADROOM..], want);
+            c.clear();
+            assert_eq!(c.len(), 0);
+        }
+        // Not the last chunk: nothing added.
+        let mut c = ChunkBuf::new();
+        c.push(b"x");
+        assert_eq!(&c.framed(false)[BDAT_HEADROOM..], b"x");
     }
 }

@@ -1,13 +1,22 @@
 //! One upstream SMTP session: connect, STARTTLS (required, verified) or implicit TLS, AUTH
 //! XOAUTH2, and the transaction commands, on our own client (`client.rs`).
 //!
+//! Round trips are what a distant upstream costs, so where the upstream offers them: the
+//! envelope (MAIL and the recipients known so far) goes in one write with PIPELINING (RFC
+//! 2920), each reply still read in order and matched to its own command; and content goes
+//! as BDAT chunks with CHUNKING (RFC 3030): no DATA/354 round trip, chunks written without
+//! waiting for their replies (which are read as they come, and all of them after the last
+//! chunk), a small message as one `BDAT n LAST` write. Without them, one command per round
+//! trip and DATA with dot-stuffing, as before.
+//!
 //! Every operation is bounded by `upstream.timeout_secs` (each piece of content too; the
 //! final reply by a limit that grows with the message's size). Content is streamed: piece by
-//! piece as the local client sends it, never held whole. A session whose command failed on the network, timed out, broke the
+//! piece as the local client sends it (at most one BDAT chunk, [`BDAT_CHUNK`], is gathered),
+//! never held whole. A session whose command failed on the network, timed out, broke the
 //! protocol or got a 421 is broken and must not be reused. Pooling, token choice and reply
 //! mapping live in `relay::pool` and `relay::outcome`.
 
-use super::client::{ClientError, Connection, DotStuffer};
+use super::client::{ChunkBuf, ClientError, Connection, DotStuffer};
 use super::reply::{Capabilities, Reply, UpReply};
 use crate::config::{Upstream, UpstreamSecurity};
 use crate::secret::Secret;
@@ -24,6 +33,9 @@ use tokio_rustls::TlsConnector;
 const MIN_UPLOAD_RATE: u64 = 256 * 1024;
 /// How long a polite QUIT may take when we close an idle session.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Content gathered before it goes as one BDAT chunk: large enough that a chunk's command
+/// and reply cost nothing next to its bytes, small enough to bound memory per session.
+pub(crate) const BDAT_CHUNK: usize = 128 * 1024;
 
 /// Why the upstream target cannot be set up from the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -172,15 +184,35 @@ pub struct UpstreamSession {
     timeout: Duration,
     broken: bool,
     caps: Capabilities,
-    /// The content being sent (between the 354 and the final dot).
+    /// The content being sent (after DATA's 354 or the decision to use BDAT, until the
+    /// final reply).
     content: Option<Content>,
 }
 
-/// Content on its way: the stuffing state across pieces and the bytes so far.
-#[derive(Debug, Default)]
-struct Content {
-    stuffer: DotStuffer,
-    bytes: u64,
+/// Content on its way.
+#[derive(Debug)]
+enum Content {
+    /// After DATA's 354: the stuffing state across pieces and the bytes so far.
+    Data { stuffer: DotStuffer, bytes: u64 },
+    /// BDAT: the next chunk being gathered and the bytes so far.
+    Bdat { chunk: ChunkBuf, bytes: u64 },
+}
+
+impl Default for Content {
+    fn default() -> Self {
+        Content::Data {
+            stuffer: DotStuffer::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl Content {
+    fn add_bytes(&mut self, n: usize) {
+        match self {
+            Content::Data { bytes, .. } | Content::Bdat { bytes, .. } => *bytes += n as u64,
+        }
+    }
 }
 
 impl fmt::Debug for UpstreamSession {
@@ -293,6 +325,85 @@ impl UpstreamSession {
         &self.caps
     }
 
+    /// Reads the next owed reply within the timeout; marks the session broken as
+    /// [`UpstreamSession::exchange`] does.
+    async fn read_one(&mut self, what: &str) -> Result<UpReply, UpstreamError> {
+        if self.broken {
+            return Err(UpstreamError::Lost("session already broken".into()));
+        }
+        let r = bounded(what, self.timeout, self.conn.read_reply()).await;
+        self.note(r)
+    }
+
+    /// MAIL and then RCPT for each of `rcpts` (command lines without CRLF): the MAIL
+    /// verdict (`Err` if refused or lost, then no recipient counts) and each recipient's.
+    /// With PIPELINING all of them go in one write and the replies are read in order, each
+    /// matched to its own command (after a refused MAIL the recipients' replies are read
+    /// and dropped); without it, one command per round trip, no RCPT after a refused MAIL.
+    pub(crate) async fn envelope(
+        &mut self,
+        mail: &str,
+        rcpts: &[String],
+    ) -> Result<(UpReply, Vec<Result<UpReply, UpstreamError>>), UpstreamError> {
+        if !self.caps.pipelining || rcpts.is_empty() {
+            let m = self.command(mail).await?;
+            let mut verdicts = Vec::with_capacity(rcpts.len());
+            for r in rcpts {
+                verdicts.push(self.command(r).await);
+            }
+            return Ok((m, verdicts));
+        }
+        if self.broken {
+            return Err(UpstreamError::Lost("session already broken".into()));
+        }
+        let lines: Vec<&[u8]> = std::iter::once(mail)
+            .chain(rcpts.iter().map(String::as_str))
+            .map(str::as_bytes)
+            .collect();
+        let sent = within(self.timeout, self.conn.send_lines(&lines)).await;
+        let lost = match sent {
+            Some(Ok(())) => None,
+            None => Some(format!("MAIL not taken within {}s", self.timeout.as_secs())),
+            Some(Err(e)) => Some(format!("MAIL: {e}")),
+        };
+        if let Some(e) = lost {
+            self.broken = true;
+            return Err(UpstreamError::Lost(e));
+        }
+        let m = self.read_one("MAIL").await;
+        let mut verdicts = Vec::with_capacity(rcpts.len());
+        for _ in rcpts {
+            verdicts.push(self.read_one("RCPT").await);
+        }
+        Ok((m?, verdicts))
+    }
+
+    /// Whether content goes as BDAT chunks (the upstream offers CHUNKING).
+    pub(crate) fn chunking(&self) -> bool {
+        self.caps.chunking
+    }
+
+    /// Announces the content: with CHUNKING nothing goes upstream yet (the first BDAT
+    /// carries content) and `None` is returned; otherwise DATA, whose reply is returned
+    /// (the caller checks it is 354).
+    pub(crate) async fn start_content(&mut self) -> Result<Option<UpReply>, UpstreamError> {
+        if self.broken {
+            return Err(UpstreamError::Lost("session already broken".into()));
+        }
+        if self.caps.chunking {
+            self.content = Some(Content::Bdat {
+                chunk: ChunkBuf::new(),
+                bytes: 0,
+            });
+            return Ok(None);
+        }
+        let r = self.command("DATA").await?;
+        if r.code == 354 {
+            self.content = Some(Content::default());
+        }
+        Ok(Some(r))
+    }
+
     /// Sends `line` (without CRLF) and reads its reply; marks the session broken on a
     /// network failure, a protocol error, a timeout or a 421.
     async fn exchange(&mut self, what: &str, line: &[u8]) -> Result<UpReply, UpstreamError> {
@@ -366,45 +477,87 @@ impl UpstreamSession {
         self.body_end().await
     }
 
-    /// After the upstream's 354: one piece of the content (unstuffed, as the client sent
-    /// it, split anywhere); dot-stuffed here while it is written. Each piece is bounded by
-    /// `upstream.timeout_secs`. A failure breaks the session: it is mid-DATA.
-    pub(crate) async fn body_chunk(&mut self, chunk: &[u8]) -> Result<(), UpstreamError> {
+    /// After the upstream's 354 (or [`UpstreamSession::start_content`]): one piece of the
+    /// content (unstuffed, as the client sent it, split anywhere). For DATA it is
+    /// dot-stuffed and written now; for BDAT it is gathered, and each full chunk is written
+    /// without waiting for its reply (replies already here are checked first: a refused
+    /// chunk fails the transaction). Each write is bounded by `upstream.timeout_secs`. A
+    /// failure breaks the session: it is mid-content.
+    pub(crate) async fn body_chunk(&mut self, piece: &[u8]) -> Result<(), UpstreamError> {
         if self.broken {
             return Err(UpstreamError::Lost("session already broken".into()));
         }
+        let timeout = self.timeout;
+        let pipelining = self.caps.pipelining;
         let body = self.content.get_or_insert_with(Content::default);
-        body.bytes += chunk.len() as u64;
+        body.add_bytes(piece.len());
         let conn = &mut self.conn;
-        let r = within(
-            self.timeout,
-            conn.send_content_chunk(&mut body.stuffer, chunk),
-        )
-        .await;
-        let e = match r {
-            Some(Ok(())) => return Ok(()),
-            None => format!("content not taken within {}s", self.timeout.as_secs()),
-            Some(Err(e)) => format!("DATA: {e}"),
+        let failed = match body {
+            Content::Data { stuffer, .. } => {
+                match within(timeout, conn.send_content_chunk(stuffer, piece)).await {
+                    Some(Ok(())) => return Ok(()),
+                    None => {
+                        Failed::Lost(format!("content not taken within {}s", timeout.as_secs()))
+                    }
+                    Some(Err(e)) => Failed::Lost(format!("DATA: {e}")),
+                }
+            }
+            Content::Bdat { chunk, .. } => {
+                chunk.push(piece);
+                if chunk.len() < BDAT_CHUNK {
+                    return Ok(());
+                }
+                match send_chunk(conn, chunk, timeout, pipelining).await {
+                    Ok(()) => return Ok(()),
+                    Err(f) => f,
+                }
+            }
         };
         self.broken = true;
         self.content = None;
-        Err(UpstreamError::Lost(e))
+        Err(match failed {
+            Failed::Lost(e) => UpstreamError::Lost(e),
+            Failed::Refused(r) => UpstreamError::Reply(r),
+        })
     }
 
-    /// Ends the content (CRLF.CRLF) and reads the final reply, within a limit that grows
-    /// with the message (the upstream may scan it): at least MIN_UPLOAD_RATE bytes a second.
+    /// Ends the content and reads the final reply, within a limit that grows with the
+    /// message (the upstream may scan it): at least MIN_UPLOAD_RATE bytes a second. DATA:
+    /// CRLF.CRLF and its reply. BDAT: the rest as `BDAT n LAST`, then every reply still
+    /// owed, in order: a refused earlier chunk is the verdict, else the last chunk's reply.
     pub(crate) async fn body_end(&mut self) -> Result<UpReply, UpstreamError> {
         let body = self.content.take().unwrap_or_default();
         if self.broken {
             return Err(UpstreamError::Lost("session already broken".into()));
         }
-        let limit = self.timeout + Duration::from_secs(body.bytes / MIN_UPLOAD_RATE);
         let conn = &mut self.conn;
-        let r = bounded("DATA", limit, async {
-            conn.end_content(&body.stuffer).await?;
-            conn.read_reply().await
-        })
-        .await;
+        let r = match body {
+            Content::Data { stuffer, bytes } => {
+                let limit = self.timeout + Duration::from_secs(bytes / MIN_UPLOAD_RATE);
+                bounded("DATA", limit, async {
+                    conn.end_content(&stuffer).await?;
+                    conn.read_reply().await
+                })
+                .await
+            }
+            Content::Bdat { mut chunk, bytes } => {
+                let limit = self.timeout + Duration::from_secs(bytes / MIN_UPLOAD_RATE);
+                bounded("BDAT", limit, async {
+                    conn.send_bdat(chunk.framed(true), true).await?;
+                    let mut refused = None;
+                    loop {
+                        let r = conn.read_reply().await?;
+                        if conn.owed() == 0 {
+                            return Ok(refused.unwrap_or(r));
+                        }
+                        if !(200..300).contains(&r.code) && refused.is_none() {
+                            refused = Some(r);
+                        }
+                    }
+                })
+                .await
+            }
+        };
         self.note(r)
     }
 
@@ -414,6 +567,49 @@ impl UpstreamSession {
             let _ = within(QUIT_TIMEOUT, self.exchange("QUIT", b"QUIT")).await;
         }
         let _ = within(QUIT_TIMEOUT, self.conn.shutdown()).await;
+    }
+}
+
+/// Why a BDAT chunk did not go through.
+enum Failed {
+    Lost(String),
+    Refused(UpReply),
+}
+
+/// Writes the gathered chunk as `BDAT n` (not the last), after checking the replies to
+/// earlier chunks that are already here; without PIPELINING, waits for its reply.
+async fn send_chunk(
+    conn: &mut Connection,
+    chunk: &mut ChunkBuf,
+    timeout: Duration,
+    pipelining: bool,
+) -> Result<(), Failed> {
+    let refused = |r: Reply| Failed::Refused(r.to_up());
+    loop {
+        match conn.try_read_reply() {
+            Ok(None) => break,
+            Ok(Some(r)) if (200..300).contains(&r.code) => {}
+            Ok(Some(r)) => return Err(refused(r)),
+            Err(e) => return Err(Failed::Lost(format!("BDAT: {e}"))),
+        }
+    }
+    let sent = within(timeout, async {
+        conn.send_bdat(chunk.framed(false), false).await?;
+        if pipelining {
+            return Ok(None);
+        }
+        conn.read_reply().await.map(Some)
+    })
+    .await;
+    chunk.clear();
+    match sent {
+        None => Err(Failed::Lost(format!(
+            "content not taken within {}s",
+            timeout.as_secs()
+        ))),
+        Some(Err(e)) => Err(Failed::Lost(format!("BDAT: {e}"))),
+        Some(Ok(Some(r))) if !(200..300).contains(&r.code) => Err(refused(r)),
+        Some(Ok(_)) => Ok(()),
     }
 }
 

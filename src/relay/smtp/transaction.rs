@@ -1,5 +1,8 @@
-//! One transaction on an upstream SMTP session from the pool: MAIL, RCPT, DATA and the
-//! content, then the session goes back to the pool (or is RSET, or dropped mid-content).
+//! One transaction on an upstream SMTP session from the pool: MAIL with the recipients known
+//! at the start (one flight when the upstream pipelines), later RCPTs, the content (BDAT
+//! chunks where the upstream offers CHUNKING, else DATA), then the session goes back to the
+//! pool (or is RSET after an aborted or refused transaction, or dropped mid-content). A
+//! completed transaction needs no RSET.
 
 use crate::relay::envelope::{self, Address, MailParams, ReversePath};
 use crate::relay::pool::{BeginError, Lease, Pool};
@@ -13,6 +16,9 @@ pub(crate) struct SmtpTransaction {
     /// content yet): the session needs RSET before it serves another one.
     open: bool,
 }
+
+/// Reply to a start of content that needs no go-ahead from the upstream (BDAT).
+const NO_GO_AHEAD_NEEDED: u16 = 354;
 
 impl SmtpTransaction {
     /// Adds a recipient; the upstream's verdict on it.
@@ -28,12 +34,18 @@ impl SmtpTransaction {
         self.lease.session().is_broken()
     }
 
-    /// Announces the content (SMTP: `DATA`, answered 354). Any other positive reply is a
-    /// protocol error: the session is broken, and no content is sent into it.
+    /// Announces the content: with CHUNKING nothing goes upstream (the content goes as
+    /// BDAT; the reply is a 354 of our own), else `DATA`, answered 354. Any other positive
+    /// reply to DATA is a protocol error: the session is broken, and no content is sent
+    /// into it.
     pub(crate) async fn start_data(&mut self) -> Result<UpReply, UpstreamError> {
-        match self.lease.session().command("DATA").await {
-            Ok(r) if r.code == 354 => Ok(r),
-            Ok(r) => {
+        match self.lease.session().start_content().await {
+            Ok(None) => Ok(UpReply {
+                code: NO_GO_AHEAD_NEEDED,
+                text: "content goes as BDAT".into(),
+            }),
+            Ok(Some(r)) if r.code == 354 => Ok(r),
+            Ok(Some(r)) => {
                 self.break_off();
                 Err(UpstreamError::Lost(format!(
                     "unexpected reply to DATA: {r}"
@@ -50,9 +62,12 @@ impl SmtpTransaction {
         self.lease.session().body_chunk(chunk).await
     }
 
-    /// Ends the streamed content; the final verdict (2xx taken, 4xx/5xx refused). The
-    /// transaction is complete either way; a reply that is neither is a protocol error.
+    /// Ends the streamed content; the final verdict (2xx taken, 4xx/5xx refused). After
+    /// DATA the transaction is complete either way; after a refused BDAT transfer it may not
+    /// be (RFC 3030 leaves it to the server), so the session is RSET before reuse. A reply
+    /// that is neither is a protocol error.
     pub(crate) async fn finish_content(&mut self) -> Result<UpReply, UpstreamError> {
+        let chunked = self.lease.session().chunking();
         match self.lease.session().body_end().await {
             Ok(r) if (200..300).contains(&r.code) => {
                 self.open = false;
@@ -65,7 +80,7 @@ impl SmtpTransaction {
                 )))
             }
             Err(UpstreamError::Reply(r)) => {
-                self.open = false;
+                self.open = chunked;
                 Err(UpstreamError::Reply(r))
             }
             Err(e) => Err(e),
@@ -101,18 +116,23 @@ impl SmtpTransaction {
     }
 }
 
+/// The verdict on each recipient given to [`SmtpTransaction::begin`], in order.
+pub(crate) type RcptVerdicts = Vec<Result<UpReply, UpstreamError>>;
+
 impl SmtpTransaction {
-    /// Opens a transaction: takes an authenticated session for `account` from the pool
-    /// and sends MAIL.
+    /// Opens a transaction: takes an authenticated session for `account` from the pool and
+    /// sends MAIL and a RCPT for each of `rcpts` (in one flight when the upstream offers
+    /// PIPELINING). The MAIL reply and each recipient's verdict; a refused MAIL is an
+    /// error (no transaction).
     pub(crate) async fn begin(
         pool: &Pool,
         account: &str,
-        from: &ReversePath,
-        params: &MailParams,
-        size: Option<usize>,
-    ) -> Result<(SmtpTransaction, UpReply), BeginError> {
-        let cmd = envelope::mail_command(from, params, size);
-        let (lease, reply) = pool.begin(account, &cmd).await?;
-        Ok((SmtpTransaction { lease, open: true }, reply))
+        (from, params, size): (&ReversePath, &MailParams, Option<usize>),
+        rcpts: &[Address],
+    ) -> Result<(SmtpTransaction, UpReply, RcptVerdicts), BeginError> {
+        let mail = envelope::mail_command(from, params, size);
+        let rcpts: Vec<String> = rcpts.iter().map(envelope::rcpt_command).collect();
+        let (lease, reply, verdicts) = pool.begin_envelope(account, &mail, &rcpts).await?;
+        Ok((SmtpTransaction { lease, open: true }, reply, verdicts))
     }
 }

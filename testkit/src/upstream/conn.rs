@@ -1,6 +1,9 @@
 //! Buffered I/O for one fake-upstream connection: the plain/TLS stream, the STARTTLS
 //! upgrade, command lines, DATA content (through [`DotDecoder`]), BDAT chunks, and writing
-//! replies. Input is buffered so pipelined commands and arbitrary chunking both work. Also
+//! replies. Input is buffered so pipelined commands and arbitrary chunking both work; the
+//! replies to pipelined commands are sent together (as RFC 2920 asks of a server, and as
+//! Postfix and Microsoft 365 do), when no further command is waiting in the input, so that a
+//! pipelining client does not wait on Nagle's algorithm and a delayed ACK between them. Also
 //! the I/O side of injected faults: discarding input while stalled, reading a little before
 //! a drop, and garbage instead of a TLS handshake.
 //!
@@ -97,6 +100,11 @@ pub(super) struct Conn {
     buf: Vec<u8>,
     /// Bytes of `buf` already consumed.
     pos: usize,
+    /// Reads from the stream so far (a command that needed none arrived with the previous
+    /// input: it was pipelined).
+    reads: u64,
+    /// Replies not yet written (more pipelined commands were waiting when they were made).
+    out: Vec<u8>,
 }
 
 impl Conn {
@@ -105,7 +113,14 @@ impl Conn {
             stream,
             buf: Vec::with_capacity(READ_CHUNK),
             pos: 0,
+            reads: 0,
+            out: Vec::new(),
         }
+    }
+
+    /// How many reads from the stream filled the buffer so far.
+    pub(super) fn reads(&self) -> u64 {
+        self.reads
     }
 
     pub(super) fn is_tls(&self) -> bool {
@@ -114,7 +129,8 @@ impl Conn {
 
     /// Upgrades to TLS. Input buffered before the handshake is discarded (a client must not
     /// pipeline past STARTTLS; keeping it would allow command injection).
-    pub(super) async fn starttls(self, acceptor: &TlsAcceptor) -> io::Result<Conn> {
+    pub(super) async fn starttls(mut self, acceptor: &TlsAcceptor) -> io::Result<Conn> {
+        self.flush_replies().await?;
         match self.stream {
             Stream::Plain(tcp) => {
                 let tls = acceptor.accept(tcp).await?;
@@ -136,14 +152,28 @@ impl Conn {
         }
     }
 
-    /// Reads more input; false at end of stream.
+    /// Writes the replies held back, if any.
+    pub(super) async fn flush_replies(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await
+    }
+
+    /// Reads more input; false at end of stream. Replies held back go out first: the
+    /// client may be waiting for them.
     async fn fill(&mut self) -> io::Result<bool> {
+        self.flush_replies().await?;
         if self.pos > 0 {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
         self.buf.reserve(READ_CHUNK);
-        Ok(self.stream.read_buf(&mut self.buf).await? > 0)
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        self.reads += 1;
+        Ok(n > 0)
     }
 
     /// Next command line (terminated by LF; a CR before it is dropped). While waiting for
@@ -165,6 +195,8 @@ impl Conn {
             if scanned > MAX_LINE_BYTES {
                 return Ok(Input::TooLong);
             }
+            // Outside the select: an idle kick must not cut a reply short.
+            self.flush_replies().await?;
             tokio::select! {
                 biased;
                 // Err would mean the sender is gone, but the session's Arc keeps it alive;
@@ -266,22 +298,27 @@ impl Conn {
         self.stream.shutdown().await
     }
 
-    /// Writes one (possibly multi-line) reply and flushes.
+    /// Writes one (possibly multi-line) reply: now, with any held back before it, unless
+    /// another command is already waiting in the input (then with that one's reply).
     pub(super) async fn write_reply(&mut self, reply: &Reply) -> io::Result<()> {
-        self.stream.write_all(reply.to_wire().as_bytes()).await?;
-        self.stream.flush().await
+        self.out.extend_from_slice(reply.to_wire().as_bytes());
+        if self.pending().is_empty() {
+            self.flush_replies().await?;
+        }
+        Ok(())
     }
 
-    /// Writes one reply followed by `extra` raw bytes, in one write, and flushes.
+    /// Writes one reply followed by `extra` raw bytes, in one write (with any replies held
+    /// back before it), and flushes.
     pub(super) async fn write_reply_and(&mut self, reply: &Reply, extra: &[u8]) -> io::Result<()> {
-        let mut out = reply.to_wire().into_bytes();
-        out.extend_from_slice(extra);
-        self.stream.write_all(&out).await?;
-        self.stream.flush().await
+        self.out.extend_from_slice(reply.to_wire().as_bytes());
+        self.out.extend_from_slice(extra);
+        self.flush_replies().await
     }
 
-    /// Orderly close (TLS close_notify, then FIN).
+    /// Orderly close (TLS close_notify, then FIN), after the replies held back.
     pub(super) async fn shutdown(&mut self) -> io::Result<()> {
+        self.flush_replies().await?;
         self.stream.shutdown().await
     }
 }

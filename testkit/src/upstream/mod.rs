@@ -4,8 +4,10 @@
 //!
 //! Owns the public handle [`FakeUpstream`] and its options, the accept loop, pause/resume,
 //! the fault-injection knobs (mid-DATA drops, stalls, broken TLS, throttling, a concurrent
-//! session limit, a close or stall at any protocol step, refused connections), and the shared
-//! state sessions report into. The per-connection protocol is `session.rs`,
+//! session limit, a close or stall at any protocol step, refused connections), whether
+//! PIPELINING and CHUNKING are offered (a client that pipelines anyway is refused, like a
+//! strict server), and the shared state sessions report into (the command log, grouped into
+//! flights: the commands that arrived together). The per-connection protocol is `session.rs`,
 //! buffered I/O `conn.rs`, DATA decoding `dot.rs`.
 
 mod conn;
@@ -120,7 +122,8 @@ pub enum FaultPoint {
     /// At the n-th RCPT TO (1-based) of a transaction, before its reply; RCPTs refused by a
     /// script count too.
     Rcpt(usize),
-    /// At the DATA command, before its `354`.
+    /// At the DATA command, before its `354`; or at the first BDAT of a transaction, before
+    /// its chunk is read (the point where a client commits to sending content).
     Data,
     /// After the whole content (the final dot) was read, before the message is stored: the
     /// upstream never took it.
@@ -160,6 +163,14 @@ pub struct FakeUpstreamOptions {
     pub delay: Duration,
     /// If set, every accepted message is also written there as `<n>.eml` (n from 1).
     pub save_dir: Option<PathBuf>,
+    /// Advertise PIPELINING (RFC 2920; default true, as Microsoft 365). When off, a command
+    /// sent before the reply to the previous one (it arrived in the same read) is refused
+    /// with `554 5.5.0` and counted in [`FakeUpstream::pipelining_violations`].
+    pub offer_pipelining: bool,
+    /// Advertise CHUNKING and BINARYMIME (RFC 3030; default true, as Microsoft 365). When
+    /// off, BDAT is an unknown command (`500`, its chunk is not read: the session desyncs, as
+    /// on a server that never heard of BDAT).
+    pub offer_chunking: bool,
 }
 
 impl FakeUpstreamOptions {
@@ -173,6 +184,8 @@ impl FakeUpstreamOptions {
             implicit_tls: false,
             delay: Duration::ZERO,
             save_dir: None,
+            offer_pipelining: true,
+            offer_chunking: true,
         }
     }
 }
@@ -245,11 +258,15 @@ pub(super) struct Inner {
     offer_starttls: bool,
     implicit_tls: bool,
     save_dir: Option<PathBuf>,
+    offer_pipelining: AtomicBool,
+    offer_chunking: AtomicBool,
+    /// Commands refused because they were pipelined while PIPELINING was not offered.
+    pipelining_violations: AtomicUsize,
     script: Mutex<Script>,
     received: Mutex<Vec<Received>>,
     /// `Message-ID` of each entry of `received`, same order; only locked while `received` is.
     message_ids: Mutex<Vec<String>>,
-    log: Mutex<Vec<String>>,
+    log: Mutex<Vec<Logged>>,
     received_notify: Notify,
     connections: AtomicU64,
     auth_attempts: AtomicU64,
@@ -326,6 +343,9 @@ impl FakeUpstream {
             offer_starttls: opts.offer_starttls,
             implicit_tls: opts.implicit_tls,
             save_dir: opts.save_dir,
+            offer_pipelining: AtomicBool::new(opts.offer_pipelining),
+            offer_chunking: AtomicBool::new(opts.offer_chunking),
+            pipelining_violations: AtomicUsize::new(0),
             script: Mutex::new(Script {
                 delay: opts.delay,
                 ..Script::default()
@@ -426,7 +446,46 @@ impl FakeUpstream {
     /// Every command line received, in order, as `"S<n> <line>"` (DATA content excluded;
     /// AUTH continuation lines included).
     pub fn log(&self) -> Vec<String> {
-        lock(&self.inner.log).clone()
+        lock(&self.inner.log).iter().map(Logged::text).collect()
+    }
+
+    /// [`FakeUpstream::log`] grouped into flights, in order of each flight's first line: the
+    /// command lines of one session that arrived without the server waiting for more input
+    /// in between (e.g. `MAIL` and `RCPT` sent in one write by a pipelining client). A
+    /// command following DATA content or a BDAT chunk in the same read belongs to the
+    /// flight of the DATA or BDAT command.
+    pub fn flights(&self) -> Vec<Vec<String>> {
+        let log = lock(&self.inner.log);
+        let mut keys: Vec<(u64, u64)> = Vec::new();
+        let mut flights: Vec<Vec<String>> = Vec::new();
+        for l in log.iter() {
+            let key = (l.session, l.flight);
+            match keys.iter().rposition(|k| *k == key) {
+                Some(i) => flights[i].push(l.text()),
+                None => {
+                    keys.push(key);
+                    flights.push(vec![l.text()]);
+                }
+            }
+        }
+        flights
+    }
+
+    /// Commands refused because the client sent them before the reply to the previous one
+    /// while PIPELINING was not offered (see [`FakeUpstreamOptions::offer_pipelining`]).
+    pub fn pipelining_violations(&self) -> usize {
+        self.inner.pipelining_violations.load(Ordering::SeqCst)
+    }
+
+    /// Whether EHLO replies from now on offer PIPELINING (and pipelined commands are
+    /// accepted); sessions check it at every command.
+    pub fn set_offer_pipelining(&self, on: bool) {
+        self.inner.offer_pipelining.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether EHLO replies from now on offer CHUNKING (and BDAT is understood).
+    pub fn set_offer_chunking(&self, on: bool) {
+        self.inner.offer_chunking.store(on, Ordering::SeqCst);
     }
 
     /// Scripted reply to `RCPT TO:<addr>` (address compared ASCII case-insensitively);
@@ -446,8 +505,9 @@ impl FakeUpstream {
         lock(&self.inner.script).data = reply;
     }
 
-    /// Scripted refusal of the DATA command itself (no 354); the transaction stays open, so
-    /// the next MAIL without RSET gets `503 5.5.2 Sender already specified`.
+    /// Scripted refusal of the DATA command itself (no 354), or of the first BDAT chunk of a
+    /// transaction (its bytes are read and discarded); the transaction stays open, so the
+    /// next MAIL without RSET gets `503 5.5.2 Sender already specified`.
     pub fn set_data_command_reply(&self, reply: Option<Reply>) {
         lock(&self.inner.script).data_command = reply;
     }
@@ -586,8 +646,20 @@ impl Inner {
         lock(&self.script)
     }
 
-    fn record_line(&self, session: u64, line: &str) {
-        lock(&self.log).push(format!("S{session} {line}"));
+    fn record_line(&self, session: u64, flight: u64, line: &str) {
+        lock(&self.log).push(Logged {
+            session,
+            flight,
+            line: line.to_string(),
+        });
+    }
+
+    fn offers_pipelining(&self) -> bool {
+        self.offer_pipelining.load(Ordering::SeqCst)
+    }
+
+    fn offers_chunking(&self) -> bool {
+        self.offer_chunking.load(Ordering::SeqCst)
     }
 
     fn store(&self, mut msg: Received) {
@@ -649,6 +721,20 @@ impl Inner {
             })
             .ok()
             .map(|_| AuthSlot(self.clone()))
+    }
+}
+
+/// One command line received: its session, its flight within the session (see
+/// [`FakeUpstream::flights`]) and the line.
+struct Logged {
+    session: u64,
+    flight: u64,
+    line: String,
+}
+
+impl Logged {
+    fn text(&self) -> String {
+        format!("S{} {}", self.session, self.line)
     }
 }
 

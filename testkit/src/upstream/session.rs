@@ -2,7 +2,8 @@
 //! (no AUTH before TLS), STARTTLS, AUTH XOAUTH2 (and a basic-auth-disabled AUTH LOGIN),
 //! MAIL/RCPT/DATA/BDAT/RSET/NOOP/QUIT with enhanced status codes and scripted replies, and
 //! the injected faults (stalls, mid-DATA drops, broken STARTTLS, throttling, session limit,
-//! a close or stall at any step).
+//! a close or stall at any step), and which command lines arrived together (flights; a
+//! pipelined command is refused when PIPELINING is not offered).
 //!
 //! Owns the protocol state machine; I/O is `conn.rs`, shared state and knobs `mod.rs`.
 
@@ -54,6 +55,8 @@ struct Session<'a> {
     /// Held while authenticated (counts towards `set_max_sessions`).
     auth_slot: Option<AuthSlot>,
     txn: Option<Txn>,
+    /// The current flight of command lines (see `FakeUpstream::flights`).
+    flight: u64,
 }
 
 /// What a command handler wants next.
@@ -102,6 +105,7 @@ pub(super) async fn run(
         auth: None,
         auth_slot: None,
         txn: None,
+        flight: 0,
     };
     if inner.stalls_at(Stall::Greeting) {
         return conn.discard_until_closed().await;
@@ -121,6 +125,7 @@ pub(super) async fn run(
     loop {
         // Only kicks from now on count: this session is now waiting for a command.
         idle.borrow_and_update();
+        let reads = conn.reads();
         let line = match conn.read_line(&mut idle).await? {
             Input::Line(line) => line,
             Input::Closed | Input::Idle => return Ok(()),
@@ -130,7 +135,26 @@ pub(super) async fn run(
                 return conn.shutdown().await;
             }
         };
-        inner.record_line(id, &line);
+        // No read was needed for this line: it came with the previous command (or its
+        // content), before that command's reply.
+        let pipelined = conn.reads() == reads;
+        if !pipelined {
+            s.flight += 1;
+        }
+        inner.record_line(id, s.flight, &line);
+        if pipelined && !inner.offers_pipelining() {
+            inner.pipelining_violations.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!(
+                session = id,
+                "fake upstream: command pipelined without PIPELINING offered"
+            );
+            s.send(
+                &mut conn,
+                &reply(554, "5.5.0 Error: improper command pipelining [FAKE]"),
+            )
+            .await?;
+            continue;
+        }
         if s.auth.is_some() && inner.stalls_at(Stall::AfterAuth) {
             return conn.discard_until_closed().await;
         }
@@ -141,7 +165,11 @@ pub(super) async fn run(
         match next {
             Next::Continue => {}
             Next::Close => return conn.shutdown().await,
-            Next::Drop => return Ok(()),
+            Next::Drop => {
+                // The replies already given go out; then the connection drops.
+                conn.flush_replies().await?;
+                return Ok(());
+            }
             Next::Stall => return conn.discard_until_closed().await,
             Next::StartTls if inner.tls_failure.load(Ordering::SeqCst) => {
                 inner.fault();
@@ -173,6 +201,13 @@ impl Session<'_> {
                 FaultPoint::Rcpt(txn.rcpt_commands)
             }
             "DATA" => FaultPoint::Data,
+            "BDAT" if self.inner.offers_chunking() => {
+                let first = self.txn.as_ref().is_some_and(|t| t.chunks.is_none());
+                if !first {
+                    return None;
+                }
+                FaultPoint::Data
+            }
             "QUIT" => FaultPoint::Quit,
             _ => return None,
         })
@@ -240,7 +275,7 @@ impl Session<'_> {
             "MAIL" => self.mail(arg),
             "RCPT" => self.rcpt(arg),
             "DATA" => return self.data(conn, arg).await,
-            "BDAT" => return self.bdat(conn, arg).await,
+            "BDAT" if self.inner.offers_chunking() => return self.bdat(conn, arg).await,
             "RSET" => {
                 self.txn = None;
                 reply(250, "2.0.0 Resetting")
@@ -265,24 +300,29 @@ impl Session<'_> {
         let mut lines = vec![
             format!("{HOST} Hello [{}]", self.peer.ip()),
             format!("SIZE {MAX_MESSAGE_BYTES}"),
-            "PIPELINING".to_string(),
-            "DSN".to_string(),
-            "ENHANCEDSTATUSCODES".to_string(),
         ];
+        if self.inner.offers_pipelining() {
+            lines.push("PIPELINING".to_string());
+        }
+        lines.push("DSN".to_string());
+        lines.push("ENHANCEDSTATUSCODES".to_string());
         if tls {
             lines.push("AUTH LOGIN XOAUTH2".to_string());
         } else if self.inner.offer_starttls {
             lines.push("STARTTLS".to_string());
         }
+        let chunking = self.inner.offers_chunking();
         for ext in ["8BITMIME", "BINARYMIME", "CHUNKING", "SMTPUTF8"] {
-            lines.push(ext.to_string());
+            if chunking || !matches!(ext, "BINARYMIME" | "CHUNKING") {
+                lines.push(ext.to_string());
+            }
         }
         reply(250, &lines.join("\n"))
     }
 
     /// Reads one AUTH continuation line (logged like a command).
     async fn continuation(
-        &self,
+        &mut self,
         conn: &mut Conn,
         prompt: &str,
         idle: &mut watch::Receiver<u64>,
@@ -290,7 +330,9 @@ impl Session<'_> {
         self.send(conn, &reply(334, prompt)).await?;
         match conn.read_line(idle).await? {
             Input::Line(line) => {
-                self.inner.record_line(self.id, &line);
+                // The client waited for the 334: a flight of its own.
+                self.flight += 1;
+                self.inner.record_line(self.id, self.flight, &line);
                 Ok(Some(line))
             }
             _ => Ok(None),
@@ -552,8 +594,14 @@ impl Session<'_> {
                 .await?;
             return Ok(Next::Continue);
         };
-        // The chunk must be read even when it is refused (RFC 3030).
-        let refusal = self.check_ready_for_data();
+        // The chunk must be read even when it is refused (RFC 3030). A scripted refusal of
+        // the DATA command refuses the first chunk and leaves the transaction open.
+        let first = self.txn.as_ref().is_some_and(|t| t.chunks.is_none());
+        let refusal = self.check_ready_for_data().or_else(|| {
+            first
+                .then(|| self.inner.script().data_command.clone())
+                .flatten()
+        });
         let txn = match (&refusal, self.txn.as_mut()) {
             (None, Some(t)) => Some(t),
             _ => None,
