@@ -25,12 +25,10 @@
 //! utime + stime (/proc/<pid>/stat, before and after, 10 ms ticks) and the direct client's
 //! (this process while only the direct clients run).
 //!
-//! With --reuse both kinds of client set TCP_NODELAY (lettre leaves Nagle on): otherwise, on
-//! a reused connection, the final `.` (a write of its own after the content) waits for the
-//! server's delayed ACK (40 ms on Linux) on both paths alike, and that wait would be all
-//! either path measured. New connections keep lettre's default: with TCP_NODELAY there, the
-//! direct client's fresh connections to testkit's upstream stall 40 ms instead (the fake
-//! upstream leaves Nagle on), which Microsoft 365 would not make it wait.
+//! Every client sets TCP_NODELAY (lettre leaves Nagle on): otherwise the final `.` (a write of
+//! its own after the content) waits for the server's delayed ACK (40 ms on Linux) on both paths
+//! alike, and that wait would be all either path measured. testkit's upstream sets it too, as a
+//! production MTA's reply path behaves.
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
@@ -498,7 +496,7 @@ impl Clients {
 
     /// One message on a new connection, QUIT after.
     async fn send_fresh(&self, path: Route, n: usize) -> Result<(), String> {
-        let mut c = self.connect(path, false).await?;
+        let mut c = self.connect(path, true).await?;
         self.send(&mut c, n).await?;
         let _ = c.quit().await;
         Ok(())

@@ -94,7 +94,11 @@ async fn a_warm_session_closed_by_the_upstream_is_replaced_before_the_next_messa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_sessions_never_exceed_the_cap_under_load() {
     let env = start(Opts {
-        upstream: "idle_secs = 1\nwarm_sessions = 3\nmax_sessions_per_mailbox = 3".into(),
+        // 30 s to wait for a free session (the harness's 5 s): ten clients share three
+        // sessions, and on a loaded 2-core machine a debug build can queue them past 5 s.
+        upstream:
+            "idle_secs = 1\nwarm_sessions = 3\nmax_sessions_per_mailbox = 3\ntimeout_secs = 30"
+                .into(),
         ..Opts::default()
     })
     .await;

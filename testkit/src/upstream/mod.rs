@@ -847,6 +847,10 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
                 }
             },
         };
+        // Like a production MTA's reply path: a reply is never held back by Nagle waiting
+        // for the ACK of the previous one (which a client's delayed ACK turns into a 40 ms
+        // stall per exchange, an artifact no real upstream shows).
+        let _ = tcp.set_nodelay(true);
         let id = inner.connections.fetch_add(1, Ordering::SeqCst) + 1;
         // Subscribe before checking `paused`, so a concurrent `pause` either is seen here
         // or bumps `kill` after we subscribed.
