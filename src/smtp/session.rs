@@ -734,11 +734,30 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let mut upstream = Some(t);
         // The upstream refused DATA or broke: the rest is read away and this is the answer.
         let mut failure = started.err();
+        // Double-buffered: the piece read last goes upstream while the next one is read from
+        // the client, so neither side waits for the other (a large message moves at the pace
+        // of the slower side, not of both added up).
         let mut out = Vec::with_capacity(2 * DATA_READ);
+        let mut sending = Vec::with_capacity(2 * DATA_READ);
+        let mut unsent = false;
         let mut bytes = 0usize;
         while failure.is_none() {
             out.clear();
-            let piece = self.io.read_data(&mut rx, &mut out).await?;
+            let (piece, sent) = match upstream.as_mut() {
+                Some(t) if unsent => {
+                    let (piece, sent) =
+                        tokio::join!(self.io.read_data(&mut rx, &mut out), t.send_chunk(&sending));
+                    (piece, Some(sent))
+                }
+                _ => (self.io.read_data(&mut rx, &mut out).await, None),
+            };
+            if let Some(Err(e)) = sent {
+                failure = Some(e);
+                if let Some(t) = upstream.take() {
+                    t.abandon();
+                }
+            }
+            let piece = piece?;
             if piece == Piece::TooBig {
                 // Never a final dot for it: the upstream connection is dropped.
                 if let Some(t) = upstream.take() {
@@ -747,16 +766,18 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 return self.too_big(&mut rx).await;
             }
             bytes += out.len();
-            if let Some(t) = upstream.as_mut() {
-                if let Err(e) = t.send_chunk(&out).await {
-                    failure = Some(e);
-                    if let Some(t) = upstream.take() {
-                        t.abandon();
-                    }
-                }
-            }
+            std::mem::swap(&mut out, &mut sending);
+            unsent = true;
             if piece == Piece::End {
                 break;
+            }
+        }
+        if let (true, None, Some(t)) = (unsent, &failure, upstream.as_mut()) {
+            if let Err(e) = t.send_chunk(&sending).await {
+                failure = Some(e);
+                if let Some(t) = upstream.take() {
+                    t.abandon();
+                }
             }
         }
         if failure.is_some() && !rx.is_done() {
