@@ -334,8 +334,8 @@ impl Sender<'_> {
                 .await?;
             return Ok("sendMail");
         }
+        // The original stays: each cut attachment is decoded from it just before its upload.
         let split = mime::split(&mime, DRAFT_MIME_LIMIT)?;
-        drop(mime);
         let url = self.client.user_url(self.mailbox, &["messages"]);
         let created = self
             .client
@@ -348,7 +348,7 @@ impl Sender<'_> {
             .await?;
         let id = json_field(&created.body, "id")?;
         match self
-            .complete_draft(&id, &headers, envelope, split.attachments)
+            .complete_draft(&id, &headers, envelope, &mime, split.attachments)
             .await
         {
             Ok(()) => Ok("draft"),
@@ -372,6 +372,7 @@ impl Sender<'_> {
         id: &str,
         headers: &mime::HeaderRecipients,
         envelope: &[String],
+        original: &[u8],
         attachments: Vec<mime::Attachment>,
     ) -> Result<(), GraphError> {
         let f = mime::final_recipients(headers, envelope);
@@ -399,7 +400,7 @@ impl Sender<'_> {
             .call(self.account, Method::PATCH, &url, &Body::Json(patch))
             .await?;
         for a in attachments {
-            self.attach(id, a).await?;
+            self.attach(id, &a, original).await?;
         }
         let url = self
             .client
@@ -411,15 +412,21 @@ impl Sender<'_> {
     }
 
     /// One attachment: inline JSON if it fits a request, else an upload session.
-    async fn attach(&self, id: &str, a: mime::Attachment) -> Result<(), GraphError> {
+    async fn attach(
+        &self,
+        id: &str,
+        a: &mime::Attachment,
+        original: &[u8],
+    ) -> Result<(), GraphError> {
         let b64 = base64::engine::general_purpose::STANDARD;
-        if mime::base64_len(a.bytes.len()) + JSON_OVERHEAD <= MAX_REQUEST_BODY {
+        let bytes = a.decode(original)?;
+        if mime::base64_len(bytes.len()) + JSON_OVERHEAD <= MAX_REQUEST_BODY {
             let mut v = json!({
                 "@odata.type": "#microsoft.graph.fileAttachment",
                 "name": a.name,
                 "contentType": a.content_type,
                 "isInline": a.inline,
-                "contentBytes": b64.encode(&a.bytes),
+                "contentBytes": b64.encode(&bytes),
             });
             if let Some(cid) = &a.content_id {
                 v["contentId"] = json!(cid);
@@ -432,7 +439,7 @@ impl Sender<'_> {
                 .await?;
             return Ok(());
         }
-        let total = a.bytes.len();
+        let total = bytes.len();
         let mut item = json!({
             "attachmentType": "file",
             "name": a.name,
@@ -463,7 +470,7 @@ impl Sender<'_> {
         while start < total {
             let end = (start + UPLOAD_CHUNK).min(total);
             self.client
-                .put_range(&upload, a.bytes[start..end].to_vec(), start, total)
+                .put_range(&upload, bytes[start..end].to_vec(), start, total)
                 .await?;
             start = end;
         }
