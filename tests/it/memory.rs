@@ -153,7 +153,8 @@ fn six_big_opts(extra: &str) -> Opts {
     Opts {
         // 30 s, not the harness's 5 s: six 30 MiB streams in a debug build on a loaded
         // 2-core machine can keep the fake upstream from answering AUTH within 5 s.
-        upstream: "max_sessions_per_mailbox = 6\nmessages_per_minute = 0\ntimeout_secs = 30".into(),
+        upstream: "max_sessions_per_mailbox = 6\nmessages_per_minute = 0\ntimeout_secs = 30"
+            .into(),
         extra: extra.into(),
         ..Opts::default()
     }
