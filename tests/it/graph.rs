@@ -218,6 +218,35 @@ async fn thirty_mib_with_two_12_mib_attachments_through_upload_sessions() {
     );
 }
 
+/// Graph takes attachments under 3,000,000 bytes only inline (`POST .../attachments`) and
+/// from 3,000,000 bytes only through upload sessions: both sides of the line arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_at_the_upload_session_threshold() {
+    let (env, graph) = graph_start(Opts::default(), |_| {}).await;
+    for (i, (size, session)) in [(2_999_999usize, false), (3_000_000, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let data = pseudo_random(size, 7 + i as u32);
+        let msg = with_attachments("x@fabrikam.com", &[("edge.bin", &data)]);
+        let mut c = TcpSmtp::connect(env.addr).await;
+        c.login().await;
+        let (code, text) = c.send_message(MAILBOX, &["x@fabrikam.com"], &msg).await;
+        assert_eq!(code, 250, "{size}: {text}");
+        let sent = graph.wait_sent(i + 1, Duration::from_secs(30)).await;
+        assert_eq!(sent.len(), i + 1);
+        let s = &sent[i];
+        assert_eq!(s.via, GraphSendPath::Draft);
+        assert_eq!(s.attachments.len(), 1, "{size}");
+        assert!(s.attachments[0].bytes == data, "{size}: bytes differ");
+        assert_eq!(s.attachments[0].via_upload_session, session, "{size}");
+    }
+    let reqs = graph.requests();
+    assert!(reqs.iter().all(|r| r.status < 300), "{reqs:?}");
+    assert!(reqs.iter().all(|r| r.body_bytes <= FOUR_MB), "{reqs:?}");
+    assert_eq!(graph.open_drafts(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttled_sync_gets_451_and_spool_waits_for_retry_after() {
     // Sync: the client gets 451 4.4.x, nothing is delivered.

@@ -99,6 +99,18 @@ pub(crate) fn final_recipients(
     HeaderRecipients { to, cc, bcc }
 }
 
+/// Longest attachment name and content type kept (characters; longer ones are cut), so the
+/// JSON around an attachment stays small.
+pub(crate) const MAX_NAME: usize = 255;
+
+/// `s` cut to [`MAX_NAME`] characters.
+fn capped(s: String) -> String {
+    match s.char_indices().nth(MAX_NAME) {
+        Some((i, _)) => s[..i].to_string(),
+        None => s,
+    }
+}
+
 /// How an attachment's body is encoded in the MIME (its `Content-Transfer-Encoding`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TransferEncoding {
@@ -333,11 +345,11 @@ pub(crate) fn split(mime: &[u8], limit: usize) -> Result<Split, SplitError> {
             .unwrap_or_else(|| "application/octet-stream".into());
         let inline = part.content_disposition().is_some_and(|d| d.is_inline());
         attachments.push(Attachment {
-            name,
-            content_type,
+            name: capped(name),
+            content_type: capped(content_type),
             content_id: part
                 .content_id()
-                .map(|c| c.trim_matches(['<', '>', ' ']).to_string()),
+                .map(|c| capped(c.trim_matches(['<', '>', ' ']).to_string())),
             inline,
             size,
             body,

@@ -44,8 +44,20 @@ pub const GRAPH_CONCURRENCY_PER_MAILBOX: usize = 4;
 pub(crate) const MAX_REQUEST_BODY: usize = 3_900_000;
 /// Upload session pieces: a multiple of 320 KiB (Graph's rule), under [`MAX_REQUEST_BODY`].
 pub(crate) const UPLOAD_CHUNK: usize = 10 * 320 * 1024;
-/// Room for the JSON around an attachment's base64 in `POST .../attachments`.
-const JSON_OVERHEAD: usize = 4096;
+/// Graph's own limit on a request body (4 MiB: the base64 of a 3 MB attachment, 4,000,000
+/// bytes, must fit in one `POST .../attachments`, as Graph's documentation has it).
+pub(crate) const GRAPH_REQUEST_LIMIT: usize = 4 * 1024 * 1024;
+/// Graph takes attachments of 3 MB (decimal) and more through upload sessions only, and
+/// smaller ones through `POST .../attachments` only: one threshold decides.
+pub(crate) const UPLOAD_SESSION_MIN: usize = 3_000_000;
+/// Room for the JSON around an attachment's base64 in `POST .../attachments` (the name, content
+/// type and content id are capped by `mime.rs` at [`mime::MAX_NAME`] characters each).
+const JSON_OVERHEAD: usize = 8192;
+// base64(2,999,999 bytes) = 4,000,000; with the JSON around it 4,008,192 <= 4,194,304.
+const _: () = assert!(
+    (UPLOAD_SESSION_MIN - 1).div_ceil(3) * 4 + JSON_OVERHEAD <= GRAPH_REQUEST_LIMIT
+        && 6 * mime::MAX_NAME * 3 + 512 <= JSON_OVERHEAD
+);
 /// The MIME a draft may be created from (its base64 fits one request).
 const DRAFT_MIME_LIMIT: usize = MAX_REQUEST_BODY / 4 * 3;
 
@@ -411,7 +423,8 @@ impl Sender<'_> {
         Ok(())
     }
 
-    /// One attachment: inline JSON if it fits a request, else an upload session.
+    /// One attachment: under [`UPLOAD_SESSION_MIN`] bytes inline JSON (`POST .../attachments`,
+    /// at most about 4.0 MB of body), else an upload session (Graph: 3 MB to 150 MB).
     async fn attach(
         &self,
         id: &str,
@@ -420,7 +433,7 @@ impl Sender<'_> {
     ) -> Result<(), GraphError> {
         let b64 = base64::engine::general_purpose::STANDARD;
         let bytes = a.decode(original)?;
-        if mime::base64_len(bytes.len()) + JSON_OVERHEAD <= MAX_REQUEST_BODY {
+        if bytes.len() < UPLOAD_SESSION_MIN {
             let mut v = json!({
                 "@odata.type": "#microsoft.graph.fileAttachment",
                 "name": a.name,
