@@ -136,6 +136,8 @@ pub(crate) fn failure_reply(e: &GraphError, mailbox: &str) -> UpReply {
 /// A successful answer's body.
 #[derive(Debug)]
 pub(crate) struct Answer {
+    /// The HTTP status (2xx).
+    pub(crate) status: u16,
     pub(crate) body: Vec<u8>,
 }
 
@@ -364,7 +366,10 @@ async fn answer(resp: reqwest::Response) -> Result<Answer, GraphError> {
         .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
     let body = resp.bytes().await.map_err(network)?.to_vec();
     if status.is_success() {
-        return Ok(Answer { body });
+        return Ok(Answer {
+            status: status.as_u16(),
+            body,
+        });
     }
     #[derive(serde::Deserialize)]
     struct Wrapper {

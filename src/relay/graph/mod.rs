@@ -19,6 +19,8 @@
 
 mod client;
 pub(crate) mod mime;
+#[cfg(test)]
+mod tests;
 
 pub use client::GraphSetupError;
 pub(crate) use client::{failure_reply, GraphClient, GraphError, FORBIDDEN_HINT};
@@ -204,6 +206,7 @@ impl GraphTransport {
                 content: Vec::new(),
                 broken: false,
                 retry_after: None,
+                http_status: None,
                 _permit: permit,
             },
             UpReply {
@@ -225,6 +228,8 @@ pub(crate) struct GraphTransaction {
     content: Vec<u8>,
     broken: bool,
     retry_after: Option<Duration>,
+    /// The HTTP status of the request that decided the outcome.
+    http_status: Option<u16>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -288,17 +293,30 @@ impl GraphTransaction {
             save_to_sent_items: self.save_to_sent_items,
         };
         match sender.deliver(mime, &self.rcpts).await {
-            Ok(how) => Ok(UpReply {
-                code: 202,
-                text: format!("2.0.0 Accepted by Microsoft Graph ({how})"),
-            }),
+            Ok((how, status)) => {
+                self.http_status = Some(status);
+                Ok(UpReply {
+                    code: 202,
+                    text: format!("2.0.0 Accepted by Microsoft Graph ({how})"),
+                })
+            }
             Err(e) => {
                 self.retry_after = e.retry_after();
+                self.http_status = e.status();
                 let reply = failure_reply(&e, &self.mailbox);
                 tracing::debug!(account = %self.account, status = ?e.status(), reply = %reply, "Graph delivery failed");
                 Err(UpstreamError::Reply(reply))
             }
         }
+    }
+
+    /// The HTTP status of the Graph request that decided the outcome (the relay log's
+    /// `upstream_code`): 202 when sent, Graph's error status (429, 403...) when refused,
+    /// `None` before delivery and for failures without an answer (network, token).
+    // Wired into the relay log by session.rs/deliver.rs (another branch).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn http_status(&self) -> Option<u16> {
+        self.http_status
     }
 
     /// How long Graph asked to wait before the next attempt (429/503 Retry-After).
@@ -332,7 +350,7 @@ impl Sender<'_> {
         &self,
         mime: Vec<u8>,
         envelope: &[String],
-    ) -> Result<&'static str, GraphError> {
+    ) -> Result<(&'static str, u16), GraphError> {
         let headers = mime::header_recipients(&mime);
         let wanted: std::collections::BTreeSet<String> =
             envelope.iter().map(|e| e.to_lowercase()).collect();
@@ -341,10 +359,11 @@ impl Sender<'_> {
             let url = self.client.user_url(self.mailbox, &["sendMail"]);
             let body = Body::Mime(b64.encode(&mime));
             drop(mime);
-            self.client
+            let a = self
+                .client
                 .call(self.account, Method::POST, &url, &body)
                 .await?;
-            return Ok("sendMail");
+            return Ok(("sendMail", a.status));
         }
         // The original stays: each cut attachment is decoded from it just before its upload.
         let split = mime::split(&mime, DRAFT_MIME_LIMIT)?;
@@ -363,7 +382,7 @@ impl Sender<'_> {
             .complete_draft(&id, &headers, envelope, &mime, split.attachments)
             .await
         {
-            Ok(()) => Ok("draft"),
+            Ok(status) => Ok(("draft", status)),
             Err(e) => {
                 let url = self.client.user_url(self.mailbox, &["messages", &id]);
                 if let Err(d) = self
@@ -386,7 +405,7 @@ impl Sender<'_> {
         envelope: &[String],
         original: &[u8],
         attachments: Vec<mime::Attachment>,
-    ) -> Result<(), GraphError> {
+    ) -> Result<u16, GraphError> {
         let f = mime::final_recipients(headers, envelope);
         let list = |l: &[mime::HeaderAddr]| -> Vec<serde_json::Value> {
             l.iter()
@@ -417,10 +436,11 @@ impl Sender<'_> {
         let url = self
             .client
             .user_url(self.mailbox, &["messages", id, "send"]);
-        self.client
+        let a = self
+            .client
             .call(self.account, Method::POST, &url, &Body::None)
             .await?;
-        Ok(())
+        Ok(a.status)
     }
 
     /// One attachment: under [`UPLOAD_SESSION_MIN`] bytes inline JSON (`POST .../attachments`,
