@@ -386,3 +386,52 @@ async fn a_ninth_buffered_transaction_waits_then_is_busy() {
         .await
         .is_ok());
 }
+
+/// A message too big for one request with one attachment part as given.
+fn big_with_part(part_headers: &str, body: &str, top: &str) -> Vec<u8> {
+    let mut m = format!("From: {MAILBOX}\r\nTo: a@x.org\r\nMIME-Version: 1.0\r\n{top}\r\n--b\r\nContent-Type: text/plain\r\n\r\nt\r\n--b\r\n{part_headers}\r\n").into_bytes();
+    m.extend_from_slice(body.as_bytes());
+    m.extend_from_slice(b"\r\n--b--\r\n");
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_and_signed_big_messages_are_refused_not_mangled() {
+    let (_r, graph, t) = setup(|_| {}, "").await;
+    let lines = "QUJD".repeat(19) + "\r\n";
+    let body = lines.repeat(4_000_000 / lines.len());
+    let att = "Content-Type: application/pdf\r\nContent-Disposition: attachment; filename=x.pdf\r\nContent-Transfer-Encoding: base64\r\n";
+    // One character base64 does not have: not delivered as raw base64.
+    let bad = big_with_part(
+        att,
+        &format!("{body}#"),
+        "Content-Type: multipart/mixed; boundary=b\r\n",
+    );
+    let (code, text, tx) = deliver(&t, &["a@x.org"], &bad).await;
+    drop(tx);
+    assert_eq!(code, 554, "{text}");
+    assert!(
+        text.starts_with("5.6.0 ") && text.contains("x.pdf"),
+        "{text}"
+    );
+    // Signed: cutting would break the signature.
+    let signed = big_with_part(
+        att,
+        &body,
+        "Content-Type: multipart/signed; protocol=\"application/pkcs7-signature\"; boundary=s\r\n\r\n--s\r\nContent-Type: multipart/mixed; boundary=b\r\n",
+    );
+    let (code, text, tx) = deliver(&t, &["a@x.org"], &signed).await;
+    drop(tx);
+    assert_eq!(code, 554, "{text}");
+    assert!(
+        text.starts_with("5.6.0 ") && text.contains("signature"),
+        "{text}"
+    );
+    assert!(graph.requests().is_empty(), "nothing reached Graph");
+    // A small signed message goes through sendMail untouched.
+    let small_signed = format!("From: {MAILBOX}\r\nTo: a@x.org\r\nContent-Type: multipart/signed; protocol=\"application/pkcs7-signature\"; boundary=s\r\n\r\n--s\r\nContent-Type: text/plain\r\n\r\nhi\r\n--s\r\nContent-Type: application/pkcs7-signature\r\n\r\nAAAA\r\n--s--\r\n");
+    let (code, text, tx) = deliver(&t, &["a@x.org"], small_signed.as_bytes()).await;
+    drop(tx);
+    assert_eq!(code, 202, "{text}");
+    assert_eq!(graph.sent()[0].submitted_mime, small_signed.as_bytes());
+}
