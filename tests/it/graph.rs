@@ -389,6 +389,38 @@ async fn check_proves_mailbox_and_permission_without_sending_and_hints_on_failur
     assert!(out.contains("drafts allowed"), "{out}");
     assert!(graph.sent().is_empty(), "check sends nothing");
     assert_eq!(graph.open_drafts(), 0, "check leaves no draft");
+    // A valid MIME without recipients: sendMail 400 (ErrorInvalidRecipients), a draft made
+    // and deleted.
+    let probe: Vec<(String, u16)> = graph
+        .requests()
+        .iter()
+        .filter(|r| !r.path.contains("/token"))
+        .map(|r| (r.method.clone(), r.status))
+        .collect();
+    assert_eq!(
+        probe,
+        [
+            ("POST".to_string(), 400),
+            ("POST".to_string(), 201),
+            ("DELETE".to_string(), 204)
+        ],
+        "{:?}",
+        graph.requests()
+    );
+    // Another 400 than the missing recipients: inconclusive, and said so.
+    graph.fail_path(
+        1,
+        "sendMail",
+        GraphFault::BadRequest {
+            code: "ErrorMimeContentInvalid".into(),
+        },
+    );
+    let (code, out) = check(&env);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("scanner: inconclusive") && out.contains("ErrorMimeContentInvalid"),
+        "{out}"
+    );
     // Only Mail.Send: ok, with a warning about drafts.
     let (env, _g) = graph_ends(Opts::default(), |o| {
         o.permissions = vec!["Mail.Send".into()]

@@ -726,6 +726,9 @@ pub struct Probe {
     /// Mail.ReadWrite (drafts) is granted too: large messages and messages whose header
     /// recipients differ from the envelope can be sent. `Err`: why not.
     pub drafts: Result<(), String>,
+    /// Set when Graph refused the probe for another reason than the missing recipients:
+    /// the mailbox and permission were then not proven (what Graph said).
+    pub inconclusive: Option<String>,
 }
 
 /// Why `check` failed for a Graph account: what happened and what to do.
@@ -748,12 +751,21 @@ fn probe_hint(status: Option<u16>, graph_url: &str) -> String {
     }
 }
 
+/// The probe's message: valid MIME, base64, with no recipient at all, so Graph can never
+/// send it (`sendMail` answers 400 `ErrorInvalidRecipients`) and a draft made from it goes
+/// nowhere.
+fn probe_mime(mailbox: &str) -> String {
+    let mime = format!("From: <{mailbox}>\r\nSubject: smtp-oauth-bridge check (no recipients: never sent)\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nThis message has no recipients and cannot be sent.\r\n");
+    base64::engine::general_purpose::STANDARD.encode(mime)
+}
+
 /// `check` for a Graph account: proves the token, the mailbox and the Mail.Send permission
 /// without sending anything. Graph has no dry run and an app with only Mail.Send may read
-/// nothing, so the probe is a `sendMail` whose body is not base64 MIME: Graph checks the
-/// mailbox (404) and the permission (403) before the content, and answers 400
-/// (`ErrorMimeContentInvalidBase64String`) once both are fine; nothing can be sent from it.
-/// The same probe on `POST /messages` tells whether Mail.ReadWrite (drafts) is granted.
+/// nothing, so the probe is a `sendMail` of a valid MIME message with no recipients: Graph
+/// answers 404 for an unknown mailbox, 403 without the permission, and once both are fine
+/// 400 `ErrorInvalidRecipients` (a message without recipients cannot be sent). Another 400
+/// code means Graph objected to something else first: inconclusive, and said so. Drafts
+/// (Mail.ReadWrite) are proven by creating a draft of the same message and deleting it.
 pub async fn probe(
     graph: &GraphTransport,
     account: &str,
@@ -761,15 +773,19 @@ pub async fn probe(
 ) -> Result<Probe, ProbeFailure> {
     let client = graph.client();
     let graph_url = client.base_url();
-    // Never base64: a body Graph cannot take as a message.
-    let body = Body::Mime("!check: not a message!".into());
-    let attempt = |rest: &'static str| {
-        let url = client.user_url(mailbox, &[rest]);
-        let body = body.clone();
-        async move { client.call(account, Method::POST, &url, &body).await }
-    };
-    match attempt("sendMail").await {
-        Err(GraphError::Status { status: 400, .. }) => {}
+    let body = Body::Mime(probe_mime(mailbox));
+    let inconclusive = match client
+        .call(account, Method::POST, &client.user_url(mailbox, &["sendMail"]), &body)
+        .await
+    {
+        Err(GraphError::Status { status: 400, code, .. })
+            if code.eq_ignore_ascii_case("ErrorInvalidRecipients") =>
+        {
+            None
+        }
+        Err(GraphError::Status { status: 400, code, message, .. }) => Some(format!(
+            "Graph answered the probe 400 {code} ({message}), not ErrorInvalidRecipients: the mailbox and Mail.Send are not proven"
+        )),
         Err(GraphError::Token(e)) => {
             return Err(ProbeFailure {
                 what: format!("token: {e}"),
@@ -784,18 +800,37 @@ pub async fn probe(
         }
         Ok(_) => {
             return Err(ProbeFailure {
-                what: "Graph accepted a sendMail that is not a message".into(),
+                what: "Graph accepted a sendMail without recipients".into(),
                 hint: format!(
                     "upstream.graph_url ({graph_url}) does not behave like Microsoft Graph"
                 ),
             })
         }
-    }
-    let drafts = match attempt("messages").await {
-        Err(GraphError::Status { status: 400, .. }) => Ok(()),
-        Err(GraphError::Status { status: 403, .. }) => Err("Mail.ReadWrite is not granted (or not for this mailbox): messages over about 2.9 MB, and messages whose To/Cc/Bcc differ from the envelope, will be refused with 550 5.7.1".into()),
-        Err(e) => Err(format!("drafts could not be checked: {e}")),
-        Ok(_) => Err("Graph created a draft from a body that is not a message".into()),
     };
-    Ok(Probe { drafts })
+    let created = client
+        .call(
+            account,
+            Method::POST,
+            &client.user_url(mailbox, &["messages"]),
+            &body,
+        )
+        .await;
+    let drafts = match created {
+        Ok(a) => match json_field(&a.body, "id") {
+            Ok(id) => {
+                let url = client.user_url(mailbox, &["messages", &id]);
+                match client.call(account, Method::DELETE, &url, &Body::None).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(format!("a probe draft was made but not deleted ({e}); delete the draft \"smtp-oauth-bridge check\" from the mailbox's Drafts")),
+                }
+            }
+            Err(e) => Err(format!("drafts could not be checked: {e}")),
+        },
+        Err(GraphError::Status { status: 403, .. }) => Err("Mail.ReadWrite is not granted (or not for this mailbox): messages over about 2.9 MB, and messages whose To/Cc name recipients outside the envelope, will be refused with 550 5.7.1".into()),
+        Err(e) => Err(format!("drafts could not be checked: {e}")),
+    };
+    Ok(Probe {
+        drafts,
+        inconclusive,
+    })
 }
