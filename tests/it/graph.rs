@@ -247,6 +247,43 @@ async fn attachments_at_the_upload_session_threshold() {
     assert_eq!(graph.open_drafts(), 0);
 }
 
+/// The real binary's peak RSS for the 33 MiB message with two 12 MiB attachments (the
+/// figure README's "Limits" states): the buffered message (reserved from SIZE=), the parse
+/// while the attachments are cut out, then one decoded attachment at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_rss_of_the_33_mib_two_attachment_message() {
+    let (env, graph) = graph_ends(Opts::default(), |_| {}).await;
+    let bridge = BridgeProcess::start(&env.config_path, "info");
+    let a = pseudo_random(12 * 1024 * 1024, 3);
+    let b = pseudo_random(12 * 1024 * 1024, 4);
+    let msg = with_attachments("x@fabrikam.com", &[("a.bin", &a), ("b.bin", &b)]);
+    let mut c = TcpSmtp::connect(bridge.addr).await;
+    c.login().await;
+    c.expect(&format!("MAIL FROM:<{MAILBOX}> SIZE={}", msg.len()), 250)
+        .await;
+    c.expect("RCPT TO:<x@fabrikam.com>", 250).await;
+    c.expect("DATA", 354).await;
+    c.send(&msg).await; // base64 lines never start with '.'
+    c.send(b".\r\n").await;
+    let (code, text) = c.reply().await;
+    assert_eq!(code, 250, "{text}");
+    let sent = graph.wait_sent(1, Duration::from_secs(30)).await;
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].attachments.iter().any(|x| x.bytes == a));
+    let peak = bridge.peak_rss();
+    println!(
+        "{:.1} MiB message, two 12 MiB attachments, Graph: bridge peak RSS {:.1} MiB",
+        msg.len() as f64 / 1048576.0,
+        peak as f64 / 1048576.0
+    );
+    assert!(
+        peak < 3 * msg.len() as u64,
+        "peak RSS {peak} for a {} byte message",
+        msg.len()
+    );
+    assert!(bridge.stop().0.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttled_sync_gets_451_and_spool_waits_for_retry_after() {
     // Sync: the client gets 451 4.4.x, nothing is delivered.

@@ -326,16 +326,9 @@ pub(crate) fn split(mime: &[u8], limit: usize) -> Result<Split, SplitError> {
         let body = part.offset_body as usize..part.offset_end as usize;
         let encoding = TransferEncoding::of(part.content_transfer_encoding())
             .ok_or_else(|| SplitError::Undecodable(name.clone()))?;
-        // Decoded once here to know it decodes and its size; again just before its upload.
-        let size = mime
-            .get(body.clone())
-            .ok_or(SplitError::Malformed)
-            .and_then(|b| {
-                encoding
-                    .decode(b)
-                    .ok_or_else(|| SplitError::Undecodable(name.clone()))
-            })?
-            .len();
+        if mime.get(body.clone()).is_none() {
+            return Err(SplitError::Malformed);
+        }
         let content_type = part
             .content_type()
             .map(|ct| match ct.subtype() {
@@ -351,12 +344,18 @@ pub(crate) fn split(mime: &[u8], limit: usize) -> Result<Split, SplitError> {
                 .content_id()
                 .map(|c| capped(c.trim_matches(['<', '>', ' ']).to_string())),
             inline,
-            size,
+            size: 0,
             body,
             encoding,
         });
     }
     out.extend_from_slice(mime.get(at..).ok_or(SplitError::Malformed)?);
+    // The parsed message holds every part decoded: gone before the attachments are decoded
+    // (once here, one at a time, to know each decodes and its size; again at its upload).
+    drop(msg);
+    for a in &mut attachments {
+        a.size = a.decode(mime)?.len();
+    }
     // The attachments in message order (as a reader sees them).
     attachments.sort_by_key(|a| a.body.start);
     Ok(Split {
