@@ -3,8 +3,9 @@
 //! checked as Graph checks them, and a record of what Graph "delivered".
 //!
 //! Owns the public handle [`FakeGraph`], its options, the public record types
-//! ([`GraphSent`], [`GraphRequest`], ...), the fault queue and the per-mailbox concurrency
-//! accounting. `http.rs` turns axum requests into checked [`http::Call`]s (body limit, bearer
+//! ([`GraphSent`], [`GraphRequest`], ...), the fault queue (by path, by method, or after
+//! the request's effect: a `/send` that sends and then answers 504) and the per-mailbox
+//! concurrency accounting. `http.rs` turns axum requests into checked [`http::Call`]s (body limit, bearer
 //! token, faults, throttling) and answers into axum responses; `api.rs` is what each Graph
 //! operation does; `mime.rs` reads recipients out of MIME and re-assembles drafts.
 //!
