@@ -2,7 +2,8 @@
 //! STARTTLS, AUTH XOAUTH2, QUIT; one line per account, `ok` or the failure and a hint, and
 //! under it the client credential the token came from (with a certificate's expiry).
 //! Accounts with `transport = "graph"` are checked against Microsoft Graph instead
-//! (`relay::graph::probe`: token, mailbox and Mail.Send, with nothing sent).
+//! (`relay::graph::probe`: token, then mailbox and Mail.Send by a `sendMail` without
+//! recipients, drafts by one made and deleted; nothing sent).
 
 use super::{CliError, ConfigArg};
 use smtp_oauth_bridge::config::{Account, TransportKind};
@@ -126,6 +127,12 @@ async fn check_graph(
         Ok(()) => "drafts allowed (Mail.ReadWrite)".to_string(),
         Err(why) => format!("warning: {why}"),
     };
+    if let Some(why) = probe.inconclusive {
+        return Ok(format!(
+            "{account}: inconclusive (mailbox {}): {why}; nothing sent\n  graph: {drafts}",
+            acc.mailbox
+        ));
+    }
     Ok(format!(
         "{account}: ok (mailbox {}, Microsoft Graph accepts Mail.Send for it; nothing sent)\n  graph: {drafts}",
         acc.mailbox

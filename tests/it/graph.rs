@@ -218,6 +218,72 @@ async fn thirty_mib_with_two_12_mib_attachments_through_upload_sessions() {
     );
 }
 
+/// Graph takes attachments under 3,000,000 bytes only inline (`POST .../attachments`) and
+/// from 3,000,000 bytes only through upload sessions: both sides of the line arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_at_the_upload_session_threshold() {
+    let (env, graph) = graph_start(Opts::default(), |_| {}).await;
+    for (i, (size, session)) in [(2_999_999usize, false), (3_000_000, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let data = pseudo_random(size, 7 + i as u32);
+        let msg = with_attachments("x@fabrikam.com", &[("edge.bin", &data)]);
+        let mut c = TcpSmtp::connect(env.addr).await;
+        c.login().await;
+        let (code, text) = c.send_message(MAILBOX, &["x@fabrikam.com"], &msg).await;
+        assert_eq!(code, 250, "{size}: {text}");
+        let sent = graph.wait_sent(i + 1, Duration::from_secs(30)).await;
+        assert_eq!(sent.len(), i + 1);
+        let s = &sent[i];
+        assert_eq!(s.via, GraphSendPath::Draft);
+        assert_eq!(s.attachments.len(), 1, "{size}");
+        assert!(s.attachments[0].bytes == data, "{size}: bytes differ");
+        assert_eq!(s.attachments[0].via_upload_session, session, "{size}");
+    }
+    let reqs = graph.requests();
+    assert!(reqs.iter().all(|r| r.status < 300), "{reqs:?}");
+    assert!(reqs.iter().all(|r| r.body_bytes <= FOUR_MB), "{reqs:?}");
+    assert_eq!(graph.open_drafts(), 0);
+}
+
+/// The real binary's peak RSS for the 33 MiB message with two 12 MiB attachments (the
+/// figure README's "Limits" states): the buffered message (reserved from SIZE=), the parse
+/// while the attachments are cut out, then one decoded attachment at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_rss_of_the_33_mib_two_attachment_message() {
+    let (env, graph) = graph_ends(Opts::default(), |_| {}).await;
+    let bridge = BridgeProcess::start(&env.config_path, "info");
+    let a = pseudo_random(12 * 1024 * 1024, 3);
+    let b = pseudo_random(12 * 1024 * 1024, 4);
+    let msg = with_attachments("x@fabrikam.com", &[("a.bin", &a), ("b.bin", &b)]);
+    let mut c = TcpSmtp::connect(bridge.addr).await;
+    c.login().await;
+    c.expect(&format!("MAIL FROM:<{MAILBOX}> SIZE={}", msg.len()), 250)
+        .await;
+    c.expect("RCPT TO:<x@fabrikam.com>", 250).await;
+    c.expect("DATA", 354).await;
+    c.send(&msg).await; // base64 lines never start with '.'
+    c.send(b".\r\n").await;
+    let (code, text) = c.reply().await;
+    assert_eq!(code, 250, "{text}");
+    let sent = graph.wait_sent(1, Duration::from_secs(30)).await;
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].attachments.iter().any(|x| x.bytes == a));
+    let peak = bridge.peak_rss();
+    println!(
+        "{:.1} MiB message, two 12 MiB attachments, Graph: bridge peak RSS {:.1} MiB",
+        msg.len() as f64 / 1048576.0,
+        peak as f64 / 1048576.0
+    );
+    assert!(
+        peak < 3 * msg.len() as u64,
+        "peak RSS {peak} for a {} byte message",
+        msg.len()
+    );
+    assert!(bridge.stop().0.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttled_sync_gets_451_and_spool_waits_for_retry_after() {
     // Sync: the client gets 451 4.4.x, nothing is delivered.
@@ -360,6 +426,38 @@ async fn check_proves_mailbox_and_permission_without_sending_and_hints_on_failur
     assert!(out.contains("drafts allowed"), "{out}");
     assert!(graph.sent().is_empty(), "check sends nothing");
     assert_eq!(graph.open_drafts(), 0, "check leaves no draft");
+    // A valid MIME without recipients: sendMail 400 (ErrorInvalidRecipients), a draft made
+    // and deleted.
+    let probe: Vec<(String, u16)> = graph
+        .requests()
+        .iter()
+        .filter(|r| !r.path.contains("/token"))
+        .map(|r| (r.method.clone(), r.status))
+        .collect();
+    assert_eq!(
+        probe,
+        [
+            ("POST".to_string(), 400),
+            ("POST".to_string(), 201),
+            ("DELETE".to_string(), 204)
+        ],
+        "{:?}",
+        graph.requests()
+    );
+    // Another 400 than the missing recipients: inconclusive, and said so.
+    graph.fail_path(
+        1,
+        "sendMail",
+        GraphFault::BadRequest {
+            code: "ErrorMimeContentInvalid".into(),
+        },
+    );
+    let (code, out) = check(&env);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("scanner: inconclusive") && out.contains("ErrorMimeContentInvalid"),
+        "{out}"
+    );
     // Only Mail.Send: ok, with a warning about drafts.
     let (env, _g) = graph_ends(Opts::default(), |o| {
         o.permissions = vec!["Mail.Send".into()]

@@ -19,6 +19,16 @@ const MAX_QUOTED: usize = 200;
 /// max_age still apply).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
+/// Which kind of request failed: Graph grants them by different permissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Step {
+    /// `sendMail` or a draft's `/send`: Mail.Send.
+    #[default]
+    Send,
+    /// Creating, changing, attaching to or deleting a draft: Mail.ReadWrite.
+    Draft,
+}
+
 /// Why a Graph operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum GraphError {
@@ -30,7 +40,15 @@ pub(crate) enum GraphError {
         code: String,
         message: String,
         retry_after: Option<Duration>,
+        step: Step,
     },
+    /// Graph told this mailbox to wait (an earlier 429/503 with Retry-After) for longer
+    /// than `upstream.timeout`: not asked again before then.
+    #[error("Microsoft Graph asked to wait {}s before the next request for this mailbox", retry_after.as_secs())]
+    Throttled { retry_after: Duration },
+    /// All of the mailbox's concurrent Graph requests stayed busy for `upstream.timeout`.
+    #[error("every concurrent Graph request of the mailbox stayed busy")]
+    Busy,
     /// No answer: connection refused, reset, timed out.
     #[error("cannot reach Microsoft Graph: {0}")]
     Network(String),
@@ -49,6 +67,7 @@ impl GraphError {
     pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
             GraphError::Status { retry_after, .. } => *retry_after,
+            GraphError::Throttled { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -60,10 +79,42 @@ impl GraphError {
             _ => None,
         }
     }
+
+    /// The same error, for a request of this kind.
+    pub(crate) fn in_step(self, kind: Step) -> GraphError {
+        match self {
+            GraphError::Status {
+                status,
+                code,
+                message,
+                retry_after,
+                ..
+            } => GraphError::Status {
+                status,
+                code,
+                message,
+                retry_after,
+                step: kind,
+            },
+            e => e,
+        }
+    }
+
+    /// Whether the request may have taken effect although it failed: no answer, or a
+    /// gateway error (5xx) after which Graph may still have acted.
+    pub(crate) fn is_ambiguous(&self) -> bool {
+        match self {
+            GraphError::Network(_) => true,
+            GraphError::Status { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
 }
 
 /// The hint a 403 gets: the two reasons Graph refuses Mail.Send for a mailbox.
 pub(crate) const FORBIDDEN_HINT: &str = "Mail.Send is not granted to the app (admin consent), or an application access policy / RBAC for Applications scope excludes this mailbox";
+/// The hint a 403 on a draft step gets.
+pub(crate) const DRAFT_FORBIDDEN_HINT: &str = "messages too large for one request, or whose To/Cc name recipients outside the envelope, are sent as drafts, which needs the Mail.ReadWrite application permission (admin consent), scoped to this mailbox by the application access policy / RBAC for Applications";
 
 /// Control characters out (a reply line must stay one line), length capped.
 fn quote(s: &str) -> String {
@@ -89,6 +140,7 @@ pub(crate) fn failure_reply(e: &GraphError, mailbox: &str) -> UpReply {
             status,
             code,
             message,
+            step,
             ..
         } => {
             let graph = format!("(Graph HTTP {status} {}: {})", quote(code), quote(message));
@@ -98,6 +150,8 @@ pub(crate) fn failure_reply(e: &GraphError, mailbox: &str) -> UpReply {
                     454,
                     format!("4.7.0 Graph refused the access token after a refresh {graph}; run: smtp-oauth-bridge check"),
                 ),
+                403 if code.eq_ignore_ascii_case("ErrorSendAsDenied") => (550, format!("5.7.1 Graph refused the From: address: it is not one the mailbox {mailbox} may send as (its own addresses, or one it has Send As rights for) {graph}")),
+                403 if *step == Step::Draft => (550, format!("5.7.1 Graph refused a draft step for {mailbox}: {DRAFT_FORBIDDEN_HINT} {graph}")),
                 403 => (550, format!("5.7.1 Graph refused to send as {mailbox}: {FORBIDDEN_HINT} {graph}")),
                 404 => (550, format!("5.1.1 Mailbox {mailbox} not found in Microsoft Graph {graph}")),
                 413 => (552, format!("5.3.4 Message too big for Microsoft Graph {graph}")),
@@ -106,6 +160,17 @@ pub(crate) fn failure_reply(e: &GraphError, mailbox: &str) -> UpReply {
                 _ => (451, format!("4.4.0 Microsoft Graph failed {graph}")),
             }
         }
+        GraphError::Throttled { retry_after } => (
+            451,
+            format!(
+                "4.4.5 Microsoft Graph is throttling mailbox {mailbox}, try again in {}s",
+                retry_after.as_secs().max(1)
+            ),
+        ),
+        GraphError::Busy => (
+            451,
+            format!("4.4.5 All concurrent Microsoft Graph requests of mailbox {mailbox} are busy, try again later"),
+        ),
         GraphError::Network(m) => (
             451,
             format!("4.4.1 Cannot reach Microsoft Graph: {}", quote(m)),
@@ -136,6 +201,8 @@ pub(crate) fn failure_reply(e: &GraphError, mailbox: &str) -> UpReply {
 /// A successful answer's body.
 #[derive(Debug)]
 pub(crate) struct Answer {
+    /// The HTTP status (2xx).
+    pub(crate) status: u16,
     pub(crate) body: Vec<u8>,
 }
 
@@ -364,7 +431,10 @@ async fn answer(resp: reqwest::Response) -> Result<Answer, GraphError> {
         .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
     let body = resp.bytes().await.map_err(network)?.to_vec();
     if status.is_success() {
-        return Ok(Answer { body });
+        return Ok(Answer {
+            status: status.as_u16(),
+            body,
+        });
     }
     #[derive(serde::Deserialize)]
     struct Wrapper {
@@ -389,6 +459,7 @@ async fn answer(resp: reqwest::Response) -> Result<Answer, GraphError> {
         code,
         message,
         retry_after,
+        step: Step::Send,
     })
 }
 
@@ -411,6 +482,7 @@ mod tests {
             code: code.into(),
             message: "msg\r\nRCPT TO:<evil@x>".into(),
             retry_after: None,
+            step: Step::Send,
         }
     }
 
@@ -456,6 +528,24 @@ mod tests {
         assert!(r.text.contains("application access policy"), "{r}");
         assert!(r.text.contains("RBAC for Applications"), "{r}");
         assert!(r.text.contains("HTTP 403 ErrorAccessDenied"), "{r}");
+        // A draft step names Mail.ReadWrite; Graph's code picks the From: hint.
+        let r = failure_reply(&status(403, "ErrorAccessDenied").in_step(Step::Draft), mb);
+        assert!(r.text.contains("Mail.ReadWrite"), "{r}");
+        assert!(r.text.contains("application access policy"), "{r}");
+        assert!(!r.text.contains("Mail.Send "), "{r}");
+        let r = failure_reply(&status(403, "ErrorSendAsDenied"), mb);
+        assert!(
+            r.text.starts_with("5.7.1 Graph refused the From: address"),
+            "{r}"
+        );
+        let r = failure_reply(
+            &GraphError::Throttled {
+                retry_after: Duration::from_secs(20),
+            },
+            mb,
+        );
+        assert_eq!(r.code, 451);
+        assert!(r.text.starts_with("4.4.5 "), "{r}");
         let r = failure_reply(&status(404, "ErrorInvalidUser"), mb);
         assert!(r.text.contains(mb), "{r}");
     }

@@ -11,7 +11,7 @@
 
 use mail_parser::decoders::base64::base64_decode;
 use mail_parser::decoders::quoted_printable::quoted_printable_decode;
-use mail_parser::{Encoding, MessageParser, MimeHeaders};
+use mail_parser::{MessageParser, MimeHeaders};
 use std::collections::BTreeSet;
 
 /// One address of a To/Cc/Bcc header: as written, and its display name.
@@ -99,7 +99,55 @@ pub(crate) fn final_recipients(
     HeaderRecipients { to, cc, bcc }
 }
 
-/// An attachment cut out of the MIME, to be added to the draft separately.
+/// Longest attachment name and content type kept (characters; longer ones are cut), so the
+/// JSON around an attachment stays small.
+pub(crate) const MAX_NAME: usize = 255;
+
+/// `s` cut to [`MAX_NAME`] characters.
+fn capped(s: String) -> String {
+    match s.char_indices().nth(MAX_NAME) {
+        Some((i, _)) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// How an attachment's body is encoded in the MIME (its `Content-Transfer-Encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TransferEncoding {
+    Base64,
+    QuotedPrintable,
+    /// 7bit, 8bit, binary or none: the bytes as they are.
+    Identity,
+}
+
+impl TransferEncoding {
+    /// From the header as written (mail-parser's own `encoding` falls back to "none" when a
+    /// body does not decode, which would deliver raw base64 as the attachment).
+    fn of(header: Option<&str>) -> Option<TransferEncoding> {
+        let Some(h) = header else {
+            return Some(TransferEncoding::Identity);
+        };
+        match h.trim().to_ascii_lowercase().as_str() {
+            "base64" => Some(TransferEncoding::Base64),
+            "quoted-printable" => Some(TransferEncoding::QuotedPrintable),
+            "7bit" | "8bit" | "binary" | "" => Some(TransferEncoding::Identity),
+            _ => None,
+        }
+    }
+
+    /// The decoded bytes, or `None` if the body is not valid in this encoding.
+    fn decode(self, body: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            TransferEncoding::Base64 => base64_decode(body),
+            TransferEncoding::QuotedPrintable => quoted_printable_decode(body),
+            TransferEncoding::Identity => Some(body.to_vec()),
+        }
+    }
+}
+
+/// An attachment cut out of the MIME, to be added to the draft separately. It holds where
+/// its encoded body is in the original MIME, not the decoded bytes: each is decoded just
+/// before its upload ([`Attachment::decode`]), so only one decoded copy exists at a time.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct Attachment {
     pub(crate) name: String,
@@ -107,8 +155,22 @@ pub(crate) struct Attachment {
     /// `Content-ID` without angle brackets, for inline parts.
     pub(crate) content_id: Option<String>,
     pub(crate) inline: bool,
-    /// The decoded content (transfer encoding undone).
-    pub(crate) bytes: Vec<u8>,
+    /// The decoded size in bytes.
+    pub(crate) size: usize,
+    /// The encoded body in the original MIME.
+    body: std::ops::Range<usize>,
+    encoding: TransferEncoding,
+}
+
+impl Attachment {
+    /// The content with the transfer encoding undone, from the original MIME given to
+    /// [`split`].
+    pub(crate) fn decode(&self, original: &[u8]) -> Result<Vec<u8>, SplitError> {
+        original
+            .get(self.body.clone())
+            .and_then(|b| self.encoding.decode(b))
+            .ok_or_else(|| SplitError::Undecodable(self.name.clone()))
+    }
 }
 
 impl std::fmt::Debug for Attachment {
@@ -116,7 +178,7 @@ impl std::fmt::Debug for Attachment {
         f.debug_struct("Attachment")
             .field("name", &self.name)
             .field("content_type", &self.content_type)
-            .field("bytes", &self.bytes.len())
+            .field("size", &self.size)
             .finish_non_exhaustive()
     }
 }
@@ -128,8 +190,14 @@ pub(crate) enum SplitError {
     Unparsable,
     #[error("the message is {bytes} bytes without the attachments that can be sent apart; Graph takes at most {limit} bytes of MIME in one request")]
     TooLarge { bytes: usize, limit: usize },
-    #[error("attachment part {0} cannot be decoded")]
+    #[error(
+        "attachment part {0} cannot be decoded (invalid or unknown Content-Transfer-Encoding)"
+    )]
     Undecodable(String),
+    #[error("the message is signed or encrypted (multipart/signed, application/pkcs7-mime) and too large for one Graph request; cutting its attachments out would break the signature")]
+    Signed,
+    #[error("the MIME structure is inconsistent (part offsets out of range)")]
+    Malformed,
 }
 
 /// The message as a smaller MIME plus the attachments cut out of it.
@@ -139,7 +207,34 @@ pub(crate) struct Split {
     pub(crate) attachments: Vec<Attachment>,
 }
 
+/// Whether a content type is a signature or encryption container.
+fn is_secured(ct: &mail_parser::ContentType<'_>) -> bool {
+    let (t, sub) = (
+        ct.ctype().to_ascii_lowercase(),
+        ct.subtype().unwrap_or_default().to_ascii_lowercase(),
+    );
+    (t == "multipart" && (sub == "signed" || sub == "encrypted"))
+        || (t == "application" && (sub == "pkcs7-mime" || sub == "x-pkcs7-mime"))
+}
+
+/// Total length of sorted, possibly overlapping ranges.
+fn union_len(ranges: &[(usize, usize)]) -> usize {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable();
+    let mut total = 0;
+    let mut at = 0;
+    for (s, e) in sorted {
+        let s = s.max(at);
+        if e > s {
+            total += e - s;
+            at = e;
+        }
+    }
+    total
+}
+
 /// Cuts attachments (largest first) out of `mime` until what stays is at most `limit` bytes.
+/// Never panics: every offset is checked, and an inconsistency is [`SplitError::Malformed`].
 pub(crate) fn split(mime: &[u8], limit: usize) -> Result<Split, SplitError> {
     if mime.len() <= limit {
         return Ok(Split {
@@ -150,6 +245,22 @@ pub(crate) fn split(mime: &[u8], limit: usize) -> Result<Split, SplitError> {
     let msg = MessageParser::default()
         .parse(mime)
         .ok_or(SplitError::Unparsable)?;
+    if msg
+        .parts
+        .iter()
+        .any(|p| p.content_type().is_some_and(is_secured))
+    {
+        return Err(SplitError::Signed);
+    }
+    // Each part's parent multipart.
+    let mut parent: Vec<Option<usize>> = vec![None; msg.parts.len()];
+    for (pid, p) in msg.parts.iter().enumerate() {
+        for &c in p.sub_parts().unwrap_or_default() {
+            if let Some(slot) = parent.get_mut(c as usize) {
+                *slot = Some(pid);
+            }
+        }
+    }
     // Attachment parts of the top-level tree, by size, largest first.
     let mut candidates: Vec<usize> = msg
         .attachments
@@ -158,44 +269,66 @@ pub(crate) fn split(mime: &[u8], limit: usize) -> Result<Split, SplitError> {
         .filter(|&id| id > 0)
         .filter(|&id| msg.parts.get(id).is_some_and(|p| !p.is_multipart()))
         .collect();
-    candidates.sort_by_key(|&id| std::cmp::Reverse(msg.parts[id].raw_len()));
-    let mut cuts: Vec<(usize, usize, usize)> = Vec::new(); // (start, end, part id)
+    candidates.sort_by_key(|&id| std::cmp::Reverse(msg.parts.get(id).map_or(0, |p| p.raw_len())));
+    let mut cuts: Vec<(usize, usize)> = Vec::new();
+    let mut ids: Vec<usize> = Vec::new();
     let mut size = mime.len();
     for id in candidates {
         if size <= limit {
             break;
         }
-        let part = &msg.parts[id];
-        let Some((start, end)) =
-            cut_range(mime, part.offset_header as usize, part.offset_end as usize)
+        let Some(part) = msg.parts.get(id) else {
+            continue;
+        };
+        let Some(body_start) = parent
+            .get(id)
+            .copied()
+            .flatten()
+            .and_then(|p| msg.parts.get(p))
+            .map(|p| p.offset_body as usize)
         else {
             continue;
         };
-        cuts.push((start, end, id));
-        size -= end - start;
+        let Some(range) = cut_range(
+            mime,
+            body_start,
+            part.offset_header as usize,
+            part.offset_end as usize,
+        ) else {
+            continue;
+        };
+        cuts.push(range);
+        ids.push(id);
+        size = mime.len() - union_len(&cuts);
     }
     if size > limit {
         return Err(SplitError::TooLarge { bytes: size, limit });
     }
-    cuts.sort();
+    let mut order: Vec<usize> = (0..cuts.len()).collect();
+    order.sort_by_key(|&i| cuts[i]);
     let mut out = Vec::with_capacity(size);
     let mut at = 0;
     let mut attachments = Vec::with_capacity(cuts.len());
-    for (start, end, id) in cuts {
-        out.extend_from_slice(&mime[at..start]);
-        at = end;
-        let part = &msg.parts[id];
-        let body = &mime[part.offset_body as usize..part.offset_end as usize];
+    for i in order {
+        let (start, end) = cuts[i];
+        let id = ids[i];
+        // A cut that takes the CRLF after its part may meet the next one's CRLF before.
+        let start = start.max(at);
+        if end > start {
+            out.extend_from_slice(mime.get(at..start).ok_or(SplitError::Malformed)?);
+            at = end;
+        }
+        let part = msg.parts.get(id).ok_or(SplitError::Malformed)?;
         let name = part
             .attachment_name()
             .map(str::to_string)
             .unwrap_or_else(|| format!("attachment-{id}"));
-        let bytes = match part.encoding {
-            Encoding::Base64 => base64_decode(body),
-            Encoding::QuotedPrintable => quoted_printable_decode(body),
-            Encoding::None => Some(body.to_vec()),
+        let body = part.offset_body as usize..part.offset_end as usize;
+        let encoding = TransferEncoding::of(part.content_transfer_encoding())
+            .ok_or_else(|| SplitError::Undecodable(name.clone()))?;
+        if mime.get(body.clone()).is_none() {
+            return Err(SplitError::Malformed);
         }
-        .ok_or_else(|| SplitError::Undecodable(name.clone()))?;
         let content_type = part
             .content_type()
             .map(|ct| match ct.subtype() {
@@ -205,27 +338,41 @@ pub(crate) fn split(mime: &[u8], limit: usize) -> Result<Split, SplitError> {
             .unwrap_or_else(|| "application/octet-stream".into());
         let inline = part.content_disposition().is_some_and(|d| d.is_inline());
         attachments.push(Attachment {
-            name,
-            content_type,
+            name: capped(name),
+            content_type: capped(content_type),
             content_id: part
                 .content_id()
-                .map(|c| c.trim_matches(['<', '>', ' ']).to_string()),
+                .map(|c| capped(c.trim_matches(['<', '>', ' ']).to_string())),
             inline,
-            bytes,
+            size: 0,
+            body,
+            encoding,
         });
     }
-    out.extend_from_slice(&mime[at..]);
+    out.extend_from_slice(mime.get(at..).ok_or(SplitError::Malformed)?);
+    // The parsed message holds every part decoded: gone before the attachments are decoded
+    // (once here, one at a time, to know each decodes and its size; again at its upload).
+    drop(msg);
+    for a in &mut attachments {
+        a.size = a.decode(mime)?.len();
+    }
+    // The attachments in message order (as a reader sees them).
+    attachments.sort_by_key(|a| a.body.start);
     Ok(Split {
         mime: out,
         attachments,
     })
 }
 
-/// The bytes that hold the part at `header..end` with its delimiter line: from the start of
-/// the `--boundary` line before it to the end of the part, so that what stays is still a
-/// well-formed multipart (the CRLF after the part belongs to the next delimiter).
-fn cut_range(mime: &[u8], header: usize, end: usize) -> Option<(usize, usize)> {
-    if header > end || end > mime.len() || header < 2 {
+/// The bytes that hold the part at `header..end` with its delimiter line, so that what
+/// stays is still a well-formed multipart. The CRLF before a delimiter belongs to it
+/// (RFC 2046), so the cut is `CRLF--boundary CRLF headers body` up to the part's end, and
+/// the CRLF before the next delimiter stays. The one exception is a first delimiter right
+/// at the start of the multipart's body (`parent_body`, no preamble): the CRLF before it
+/// ends the header block and must stay, so that cut runs from the delimiter line to the
+/// start of the next delimiter line instead (taking the CRLF after the part).
+fn cut_range(mime: &[u8], parent_body: usize, header: usize, end: usize) -> Option<(usize, usize)> {
+    if header > end || end > mime.len() || header <= parent_body {
         return None;
     }
     // The delimiter line ends right before the part's headers.
@@ -237,39 +384,34 @@ fn cut_range(mime: &[u8], header: usize, end: usize) -> Option<(usize, usize)> {
     } else {
         return None;
     };
-    let line_start = mime[..line_end]
+    let line_start = mime
+        .get(..line_end)?
         .iter()
         .rposition(|&b| b == b'\n')
         .map_or(0, |p| p + 1);
-    if !mime[line_start..line_end].starts_with(b"--") {
+    if line_start < parent_body || !mime.get(line_start..line_end)?.starts_with(b"--") {
         return None;
     }
-    // Take the CRLF before the delimiter with it (it belongs to the delimiter), unless that
-    // is the CRLF ending the header block or a preamble.
-    let start = if line_start >= 2 && &mime[line_start - 2..line_start] == b"\r\n" {
-        line_start - 2
-    } else {
-        line_start
-    };
-    let start = if start < line_start && mime[..start].ends_with(b"\r\n") {
-        // "\r\n\r\n--b": an empty line before the delimiter; keep one CRLF in place.
-        line_start
-    } else {
-        start
-    };
-    if start == line_start {
-        // The part's end is followed by the next delimiter's CRLF: cut that one instead.
-        let tail = mime.get(end..)?;
-        let skip = if tail.starts_with(b"\r\n") {
+    if line_start > parent_body {
+        let prefix = mime.get(parent_body..line_start)?;
+        let eol = if prefix.ends_with(b"\r\n") {
             2
-        } else if tail.starts_with(b"\n") {
+        } else if prefix.ends_with(b"\n") {
             1
         } else {
-            0
+            return None;
         };
-        return Some((start, end + skip));
+        return Some((line_start - eol, end));
     }
-    Some((start, end))
+    let tail = mime.get(end..)?;
+    let skip = if tail.starts_with(b"\r\n") {
+        2
+    } else if tail.starts_with(b"\n") {
+        1
+    } else {
+        0
+    };
+    Some((line_start, end + skip))
 }
 
 /// Base64 length of `n` bytes (what a MIME body becomes in a Graph request).
@@ -365,8 +507,8 @@ mod tests {
         // The largest went first; the middle one had to follow; the small one stays.
         let names: Vec<&str> = s.attachments.iter().map(|a| a.name.as_str()).collect();
         assert_eq!(names, ["big.bin", "mid.bin"]);
-        assert_eq!(s.attachments[0].bytes, big);
-        assert_eq!(s.attachments[1].bytes, mid);
+        assert_eq!(s.attachments[0].decode(&m).unwrap(), big);
+        assert_eq!(s.attachments[1].decode(&m).unwrap(), mid);
         assert_eq!(s.attachments[0].content_type, "application/octet-stream");
         // What stays parses to the body and the small attachment, and is the original with
         // the two parts (and their delimiter lines) cut out.
@@ -396,8 +538,192 @@ mod tests {
             String::from_utf8_lossy(&s.mime)
         );
         let by_name = |n: &str| s.attachments.iter().find(|a| a.name == n).unwrap();
-        assert_eq!(by_name("q.txt").bytes, b"caf\xe9 na\xefve");
-        assert_eq!(by_name("r.csv").bytes, b"a,b\r\n1,2");
+        assert_eq!(
+            by_name("q.txt").decode(m.as_bytes()).unwrap(),
+            b"caf\xe9 na\xefve"
+        );
+        assert_eq!(
+            by_name("r.csv").decode(m.as_bytes()).unwrap(),
+            b"a,b\r\n1,2"
+        );
         assert_eq!(by_name("r.csv").content_type, "text/csv");
+    }
+
+    fn att_part(name: &str, data: &[u8]) -> String {
+        format!("Content-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"{name}\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{}", b64_lines(data))
+    }
+
+    /// Splits with a limit that forces every attachment out; checks the attachments and
+    /// that what stays still parses with the rest.
+    fn split_all(m: &str, want: &[(&str, &[u8])], rest_len: usize) -> String {
+        let s = split(m.as_bytes(), rest_len).unwrap();
+        assert_eq!(s.attachments.len(), want.len());
+        for (name, data) in want {
+            let a = s.attachments.iter().find(|a| a.name == *name).unwrap();
+            assert_eq!(&a.decode(m.as_bytes()).unwrap(), data, "{name}");
+            assert_eq!(a.size, data.len());
+        }
+        let rest = String::from_utf8(s.mime).unwrap();
+        assert!(MessageParser::default().parse(rest.as_bytes()).is_some());
+        rest
+    }
+
+    #[test]
+    fn a_first_part_right_after_the_headers_keeps_the_blank_line() {
+        let a: &[u8] = &[7u8; 300];
+        let m = format!("To: x@y.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n{}\r\n--b\r\nContent-Type: text/plain\r\n\r\ntext\r\n--b--\r\n", att_part("a", a));
+        let want = "To: x@y.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\ntext\r\n--b--\r\n";
+        assert_eq!(split_all(&m, &[("a", a)], want.len()), want);
+    }
+
+    #[test]
+    fn a_text_body_ending_in_a_blank_line_keeps_it() {
+        let a: &[u8] = &[1u8; 300];
+        let m = format!("To: x@y.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\ntext\r\n\r\n--b\r\n{}\r\n--b--\r\n", att_part("a", a));
+        let want = "To: x@y.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\ntext\r\n\r\n--b--\r\n";
+        assert_eq!(split_all(&m, &[("a", a)], want.len()), want);
+    }
+
+    #[test]
+    fn two_adjacent_attachments_at_the_start_do_not_overlap() {
+        let (a, b): (&[u8], &[u8]) = (&[2u8; 400], &[3u8; 500]);
+        let m = format!("To: x@y.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n{}\r\n--b\r\n{}\r\n--b\r\nContent-Type: text/plain\r\n\r\nt\r\n--b--\r\n", att_part("a", a), att_part("b", b));
+        // The CRLF between them is cut once (it leaves an empty preamble).
+        let want = "To: x@y.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nt\r\n--b--\r\n";
+        assert_eq!(split_all(&m, &[("a", a), ("b", b)], want.len()), want);
+        // Both at the very start and the end, nothing else.
+        let m = format!("To: x@y.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n{}\r\n--b\r\n{}\r\n--b--\r\n", att_part("a", a), att_part("b", b));
+        let want = "To: x@y.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n\r\n--b--\r\n";
+        assert_eq!(split_all(&m, &[("a", a), ("b", b)], want.len()), want);
+    }
+
+    #[test]
+    fn undecodable_and_unknown_encodings_are_errors_not_raw_bytes() {
+        let big = "QUJD".repeat(200);
+        let m = format!("To: x@y.org\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nt\r\n--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=x.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n{big}!!!*\r\n--b--\r\n");
+        assert_eq!(
+            split(m.as_bytes(), 200).unwrap_err(),
+            SplitError::Undecodable("x.pdf".into())
+        );
+        let m = m.replace("base64", "x-uuencode").replace("!!!*", "");
+        assert_eq!(
+            split(m.as_bytes(), 200).unwrap_err(),
+            SplitError::Undecodable("x.pdf".into())
+        );
+    }
+
+    #[test]
+    fn signed_messages_are_not_cut() {
+        let body = "QUJD".repeat(200);
+        let m = format!("To: x@y.org\r\nContent-Type: multipart/signed; protocol=\"application/pkcs7-signature\"; micalg=sha-256; boundary=s\r\n\r\n--s\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nt\r\n--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=x.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n{body}\r\n--b--\r\n--s\r\nContent-Type: application/pkcs7-signature\r\n\r\nAAAA\r\n--s--\r\n");
+        assert_eq!(split(m.as_bytes(), 100).unwrap_err(), SplitError::Signed);
+        // Small enough for one request: untouched.
+        assert_eq!(split(m.as_bytes(), m.len()).unwrap().mime, m.as_bytes());
+        let m = format!("To: x@y.org\r\nContent-Type: application/pkcs7-mime; smime-type=enveloped-data\r\nContent-Transfer-Encoding: base64\r\n\r\n{body}\r\n");
+        assert_eq!(split(m.as_bytes(), 100).unwrap_err(), SplitError::Signed);
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+            xs[self.below(xs.len() as u64) as usize]
+        }
+    }
+
+    /// A multipart body (without the headers naming its boundary) and the attachments in it.
+    fn gen_multipart(
+        r: &mut Rng,
+        depth: u32,
+        boundary: &str,
+        atts: &mut Vec<(String, Vec<u8>)>,
+    ) -> String {
+        let preamble = r.pick(&["", "", "preamble", "\r\n", "pre\r\namble\r\n"]);
+        let mut m = preamble.to_string();
+        let n = 1 + r.below(4);
+        for i in 0..n {
+            if i == 0 && preamble.is_empty() {
+                m.push_str(&format!("--{boundary}\r\n"));
+            } else {
+                m.push_str(&format!("\r\n--{boundary}\r\n"));
+            }
+            match r.below(4) {
+                0 => {
+                    let blank = r.pick(&["", "\r\n", "\r\n\r\n"]);
+                    m.push_str(&format!("Content-Type: text/plain\r\n\r\ntext {i}{blank}"));
+                }
+                1 if depth < 2 => {
+                    let inner = format!("{boundary}n{i}");
+                    m.push_str(&format!(
+                        "Content-Type: multipart/mixed; boundary=\"{inner}\"\r\n\r\n{}",
+                        gen_multipart(r, depth + 1, &inner, atts)
+                    ));
+                }
+                _ => {
+                    let name = format!("f{}.bin", atts.len());
+                    let len = r.below(2000) as usize;
+                    let data: Vec<u8> = (0..len).map(|_| r.next() as u8).collect();
+                    let blank = r.pick(&["", "", "\r\n"]);
+                    m.push_str(&att_part(&name, &data));
+                    m.push_str(blank);
+                    atts.push((name, data));
+                }
+            }
+        }
+        let epilogue = r.pick(&["", "\r\n", "\r\nepilogue\r\n", "\r\n\r\n"]);
+        m.push_str(&format!("\r\n--{boundary}--{epilogue}"));
+        m
+    }
+
+    #[test]
+    fn generated_shapes_never_panic_and_attachments_stay_byte_identical() {
+        let mut r = Rng(0x9E37_79B9_7F4A_7C15);
+        for round in 0..400 {
+            let mut atts = Vec::new();
+            let body = gen_multipart(&mut r, 0, "top", &mut atts);
+            let m = format!("From: s@x.org\r\nTo: a@x.org\r\nSubject: {round}\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"top\"\r\n\r\n{body}");
+            let limit = r.below(m.len() as u64 + 1) as usize;
+            match split(m.as_bytes(), limit) {
+                Ok(s) => {
+                    assert!(
+                        s.mime.len() <= limit.max(m.len().min(limit)),
+                        "round {round}"
+                    );
+                    for a in &s.attachments {
+                        let want = &atts.iter().find(|(n, _)| *n == a.name).unwrap().1;
+                        assert_eq!(&a.decode(m.as_bytes()).unwrap(), want, "round {round}");
+                    }
+                    let rest = String::from_utf8(s.mime.clone()).unwrap();
+                    assert!(
+                        MessageParser::default().parse(rest.as_bytes()).is_some(),
+                        "round {round}: what stays parses"
+                    );
+                    // Each attachment was cut out whole, or stayed verbatim; every
+                    // multipart still closes.
+                    for (name, data) in &atts {
+                        let part = att_part(name, data);
+                        let cut = s.attachments.iter().any(|a| a.name == *name);
+                        assert_eq!(rest.contains(&part), !cut, "round {round}: {name}\n{rest}");
+                        assert_eq!(rest.contains(&format!("\"{name}\"")), !cut, "round {round}");
+                    }
+                    for close in m
+                        .lines()
+                        .filter(|l| l.starts_with("--") && l.ends_with("--"))
+                    {
+                        assert!(rest.contains(close), "round {round}: {close}\n{rest}");
+                    }
+                }
+                Err(SplitError::TooLarge { .. }) => {}
+                Err(e) => panic!("round {round}: {e}\n{m}"),
+            }
+        }
     }
 }

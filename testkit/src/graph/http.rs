@@ -143,12 +143,18 @@ async fn serve(
 
 /// Steps 3 to 6 of the gate, then the operation.
 async fn gate(inner: &Arc<Inner>, call: Call, raw_path: &str, key: Option<&str>) -> Reply {
-    if let Some(fault) = inner.take_fault(raw_path, &percent_decode(raw_path)) {
+    let mut after_effect = None;
+    if let Some((fault, after)) =
+        inner.take_fault(call.method.as_str(), raw_path, &percent_decode(raw_path))
+    {
         let mailbox = match &call.target {
             Target::User { mailbox, .. } => mailbox.as_str(),
             _ => "",
         };
-        return Reply::fault(&fault, mailbox);
+        if !after {
+            return Reply::fault(&fault, mailbox);
+        }
+        after_effect = Some(Reply::fault(&fault, mailbox));
     }
     match call.target {
         Target::Upload(_) => {
@@ -182,7 +188,8 @@ async fn gate(inner: &Arc<Inner>, call: Call, raw_path: &str, key: Option<&str>)
     if !inner.opts.response_delay.is_zero() {
         tokio::time::sleep(inner.opts.response_delay).await;
     }
-    super::api::handle(inner, call)
+    let reply = super::api::handle(inner, call);
+    after_effect.unwrap_or(reply)
 }
 
 /// 401 unless the request carries a bearer token Graph would accept.

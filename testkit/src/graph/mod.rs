@@ -3,8 +3,9 @@
 //! checked as Graph checks them, and a record of what Graph "delivered".
 //!
 //! Owns the public handle [`FakeGraph`], its options, the public record types
-//! ([`GraphSent`], [`GraphRequest`], ...), the fault queue and the per-mailbox concurrency
-//! accounting. `http.rs` turns axum requests into checked [`http::Call`]s (body limit, bearer
+//! ([`GraphSent`], [`GraphRequest`], ...), the fault queue (by path, by method, or after
+//! the request's effect: a `/send` that sends and then answers 504) and the per-mailbox
+//! concurrency accounting. `http.rs` turns axum requests into checked [`http::Call`]s (body limit, bearer
 //! token, faults, throttling) and answers into axum responses; `api.rs` is what each Graph
 //! operation does; `mime.rs` reads recipients out of MIME and re-assembles drafts.
 //!
@@ -259,10 +260,22 @@ struct State {
     uploads: HashMap<String, api::Upload>,
     sent: Vec<GraphSent>,
     requests: Vec<GraphRequest>,
-    /// Canned faults, front first: `(path filter, fault)`.
-    faults: VecDeque<(Option<String>, GraphFault)>,
+    /// Canned faults, front first.
+    faults: VecDeque<Fault>,
     /// Per mailbox (lowercased): requests in flight now, and the most at once.
     flight: HashMap<String, Flight>,
+}
+
+/// A queued fault: which requests it answers, and whether the request takes effect first.
+struct Fault {
+    /// Matches a path (as sent, or percent-decoded) containing this.
+    path: Option<String>,
+    /// Matches this method only (upper case).
+    method: Option<String>,
+    /// The request is carried out, then answered with the fault (a gateway that timed
+    /// out after the mailbox acted).
+    after_effect: bool,
+    fault: GraphFault,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -397,19 +410,44 @@ impl FakeGraph {
     /// The next `n` requests, whatever their path, are answered with `fault`. Calls queue up
     /// in order with [`fail_path`](Self::fail_path).
     pub fn fail_next(&self, n: usize, fault: GraphFault) {
-        let mut st = self.inner.state();
-        for _ in 0..n {
-            st.faults.push_back((None, fault.clone()));
-        }
+        self.queue_fault(n, None, None, false, fault);
     }
 
     /// The next `n` requests whose path (as sent, or percent-decoded) contains `contains`
     /// are answered with `fault`; other requests pass.
     pub fn fail_path(&self, n: usize, contains: &str, fault: GraphFault) {
+        self.queue_fault(n, Some(contains), None, false, fault);
+    }
+
+    /// The next `n` requests with this method (`"DELETE"`, ...) whose path contains
+    /// `contains` are answered with `fault`; other requests pass.
+    pub fn fail_method(&self, n: usize, method: &str, contains: &str, fault: GraphFault) {
+        self.queue_fault(n, Some(contains), Some(method), false, fault);
+    }
+
+    /// The next `n` requests whose path contains `contains` are carried out as usual (a
+    /// `/send` sends, a `sendMail` delivers), and then answered with `fault` instead of
+    /// their own answer: Graph's gateway timing out (504) after the mailbox acted.
+    pub fn fail_after_effect(&self, n: usize, contains: &str, fault: GraphFault) {
+        self.queue_fault(n, Some(contains), None, true, fault);
+    }
+
+    fn queue_fault(
+        &self,
+        n: usize,
+        path: Option<&str>,
+        method: Option<&str>,
+        after_effect: bool,
+        fault: GraphFault,
+    ) {
         let mut st = self.inner.state();
         for _ in 0..n {
-            st.faults
-                .push_back((Some(contains.to_string()), fault.clone()));
+            st.faults.push_back(Fault {
+                path: path.map(str::to_string),
+                method: method.map(str::to_ascii_uppercase),
+                after_effect,
+                fault: fault.clone(),
+            });
         }
     }
 }
@@ -451,14 +489,18 @@ impl Inner {
         }
     }
 
-    /// The first queued fault whose filter matches `raw` or `decoded` path, removed.
-    fn take_fault(&self, raw: &str, decoded: &str) -> Option<GraphFault> {
+    /// The first queued fault whose filters match `method` and the `raw` or `decoded`
+    /// path, removed; with whether it applies after the request's effect.
+    fn take_fault(&self, method: &str, raw: &str, decoded: &str) -> Option<(GraphFault, bool)> {
         let mut st = self.state();
-        let i = st.faults.iter().position(|(filter, _)| match filter {
-            None => true,
-            Some(f) => raw.contains(f.as_str()) || decoded.contains(f.as_str()),
+        let i = st.faults.iter().position(|f| {
+            f.method.as_deref().is_none_or(|m| m == method)
+                && match &f.path {
+                    None => true,
+                    Some(p) => raw.contains(p.as_str()) || decoded.contains(p.as_str()),
+                }
         })?;
-        st.faults.remove(i).map(|(_, fault)| fault)
+        st.faults.remove(i).map(|f| (f.fault, f.after_effect))
     }
 
     fn has_permission(&self, any_of: &[&str]) -> bool {
