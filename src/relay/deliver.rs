@@ -884,8 +884,10 @@ impl Queue {
             Err(e) => Err(e),
         };
         *retry_after = txn.retry_after();
+        // Graph: the HTTP status that decided it is the relay log's upstream_code (SPEC).
+        let status = txn.upstream_status();
         txn.finish().await;
-        match r {
+        let (code, text, transient) = match r {
             Ok(up) => {
                 progress.delivered.extend(accepted);
                 if let Err(e) = self.spool.save_progress_async(&env.id, progress).await {
@@ -902,7 +904,8 @@ impl Queue {
             }
             Err(UpstreamError::Reply(r)) => (r.code, r.text, true),
             Err(e) => (0, e.to_string(), true),
-        }
+        };
+        (status.unwrap_or(code), text, transient)
     }
 
     /// Follows a reloaded configuration: `messages_per_minute` for the next sends; a new

@@ -155,7 +155,6 @@ impl Transaction {
     /// The upstream's HTTP status for the outcome (the relay log's `upstream_code` on Graph:
     /// 202, 429, 403...); `None` for SMTP (its reply code is the code) and when there was no
     /// HTTP answer.
-    #[cfg_attr(not(test), allow(dead_code))] // the relay log's wiring comes with session.rs
     pub(crate) fn upstream_status(&self) -> Option<u16> {
         match self {
             Transaction::Smtp(_) => None,

@@ -808,6 +808,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             Err(UpstreamError::Reply(r)) => (r.code, Cow::Borrowed(r.text.as_str())),
             Err(e) => (0, Cow::Owned(e.to_string())),
         };
+        // Graph: the HTTP status that decided it (SPEC: the relay log's upstream_code).
+        let code = upstream
+            .as_ref()
+            .and_then(Transaction::upstream_status)
+            .unwrap_or(code);
         self.log_relay(&txn, bytes, outcome, code, &text);
         // After any final DATA reply the upstream session is idle again, unless it broke.
         if let Some(t) = upstream {

@@ -649,6 +649,19 @@ async fn trace_log_of_graph_deliveries_holds_no_token() {
         "trace lines of Graph requests:\n{log}"
     );
     assert!(log.contains("\"upstream_code\":202"), "{log}");
+    // A refusal logs Graph's HTTP status as upstream_code (SPEC), not the mapped SMTP code.
+    for code in [403, 404] {
+        let line = log
+            .lines()
+            .find(|l| {
+                l.contains("\"outcome\":\"rejected\"")
+                    && l.contains(&format!("\"upstream_code\":{code}"))
+            })
+            .unwrap_or_else(|| {
+                panic!("no rejected relay log line with upstream_code {code}:\n{log}")
+            });
+        assert!(!line.contains("\"upstream_code\":550"), "{line}");
+    }
     assert!(log.contains("Graph HTTP 403 ErrorAccessDenied"), "{log}");
     let issued = env.tokens.issued();
     assert_eq!(issued.len(), 2, "the first token and the one after the 401");

@@ -341,13 +341,11 @@ impl GraphTransaction {
         }
     }
 
-    // Wired into the relay log by session.rs/deliver.rs (another branch).
     /// The HTTP status of the Graph request that decided the outcome (the relay log's
     /// `upstream_code`): 202 when sent, Graph's error status (429, 403...) when refused,
     /// `None` before delivery, for failures without an answer (network, token, a wait for
     /// the mailbox's Retry-After), and for a send inferred from a draft gone after an
     /// ambiguous `/send`.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn http_status(&self) -> Option<u16> {
         self.http_status
     }
