@@ -10,9 +10,23 @@ fn bin() -> Command {
 
 #[test]
 fn demo_exits_0_in_an_empty_directory() {
+    demo_delivers(&[], 250);
+}
+
+/// `demo --transport graph`: the same pipeline through the embedded Graph endpoint; the relay
+/// log's upstream_code is Graph's HTTP status.
+#[test]
+fn demo_transport_graph_delivers_through_the_embedded_graph_endpoint() {
+    demo_delivers(&["--transport", "graph"], 202);
+}
+
+/// Runs `demo` with `args` in an empty directory: exit 0, one delivered relay line with
+/// `upstream_code`, and the delivered copy holds the demo message unchanged.
+fn demo_delivers(args: &[&str], upstream_code: u16) {
     let dir = tempfile::tempdir().unwrap();
     let out = bin()
         .arg("demo")
+        .args(args)
         .current_dir(dir.path())
         .env("TMPDIR", dir.path())
         .env_remove("RUST_LOG")
@@ -50,7 +64,7 @@ fn demo_exits_0_in_an_empty_directory() {
         );
     }
     assert_eq!(relay["outcome"], "delivered");
-    assert_eq!(relay["upstream_code"], 250);
+    assert_eq!(relay["upstream_code"], upstream_code);
     let summary = lines
         .iter()
         .find(|v| v.get("demo").is_some())
