@@ -64,6 +64,15 @@ impl fmt::Display for Reply {
     }
 }
 
+/// `s` as one line of reply or header text: every control character (CR and LF included)
+/// becomes a space, so text from outside (an upstream, Graph, a spooled reason) can never
+/// end a line of ours or start another.
+pub(crate) fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

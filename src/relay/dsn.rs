@@ -9,6 +9,7 @@
 //! and is marked `Auto-Submitted: auto-replied` (RFC 3834) so it does not loop.
 
 use crate::relay::envelope::Address;
+use crate::reply::one_line;
 
 /// Longest original header block copied into a report.
 const MAX_HEADERS: usize = 64 * 1024;
@@ -82,7 +83,7 @@ pub(crate) fn build(r: &Report<'_>) -> Vec<u8> {
     for f in r.failures {
         line(
             &mut m,
-            &format!("  <{}>: {}", clean(&f.recipient), clean(&f.reason)),
+            &format!("  <{}>: {}", one_line(&f.recipient), one_line(&f.reason)),
         );
     }
     line(&mut m, "");
@@ -99,13 +100,13 @@ pub(crate) fn build(r: &Report<'_>) -> Vec<u8> {
         line(&mut m, "");
         line(
             &mut m,
-            &format!("Final-Recipient: rfc822; {}", clean(&f.recipient)),
+            &format!("Final-Recipient: rfc822; {}", one_line(&f.recipient)),
         );
         line(&mut m, "Action: failed");
         line(&mut m, &format!("Status: {}", status_of(&f.reason)));
         line(
             &mut m,
-            &format!("Diagnostic-Code: smtp; {}", clean(&f.reason)),
+            &format!("Diagnostic-Code: smtp; {}", one_line(&f.reason)),
         );
     }
     line(&mut m, "");
@@ -144,13 +145,6 @@ fn status_of(reason: &str) -> String {
         })
         // A report is about a permanent failure.
         .map_or_else(|| "5.0.0".to_string(), |s| format!("5{}", &s[1..]))
-}
-
-/// One header-safe line: no CR, LF or other control characters.
-fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
 }
 
 /// `Sat, 28 Nov 2026 18:54:16 +0000` for seconds since the epoch (UTC).

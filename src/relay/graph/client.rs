@@ -10,6 +10,7 @@
 
 use crate::oauth::manager::{TokenError, TokenManager};
 use crate::relay::upstream::UpReply;
+use crate::reply::one_line;
 use reqwest::{Method, StatusCode};
 use std::time::Duration;
 
@@ -118,10 +119,7 @@ pub(crate) const DRAFT_FORBIDDEN_HINT: &str = "messages too large for one reques
 
 /// Control characters out (a reply line must stay one line), length capped.
 fn quote(s: &str) -> String {
-    let clean: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let clean = one_line(s);
     let clean = clean.trim();
     match clean.char_indices().nth(MAX_QUOTED) {
         Some((i, _)) => format!("{}...", &clean[..i]),
