@@ -419,6 +419,61 @@ impl Drop for DraftGuard {
     }
 }
 
+/// The request that creates a draft, in a task of its own. The draft's id comes only with
+/// the answer, so a delivery dropped while the request is under way (shutdown, the client
+/// gone) cannot name the draft to delete: the task runs on, and the draft it made is
+/// deleted ([`Sender::delete_draft`]). After the answer, [`DraftGuard`] takes over.
+struct Creating {
+    sender: Sender,
+    task: Option<tokio::task::JoinHandle<Result<client::Answer, GraphError>>>,
+}
+
+impl Creating {
+    fn start(sender: &Sender, body: Body) -> Creating {
+        let (s, url) = (sender.clone(), sender.url(&["messages"]));
+        Creating {
+            sender: sender.clone(),
+            task: Some(tokio::spawn(async move {
+                s.call(Step::Draft, Method::POST, &url, &body).await
+            })),
+        }
+    }
+
+    /// The answer to the create request (taken over by the caller from here on).
+    async fn answer(mut self) -> Result<client::Answer, GraphError> {
+        let Some(task) = self.task.as_mut() else {
+            return Err(GraphError::Protocol(
+                "draft request already answered".into(),
+            ));
+        };
+        let answer = task.await;
+        self.task = None;
+        answer.unwrap_or_else(|e| {
+            Err(GraphError::Protocol(format!(
+                "the draft request did not finish: {e}"
+            )))
+        })
+    }
+}
+
+impl Drop for Creating {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        let sender = self.sender.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Ok(Ok(created)) = task.await {
+                    if let Ok(id) = json_field(&created.body, "id") {
+                        sender.delete_draft(&id).await;
+                    }
+                }
+            });
+        }
+    }
+}
+
 impl Sender {
     /// Waits out the mailbox's Retry-After (when shorter than `upstream.timeout`, else
     /// [`GraphError::Throttled`] at once) and takes one of its request permits.
@@ -548,14 +603,8 @@ impl Sender {
         }
         // The original stays: each cut attachment is decoded from it just before its upload.
         let split = mime::split(&mime, DRAFT_MIME_LIMIT)?;
-        let url = self.url(&["messages"]);
-        let created = self
-            .call(
-                Step::Draft,
-                Method::POST,
-                &url,
-                &Body::Mime(b64.encode(&split.mime)),
-            )
+        let created = Creating::start(self, Body::Mime(b64.encode(&split.mime)))
+            .answer()
             .await?;
         let id = json_field(&created.body, "id")?;
         let mut guard = DraftGuard {

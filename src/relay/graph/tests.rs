@@ -220,6 +220,45 @@ async fn a_dropped_delivery_deletes_its_draft() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_dropped_while_its_draft_is_being_created_deletes_the_draft() {
+    // Every answer takes 1 s: the delivery is dropped while the request that creates the
+    // draft is under way, before its id is known.
+    let (_r, graph, t) = setup(|o| o.response_delay = Duration::from_secs(1), "").await;
+    let mut tx = open(&t, &DRAFT_RCPTS, &draft_message()).await;
+    {
+        let fut = tx.finish_content();
+        tokio::pin!(fut);
+        tokio::select! {
+            r = &mut fut => panic!("finished before the draft request was answered: {r:?}"),
+            _ = eventually("the draft request under way", || graph.in_flight(MAILBOX) == 1) => {}
+        }
+        // Dropped here: the client went away mid-delivery.
+    }
+    assert_eq!(
+        graph.open_drafts(),
+        0,
+        "dropped before Graph made the draft"
+    );
+    drop(tx);
+    eventually("the draft made after the drop is deleted", || {
+        graph
+            .requests()
+            .iter()
+            .any(|r| r.method == "DELETE" && r.status == 204)
+    })
+    .await;
+    let requests = graph.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.method == "POST" && r.path.ends_with("/messages") && r.status == 201),
+        "the draft request ran to its end: {requests:?}"
+    );
+    assert_eq!(graph.open_drafts(), 0);
+    assert!(graph.sent().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelope_only_recipients_go_as_a_bcc_header_on_send_mail() {
     // Only Mail.Send: the usual Bcc case still works (one sendMail).
     let (_r, graph, t) = setup(|o| o.permissions = vec!["Mail.Send".into()], "").await;
