@@ -450,7 +450,7 @@ struct Clients {
 impl Clients {
     /// A new authenticated connection: to the upstream with STARTTLS + XOAUTH2, or to the
     /// bridge with AUTH PLAIN.
-    async fn connect(&self, path: Route, nodelay: bool) -> Result<AsyncSmtpConnection, String> {
+    async fn connect(&self, path: Route) -> Result<AsyncSmtpConnection, String> {
         let e = |e: lettre::transport::smtp::Error| e.to_string();
         let addr = match path {
             Route::Direct => self.upstream,
@@ -460,7 +460,7 @@ impl Clients {
             .await
             .map_err(|_| format!("connecting to {addr} timed out"))?
             .map_err(|e| format!("connecting to {addr}: {e}"))?;
-        tcp.set_nodelay(nodelay).map_err(|e| e.to_string())?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
         let mut c = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
             .await
             .map_err(e)?;
@@ -496,7 +496,7 @@ impl Clients {
 
     /// One message on a new connection, QUIT after.
     async fn send_fresh(&self, path: Route, n: usize) -> Result<(), String> {
-        let mut c = self.connect(path, true).await?;
+        let mut c = self.connect(path).await?;
         self.send(&mut c, n).await?;
         let _ = c.quit().await;
         Ok(())
@@ -522,7 +522,7 @@ async fn run(
         tasks.push(tokio::spawn(async move {
             let mut conn = None;
             if reuse {
-                match c.connect(path, true).await {
+                match c.connect(path).await {
                     Ok(k) => conn = Some(k),
                     Err(e) => eprintln!("bench: connecting failed: {e}"),
                 }
@@ -538,7 +538,7 @@ async fn run(
                 let r = if reuse {
                     let k = match conn.take() {
                         Some(k) => Ok(k),
-                        None => c.connect(path, true).await,
+                        None => c.connect(path).await,
                     };
                     match k {
                         Ok(mut k) => {
